@@ -1,0 +1,98 @@
+"""Langevin samplers for the prior and the posterior (paper Eq. 13, Listing 2), as plain functions.
+
+z ← z − ½δ²·∇_z U(z) + δ·ε, ε ~ N(0, I). Only z moves: autograd is asked for ∂U/∂z alone, so no
+parameter gradient is ever computed inside the loop, and nothing the energy does not use is run
+(the auxiliary classifiers never appear here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from drc_core.config import DRCConfig
+from drc_core.model import DRCModel
+from drc_core.objective import region_competition, total_variation
+
+Energy = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Regulariser weights after the ablation switches (a switched-off term weighs 0)."""
+    tv: float
+    pseudo_label: float
+    ortho: float
+
+    @classmethod
+    def from_config(cls, cfg: DRCConfig) -> "LossWeights":
+        a, l = cfg.ablation, cfg.loss
+        return cls(tv=l.tv_weight if a.tv else 0.0,
+                   pseudo_label=l.pseudo_label_weight if a.pseudo_label else 0.0,
+                   ortho=l.ortho_weight if a.ortho else 0.0)
+
+
+def langevin(energy: Energy, z: torch.Tensor, *, steps: int, step_size: float,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run `steps` Langevin updates of z (B, D) under the per-sample energy `energy(z) -> (B,)`."""
+    z = z.detach().clone()
+    half_step2 = 0.5 * step_size ** 2
+    for _ in range(steps):
+        z.requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy(z).sum(), z)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = (z.detach() - half_step2 * grad).add_(noise, alpha=step_size)
+    return z.detach()
+
+
+def prior_energy(model: DRCModel, z: torch.Tensor) -> torch.Tensor:
+    """U(z) = −f_α(z) + ½‖z‖² per sample."""
+    f, _, _ = model.ebm(z)
+    return -f + 0.5 * z.pow(2).sum(1)
+
+
+def posterior_energy(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRCConfig,
+                     *, bf16: bool | None = None) -> torch.Tensor:
+    """U(z) = −Q(z) + w_TV·TV(warped bg) − f_α(z) + ½‖z‖² per sample.
+
+    The generator passes may run under bf16 autocast (`langevin.bf16`); z, the energy and the
+    update stay fp32.
+    """
+    use_bf16 = cfg.langevin.bf16 if bf16 is None else bf16
+    with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        comp = model.compose(z)
+    rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility)
+    energy = -rc.q + prior_energy(model, z)
+    tv = LossWeights.from_config(cfg).tv
+    if tv:
+        energy = energy + tv * total_variation(comp.bg_warped)
+    return energy
+
+
+def sample_prior(model: DRCModel, z: torch.Tensor, cfg: DRCConfig, *, steps: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    lv = cfg.langevin
+    return langevin(lambda v: prior_energy(model, v), z, steps=lv.prior_steps if steps is None else steps,
+                    step_size=lv.prior_step_size, generator=generator)
+
+
+def sample_posterior(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRCConfig, *,
+                     steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    lv = cfg.langevin
+    return langevin(lambda v: posterior_energy(model, x, v, cfg), z,
+                    steps=lv.posterior_steps if steps is None else steps,
+                    step_size=lv.posterior_step_size, generator=generator)
+
+
+def reset_diverged(z: torch.Tensor, threshold: float, generator: torch.Generator | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace chains that are non-finite or beyond `threshold` in any coordinate by N(0, I) draws.
+
+    Returns the repaired z and a bool (B,) mask of the chains that were reset.
+    """
+    bad = ~torch.isfinite(z).all(1) | (z.abs() > threshold).any(1)
+    if bad.any():
+        fresh = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = torch.where(bad[:, None], fresh, z)
+    return z, bad

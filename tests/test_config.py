@@ -1,0 +1,62 @@
+import dataclasses
+
+import pytest
+
+from drc_core.config import ConfigError, DRCConfig, parse_override_args
+from drc_core.presets import PRESETS, get_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_resolves_and_round_trips(name):
+    cfg = get_config(name)
+    assert cfg.preset == name
+    again = DRCConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_paper_presets_carry_the_papers_numbers():
+    tmds = get_config("paper-tmds")
+    assert (tmds.model.fg_dim, tmds.model.bg_dim, tmds.model.reassign_dim) == (256, 4, 1024)
+    assert (tmds.model.fg_classes, tmds.model.bg_classes) == (30, 10)
+    assert tmds.model.up_widths == (1024, 512, 256, 128, 64) and tmds.model.resolution == 128
+    lv = tmds.langevin
+    assert (lv.posterior_steps, lv.posterior_step_size, lv.prior_steps, lv.prior_step_size) == (40, 0.1, 60, 0.4)
+    assert lv.test_steps == 5000 and tmds.loss.sigma == 0.25 and tmds.optim.batch_size == 48
+    assert get_config("paper-birds").loss.ortho_weight == 0.1
+    assert get_config("paper-cars").model.bg_dim == 192
+    assert get_config("paper-dogs").langevin.test_steps == 300
+
+
+def test_cli_overrides_are_coerced_to_field_types():
+    cfg = get_config("cpu-32", parse_override_args(
+        ["--langevin.posterior_steps=7", "loss.sigma=0.3", "ablation.tv=false", "model.up_widths=32,16,8"]))
+    assert cfg.langevin.posterior_steps == 7 and cfg.loss.sigma == 0.3
+    assert cfg.ablation.tv is False and cfg.model.up_widths == (32, 16, 8)
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"langevin.posterior_stepz": 3}, "langevin.posterior_stepz"),
+    ({"nonsense.key": 1}, "nonsense.key"),
+    ({"model.resolution": 48}, "model.resolution"),
+    ({"langevin.prior_step_size": -0.1}, "langevin.prior_step_size"),
+    ({"model.resolution": 64}, "model.up_widths"),
+    ({"ablation.tv": "maybe"}, "ablation.tv"),
+    ({"langevin.posterior_steps": "ten"}, "langevin.posterior_steps"),
+    ({"loss.responsibility": "voxel"}, "loss.responsibility"),
+])
+def test_bad_config_fails_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        get_config("cpu-32", override)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError, match="cpu-64"):
+        get_config("paper-mnist")
+
+
+def test_flat_params_cover_every_field():
+    flat = get_config("cpu-64").flat()
+    n_fields = sum(len(dataclasses.fields(f.type if not isinstance(f.type, str) else getattr(DRCConfig(), f.name)))
+                   for f in dataclasses.fields(DRCConfig) if dataclasses.is_dataclass(getattr(DRCConfig(), f.name)))
+    assert flat["langevin.posterior_steps"] == 20
+    assert len(flat) == n_fields + 2  # + preset + seed

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from drc_core.chains import InMemoryChainBuffer
+from drc_core.langevin import langevin, reset_diverged
+
+
+def test_langevin_reproduces_a_known_gaussian():
+    """Target N(μ, diag(s²)): U(z) = ½ Σ (z−μ)²/s². Unadjusted Langevin with step δ has stationary
+    variance s²/(1 − δ²/(4 s²)), within 0.7 % of s² here."""
+    mu = torch.tensor([1.0, -2.0, 0.5])
+    s = torch.tensor([0.5, 1.0, 2.0])
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 3, generator=gen)
+    z = langevin(lambda v: 0.5 * ((v - mu) / s).pow(2).sum(1), z, steps=1500, step_size=0.1, generator=gen)
+    torch.testing.assert_close(z.mean(0), mu, atol=0.06, rtol=0)
+    torch.testing.assert_close(z.std(0), s, rtol=0.04, atol=0)
+
+
+def test_langevin_is_deterministic_under_a_seed():
+    energy = lambda v: v.pow(2).sum(1)
+    a = langevin(energy, torch.ones(5, 2), steps=10, step_size=0.3, generator=torch.Generator().manual_seed(3))
+    b = langevin(energy, torch.ones(5, 2), steps=10, step_size=0.3, generator=torch.Generator().manual_seed(3))
+    c = langevin(energy, torch.ones(5, 2), steps=10, step_size=0.3, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_reset_diverged_replaces_only_bad_chains():
+    z = torch.zeros(4, 3)
+    z[1, 0] = float("nan")
+    z[2, 2] = 1e9
+    fixed, bad = reset_diverged(z, 1e4, torch.Generator().manual_seed(0))
+    assert bad.tolist() == [False, True, True, False]
+    assert torch.isfinite(fixed).all() and torch.equal(fixed[[0, 3]], z[[0, 3]])
+
+
+def test_chain_buffer_get_set_visits_and_range_errors():
+    buf = InMemoryChainBuffer(10, 4, offset=100, seed=1)
+    ids = torch.tensor([100, 105, 109])
+    new = torch.arange(12.0).view(3, 4)
+    buf.set(ids, new)
+    assert torch.equal(buf.get(ids), new)
+    assert buf.visits.tolist() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    with pytest.raises(KeyError, match="110"):
+        buf.get(torch.tensor([110]))
+    half = InMemoryChainBuffer(10, 4, offset=100, seed=1, dtype=torch.float16)
+    assert half.get(ids).dtype == torch.float32 and half.z.element_size() == 2
+
+
+def test_chain_buffer_reshards_two_shards_into_one_and_back():
+    a = InMemoryChainBuffer(5, 3, offset=0, seed=1)
+    b = InMemoryChainBuffer(6, 3, offset=5, seed=2)
+    merged = InMemoryChainBuffer.merge([a.state_dict(), b.state_dict()], offset=0, count=11)
+    assert torch.equal(merged.z, torch.cat([a.z, b.z]))
+    part = InMemoryChainBuffer.merge([merged.state_dict()], offset=3, count=4)
+    assert torch.equal(part.get(torch.tensor([3, 6])), torch.stack([a.z[3], b.z[1]]))
+    with pytest.raises(KeyError, match="covers|cover"):
+        InMemoryChainBuffer.merge([a.state_dict()], offset=0, count=8)

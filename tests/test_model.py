@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from drc_core.em import Optimizers, em_step, generator_loss
+from drc_core.langevin import posterior_energy
+from drc_core.model import DRCModel
+from drc_core.objective import orthogonal_penalty, region_competition, total_variation
+from drc_core.presets import get_config
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    return DRCModel(cfg.model, cfg.ablation)
+
+
+@pytest.mark.parametrize("resolution, widths", [(32, (8, 8, 8)), (64, (8, 8, 8, 8)), (128, (8, 8, 8, 8, 8))])
+def test_shapes_and_pi_sums_to_one_at_every_resolution(tiny_cfg, resolution, widths):
+    cfg = get_config("cpu-32", {**{k: v for k, v in tiny_cfg.flat().items() if k.startswith("model.")},
+                                "model.resolution": resolution, "model.up_widths": widths,
+                                "model.classifier_widths": widths})
+    model = _model(cfg)
+    comp = model.compose(torch.randn(3, cfg.model.latent_dim))
+    for t in (comp.fg, comp.bg, comp.bg_warped, comp.recon):
+        assert t.shape == (3, 3, resolution, resolution)
+    assert comp.fg.abs().max() <= 1 and comp.bg_warped.abs().max() <= 1
+    pi = comp.log_pi.exp()
+    torch.testing.assert_close(pi.sum(1), torch.ones(3, resolution, resolution))
+    assert model.fg_classifier(comp.fg).shape == (3, cfg.model.fg_classes)
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny_cfg):
+    model = _model(tiny_cfg)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    loss, _ = generator_loss(model, x, torch.randn(4, tiny_cfg.model.latent_dim), tiny_cfg)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("ebm."):
+            continue                                   # the LEBM has its own loss
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the LEBM's loss reaches every LEBM parameter
+    model.zero_grad()
+    from drc_core.em import ebm_loss
+    e_loss, _ = ebm_loss(model, torch.randn(4, tiny_cfg.model.latent_dim), torch.randn(4, tiny_cfg.model.latent_dim))
+    e_loss.backward()
+    for name, p in model.ebm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_region_competition_is_finite_for_huge_reconstruction_errors(tiny_cfg):
+    model = _model(tiny_cfg)
+    comp = model.compose(torch.randn(2, tiny_cfg.model.latent_dim))
+    x = torch.full((2, 3, 32, 32), 1e4)
+    x[1] = -1e4
+    for mode in ("pixel", "channel"):
+        rc = region_competition(x, comp, sigma=0.25, responsibility=mode)
+        assert torch.isfinite(rc.q).all() and torch.isfinite(rc.gamma_f).all()
+        assert ((rc.gamma_f >= 0) & (rc.gamma_f <= 1)).all()
+    # the naive exp(log p) form divides 0 by 0 here; ours keeps the exact answer
+    naive = torch.exp(-(comp.fg - x).abs() / 0.125)
+    assert (naive == 0).all()
+    z = torch.randn(2, tiny_cfg.model.latent_dim, requires_grad=True)
+    u = posterior_energy(model, x, z, tiny_cfg, bf16=False).sum()
+    (g,) = torch.autograd.grad(u, z)
+    assert torch.isfinite(g).all()
+
+
+def test_responsibility_favours_the_better_expert(tiny_cfg):
+    model = _model(tiny_cfg)
+    comp = model.compose(torch.randn(1, tiny_cfg.model.latent_dim))
+    x = comp.fg.detach().clone()
+    x[..., :16] = comp.bg_warped.detach()[..., :16]      # left half matches the background
+    rc = region_competition(x, comp, sigma=0.25)
+    differs = (comp.fg - comp.bg_warped).abs().sum(1, keepdim=True) > 0.3
+    left, right = differs.clone(), differs.clone()
+    left[..., 16:], right[..., :16] = False, False
+    assert rc.gamma_f[left].mean() < 0.05 and rc.gamma_f[right].mean() > 0.95
+
+
+def test_total_variation_and_orthogonal_penalty_known_values():
+    img = torch.zeros(1, 1, 2, 3)
+    img[0, 0, :, 1] = 1.0                                   # a vertical stripe: 2 rows × 2 edges
+    assert total_variation(img).item() == 4.0
+    conv = torch.nn.Conv2d(1, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+    # W Wᵀ = [[1, 2], [2, 4]]: off-diagonal Frobenius norm = sqrt(8)
+    torch.testing.assert_close(orthogonal_penalty([conv]), torch.tensor(8.0).sqrt())
+    q, _ = torch.linalg.qr(torch.randn(4, 4))
+    conv4 = torch.nn.Conv2d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        conv4.weight.copy_(q.view(4, 4, 1, 1))
+    assert orthogonal_penalty([conv4]).item() < 1e-5
+
+
+def test_em_step_moves_chains_and_parameters(tiny_cfg):
+    model = _model(tiny_cfg)
+    opt = Optimizers.create(model, tiny_cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    z_pos, z_neg = torch.randn(4, tiny_cfg.model.latent_dim), torch.randn(4, tiny_cfg.model.latent_dim)
+    zp, zn, metrics = em_step(model, opt, x, z_pos, z_neg, tiny_cfg, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(zp, z_pos) and not torch.equal(zn, z_neg)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("fg_gen") for k in changed) and any(k.startswith("ebm") for k in changed)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
