@@ -6,8 +6,9 @@ parameter gradient is ever computed inside the loop, and nothing the energy does
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,6 +47,20 @@ def langevin(energy: Energy, z: torch.Tensor, *, steps: int, step_size: float,
     return z.detach()
 
 
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad inside the block: autograd then neither computes nor keeps
+    anything for weight gradients during Langevin (only ∂U/∂z is wanted)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def prior_energy(model: DRCModel, z: torch.Tensor) -> torch.Tensor:
     """U(z) = −f_α(z) + ½‖z‖² per sample."""
     f, _, _ = model.ebm(z)
@@ -73,16 +88,18 @@ def posterior_energy(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRC
 def sample_prior(model: DRCModel, z: torch.Tensor, cfg: DRCConfig, *, steps: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     lv = cfg.langevin
-    return langevin(lambda v: prior_energy(model, v), z, steps=lv.prior_steps if steps is None else steps,
-                    step_size=lv.prior_step_size, generator=generator)
+    with frozen(model):
+        return langevin(lambda v: prior_energy(model, v), z, steps=lv.prior_steps if steps is None else steps,
+                        step_size=lv.prior_step_size, generator=generator)
 
 
 def sample_posterior(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRCConfig, *,
                      steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     lv = cfg.langevin
-    return langevin(lambda v: posterior_energy(model, x, v, cfg), z,
-                    steps=lv.posterior_steps if steps is None else steps,
-                    step_size=lv.posterior_step_size, generator=generator)
+    with frozen(model):
+        return langevin(lambda v: posterior_energy(model, x, v, cfg), z,
+                        steps=lv.posterior_steps if steps is None else steps,
+                        step_size=lv.posterior_step_size, generator=generator)
 
 
 def reset_diverged(z: torch.Tensor, threshold: float, generator: torch.Generator | None = None,

@@ -19,6 +19,19 @@ from drc_core.inference import evaluate
 from drc_core.metrics import trivial_baselines
 from drc_core.presets import get_config, preset_names
 from drc_core.tmds import render_many
+from drc_core.inference import images_to_tensor, segment
+from drc_core.viz import composition_grid
+
+
+def save_grid(model, images, masks, cfg, path, steps=None) -> None:
+    """Observed / reconstruction / fg / bg / π_f / ground truth for a few images, as a PNG."""
+    from PIL import Image
+    seg = segment(model, images, cfg, steps=steps)
+    with torch.no_grad():
+        comp = model.compose(seg.z)
+    grid = composition_grid(images_to_tensor(images), comp, torch.as_tensor(masks))
+    scale = max(1, 256 // images.shape[1])
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not curve or curve[-1]["iteration"] != state.iteration:
         record(state, train_time)
     torch.save({"config": cfg.to_dict(), "model": state.model.state_dict()}, out / "model.pt")
+    save_grid(state.model, test[:8], test_masks[:8], cfg, out / "test_grid.png", steps=args.eval_steps)
     result = {"config": cfg.to_dict(), "baselines": baselines, "curve": curve,
               "wall_seconds": time.perf_counter() - start}
     (out / "curve.json").write_text(json.dumps(result, indent=2))

@@ -82,4 +82,5 @@ def test_tv_switch_changes_the_posterior_energy_by_exactly_the_tv_term(tiny_cfg)
     with_tv = posterior_energy(model, x, z, tiny_cfg, bf16=False)
     without = posterior_energy(model, x, z, apply_overrides(tiny_cfg, {"ablation.tv": False}), bf16=False)
     tv = total_variation(model.compose(z).bg_warped)
-    torch.testing.assert_close(with_tv - without, tiny_cfg.loss.tv_weight * tv)
+    # energies are ~1e4, so fp32 rounding of the difference is ~1e-3
+    torch.testing.assert_close(with_tv - without, tiny_cfg.loss.tv_weight * tv, atol=2e-3, rtol=1e-4)

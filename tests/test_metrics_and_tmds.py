@@ -22,7 +22,7 @@ def test_iou_dice_known_values_and_empty_masks():
 def test_centre_ellipse_covers_the_requested_area():
     m = centre_ellipse_masks(1, 64, 0.25)
     assert abs(m.float().mean().item() - 0.25) < 0.02
-    base = trivial_baselines(m)
+    base = trivial_baselines(centre_ellipse_masks(1, 64, 0.2))
     assert base["centre_ellipse"]["iou"] == pytest.approx(100.0)
 
 

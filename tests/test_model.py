@@ -43,6 +43,8 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_cfg):
     e_loss, _ = ebm_loss(model, torch.randn(4, tiny_cfg.model.latent_dim), torch.randn(4, tiny_cfg.model.latent_dim))
     e_loss.backward()
     for name, p in model.ebm.named_parameters():
+        if name == "reassign.6.bias":
+            continue    # a constant added to f_α cancels in mean f(z⁻) − mean f(z⁺): zero gradient is right
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 

@@ -1,0 +1,141 @@
+"""Benchmarks (not tests): measured side by side in one run, printed as ratios.
+
+    python -m pipelines.bench core [--presets paper-tmds:8 cpu-64:32] [--iterations 1]
+
+`core` measures, per preset and batch size: seconds per EM iteration, seconds per posterior
+Langevin step per image, images/s, and the achieved GFLOP/s of the Langevin loop against the
+GEMM and conv peaks measured in the same process, for our fast path (bf16 autocast in Langevin)
+and for the same code in plain fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from drc_core.config import apply_overrides
+from drc_core.fit import TrainState
+from drc_core.langevin import posterior_energy, prior_energy
+from drc_core.nets import count_macs
+from drc_core.presets import get_config
+
+
+def _timeit(fn, repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def measure_peaks(seconds: float = 2.0) -> dict[str, float]:
+    """GFLOP/s of a large GEMM (fp32, bf16) and of a generator-sized 3×3 conv (fp32, bf16)."""
+    out = {}
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    x = torch.randn(8, 256, 64, 64)
+    w = torch.randn(128, 256, 3, 3)
+    gemm_flops = 2 * 2048 ** 3
+    conv_flops = 2 * 8 * 128 * 64 * 64 * 256 * 9
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        aa, bb, xx, ww = a.to(dtype), b.to(dtype), x.to(dtype), w.to(dtype)
+        n = max(1, int(seconds / max(_timeit(lambda: aa @ bb, 1), 1e-4)))
+        out[f"gemm_{name}"] = gemm_flops / _timeit(lambda: aa @ bb, n) / 1e9
+        n = max(1, int(seconds / max(_timeit(lambda: F.conv2d(xx, ww, padding=1), 1), 1e-4)))
+        out[f"conv_{name}"] = conv_flops / _timeit(lambda: F.conv2d(xx, ww, padding=1), n) / 1e9
+    return out
+
+
+def langevin_flops_per_image(state: TrainState) -> float:
+    """FLOPs of one posterior Langevin step for one image: generator forward (counted MACs × 2)
+    plus the input-gradient backward (same MACs again); the LEBM MLPs are included."""
+    model, dim = state.model, state.cfg.model.latent_dim
+    z = torch.randn(1, dim, device=state.device)
+    macs = count_macs(model, lambda: (model.compose(z), model.ebm(z)))
+    return 2.0 * 2.0 * macs
+
+
+def bench_preset(preset: str, batch: int, iterations: int, *, bf16: bool, step_repeat: int) -> dict:
+    cfg = get_config(preset, {"optim.batch_size": batch, "langevin.bf16": bf16})
+    state = TrainState.create(cfg, batch)
+    res = cfg.model.resolution
+    x = torch.rand(batch, 3, res, res) * 2 - 1
+    ids = torch.arange(batch)
+    z = torch.randn(batch, cfg.model.latent_dim)
+
+    def posterior_step():
+        v = z.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(posterior_energy(state.model, x, v, cfg).sum(), v)
+        return g
+
+    def prior_step():
+        v = z.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(prior_energy(state.model, v).sum(), v)
+        return g
+
+    t_post = _timeit(posterior_step, step_repeat)
+    t_prior = _timeit(prior_step, step_repeat * 5)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        state.step(x, ids)
+    t_iter = (time.perf_counter() - t0) / iterations
+    flops_step = langevin_flops_per_image(state) * batch
+    langevin_s = cfg.langevin.posterior_steps * t_post
+    return {
+        "preset": preset, "batch": batch, "precision": "bf16-langevin" if bf16 else "fp32",
+        "s_per_iteration": t_iter,
+        "s_per_posterior_step_per_image": t_post / batch,
+        "images_per_s": batch / t_iter,
+        "langevin_share_of_iteration": langevin_s / t_iter,
+        "prior_langevin_s": cfg.langevin.prior_steps * t_prior,
+        "langevin_gflops": flops_step / t_post / 1e9,
+        "gflop_per_posterior_step_per_image": flops_step / batch / 1e9,
+    }
+
+
+def core(args) -> list[dict]:
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    peaks = measure_peaks()
+    print("peaks (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+    rows = []
+    for spec in args.presets:
+        preset, _, batch = spec.partition(":")
+        for bf16 in (True, False):
+            r = bench_preset(preset, int(batch or 8), args.iterations, bf16=bf16, step_repeat=args.step_repeat)
+            peak = peaks["conv_bf16" if bf16 else "conv_fp32"]
+            r["fraction_of_conv_peak"] = r["langevin_gflops"] / peak
+            r["fraction_of_bf16_conv_peak"] = r["langevin_gflops"] / peaks["conv_bf16"]
+            rows.append(r)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+        fast, slow = rows[-2], rows[-1]
+        print(f"{preset} batch {batch}: bf16 fast path is {slow['s_per_iteration'] / fast['s_per_iteration']:.2f}× "
+              f"the fp32 path per EM iteration; {1000 * fast['s_per_iteration'] / 3600:.2f} h per 1,000 iterations")
+        if preset == "paper-tmds":
+            ref = 190.0  # s/iteration at batch 8, the authors' script on this 2-core CPU (spec/drc-algorithm.md)
+            print(f"  vs the reference's ~{ref:.0f} s/iteration at batch 8 (measured separately, see spec): "
+                  f"{ref / fast['s_per_iteration'] * 8 / int(batch or 8):.2f}× faster per image")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peaks": peaks, "rows": rows}, f, indent=2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("core", help="drc_core EM iteration / Langevin step speed")
+    c.add_argument("--presets", nargs="+", default=["paper-tmds:8", "cpu-64:32"], help="preset:batch")
+    c.add_argument("--iterations", type=int, default=1, help="full EM iterations timed per preset")
+    c.add_argument("--step-repeat", type=int, default=3, help="posterior steps timed per preset")
+    c.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    {"core": core}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
