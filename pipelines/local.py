@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds between test evaluations")
     p.add_argument("--eval-images", type=int, default=None, help="test images (default: data.test_size)")
     p.add_argument("--eval-steps", type=int, default=None, help="posterior steps at test time")
+    p.add_argument("--final-eval-images", type=int, default=None,
+                   help="test images for the final evaluation (default: data.test_size)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--out", default="runs", help="output folder")
     p.add_argument("--name", default=None)
@@ -89,12 +91,21 @@ def main(argv: list[str] | None = None) -> dict:
     if not curve or curve[-1]["iteration"] != state.iteration:
         record(state, train_time)
     torch.save({"config": cfg.to_dict(), "model": state.model.state_dict()}, out / "model.pt")
+    n_final = args.final_eval_images or d.test_size
+    if n_final != len(test):
+        test, test_masks = render_many("test", range(n_final), size=size, bank_seed=d.bank_seed,
+                                       sprite_size=d.sprite_size)
+        baselines = trivial_baselines(test_masks)
+    final = {"images": n_final, **evaluate(state.model, test, test_masks, cfg, steps=args.eval_steps),
+             "baselines": baselines}
+    print("final evaluation:", json.dumps(final), flush=True)
     save_grid(state.model, test[:8], test_masks[:8], cfg, out / "test_grid.png", steps=args.eval_steps)
-    result = {"config": cfg.to_dict(), "baselines": baselines, "curve": curve,
+    result = {"config": cfg.to_dict(), "baselines": baselines, "curve": curve, "final": final,
+              "iterations": state.iteration, "train_seconds": train_time,
               "wall_seconds": time.perf_counter() - start}
     (out / "curve.json").write_text(json.dumps(result, indent=2))
-    print(f"final: IoU {curve[-1]['iou']:.1f} Dice {curve[-1]['dice']:.1f} after {state.iteration} iterations; "
-          f"results in {out}")
+    print(f"final: IoU {final['iou']:.1f} Dice {final['dice']:.1f} on {n_final} test images after "
+          f"{state.iteration} iterations ({train_time / 60:.1f} min of training); results in {out}")
     return result
 
 

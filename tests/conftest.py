@@ -17,3 +17,19 @@ def tiny_cfg():
                                  "model.ebm_hidden": 16, "model.ebm_reassign_hidden": 16,
                                  "langevin.posterior_steps": 2, "langevin.prior_steps": 2,
                                  "langevin.prior_pool_size": 16, "optim.batch_size": 4})
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session: 2 CPUs, no dashboard, small object store."""
+    import os
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                 "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
+        os.environ.setdefault(k, v)
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 ** 2,
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,127 @@
+"""The Parquet dataset contract (spec/architecture.md): `part-XXXXX.parquet` + `_manifest.json`.
+
+Publishing is atomic: on a local filesystem the parts and manifest are written to a hidden
+sibling folder and renamed into place in one step; on object stores (no atomic rename) the parts
+go first and `_manifest.json` last — a dataset without a manifest is incomplete and readers
+refuse it.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
+
+SCHEMA_VERSION = 1
+MANIFEST = "_manifest.json"
+
+
+class DatasetExists(FileExistsError):
+    pass
+
+
+class DatasetError(ValueError):
+    pass
+
+
+class Store:
+    def __init__(self, uri: str):
+        self.uri = uri
+        if "://" in uri:
+            self.fs, self.path = pafs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.path = pafs.LocalFileSystem(), str(Path(uri).resolve())
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def check_writable(self, overwrite: bool) -> None:
+        if self._exists(self.path) and not overwrite:
+            info = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+            if info:
+                raise DatasetExists(f"{self.uri} already exists and is not empty; pass --overwrite to replace it")
+
+    def publish(self, ds, manifest: dict, *, overwrite: bool) -> None:
+        """Write the Ray dataset `ds` as parts + manifest at this store's location."""
+        tmp = (str(Path(self.path).parent / f".{Path(self.path).name}.tmp-{uuid.uuid4().hex[:8]}")
+               if self.local else self.path)
+        from ray.data import SaveMode
+        # our part names carry no write UUID, so the (fresh or replaced) folder is written in
+        # OVERWRITE mode
+        ds.write_parquet(tmp, filesystem=self.fs, filename_provider=_PartNames(), mode=SaveMode.OVERWRITE)
+        self._normalise_part_names(tmp)
+        self._write_manifest(tmp, manifest)
+        if self.local:
+            old = None
+            if self._exists(self.path):
+                self.check_writable(overwrite)
+                old = f"{tmp}.old"
+                Path(self.path).rename(old)
+            Path(tmp).rename(self.path)
+            if old:
+                self.fs.delete_dir(old)
+
+    def _normalise_part_names(self, folder: str) -> None:
+        """Ray may suffix block indices; rename the parts to part-00000.parquet, … in order."""
+        names = sorted(i.path for i in self.fs.get_file_info(pafs.FileSelector(folder))
+                       if i.base_name.endswith(".parquet"))
+        for k, path in enumerate(names):
+            want = f"{folder}/part-{k:05d}.parquet"
+            if path != want:
+                self.fs.move(path, want)
+
+    def _write_manifest(self, folder: str, manifest: dict) -> None:
+        files = sorted(i.base_name for i in self.fs.get_file_info(pafs.FileSelector(folder))
+                       if i.base_name.endswith(".parquet"))
+        manifest = {**manifest, "files": len(files), "file_names": files}
+        with self.fs.open_output_stream(f"{folder}/{MANIFEST}") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def read_manifest(self) -> dict:
+        path = f"{self.path}/{MANIFEST}"
+        if not self._exists(path):
+            raise DatasetError(f"{self.uri}: no {MANIFEST} (not a dataset, or an incomplete write)")
+        with self.fs.open_input_stream(path) as f:
+            manifest = json.loads(f.read())
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise DatasetError(f"{self.uri}: schema_version {manifest.get('schema_version')} is not "
+                               f"{SCHEMA_VERSION}")
+        return manifest
+
+    def part_paths(self) -> list[str]:
+        return [f"{self.path}/{name}" for name in self.read_manifest()["file_names"]]
+
+
+class _PartNames(FilenameProvider):
+    """Ray Data filename provider: part-00000.parquet, part-00001.parquet, … (one per write task)."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.parquet"
+
+    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
+        return self.get_filename_for_task(write_uuid, task_index)
+
+
+def load_arrays(uri: str, split: str | None = None) -> dict[str, np.ndarray]:
+    """Read a dataset into numpy: sample_id (N,), key (N,), images (N, H, W, 3) uint8 and, when
+    every row has one, masks (N, H, W) uint8. For datasets that fit in memory (tests, CPU runs)."""
+    store = Store(uri)
+    manifest = store.read_manifest()
+    tables = [pq.read_table(p, filesystem=store.fs) for p in store.part_paths()]
+    table = pa.concat_tables(tables).sort_by("sample_id")
+    if split is not None:
+        table = table.filter(pa.compute.equal(table["split"], split))
+    size = manifest["resolution"]
+    images = np.frombuffer(b"".join(table["image"].to_pylist()), np.uint8).reshape(-1, size, size, 3)
+    out = {"sample_id": table["sample_id"].to_numpy(), "key": np.array(table["key"].to_pylist()),
+           "split": np.array(table["split"].to_pylist()), "images": images}
+    masks = table["mask"].to_pylist()
+    if masks and all(m is not None for m in masks):
+        out["masks"] = np.frombuffer(b"".join(masks), np.uint8).reshape(-1, size, size)
+    return out
