@@ -1,6 +1,7 @@
 """Benchmarks (not tests): measured side by side in one run, printed as ratios.
 
     python -m pipelines.bench core [--presets paper-tmds:8 cpu-64:32] [--iterations 1]
+    python -m pipelines.bench preprocess [--images 2000 --size 128]
 
 `core` measures, per preset and batch size: seconds per EM iteration, seconds per posterior
 Langevin step per image, images/s, and the achieved GFLOP/s of the Langevin loop against the
@@ -13,6 +14,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,76 @@ def core(args) -> list[dict]:
     return rows
 
 
+def peak_rss_mb(include_ray_workers: bool) -> float:
+    """High-water resident memory (VmHWM) of this process, plus that of every Ray worker process
+    when asked: read once at the end, so nothing samples while the benchmark runs. The sum over
+    processes is an upper bound on their simultaneous peak."""
+    import psutil
+
+    def hwm(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return 0
+
+    total = hwm(psutil.Process().pid)
+    if include_ray_workers:
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if cmd and cmd[0].startswith("ray::"):
+                total += hwm(p.pid)
+    return total / 2 ** 20
+
+
+def preprocess(args) -> dict:
+    """Ray Data (2 CPUs) against a plain single-process loop, same 2,000 images, same output."""
+    import shutil
+    import tempfile
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import preprocess as pp
+    from pipelines.ray_env import init_ray
+    from pipelines.sources import tm_dsprites
+
+    records = tm_dsprites(args.images, 0)
+    opt = pp.Options(source="tm-dsprites", size=args.size, sprite_size=(0.15, 0.30))
+    work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    try:
+        t0 = time.perf_counter()
+        rows = [pp.process_record(r, opt) for r in records]
+        frame = pd.DataFrame(rows).drop(columns=["status", "reason"])
+        frame.insert(0, "sample_id", range(len(frame)))
+        per = args.rows_per_file
+        for k in range(0, len(frame), per):
+            pq.write_table(pa.Table.from_pandas(frame.iloc[k:k + per], preserve_index=False),
+                           work / f"loop-part-{k // per:05d}.parquet")
+        t_loop = time.perf_counter() - t0
+        loop_mb = peak_rss_mb(include_ray_workers=False)
+        init_ray(num_cpus=2)
+        import ray
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        t0 = time.perf_counter()
+        manifest = pp.run(records, opt, str(work / "ray"), rows_per_file=args.rows_per_file, progress=False)
+        t_ray = time.perf_counter() - t0
+        ray_mb = peak_rss_mb(include_ray_workers=True)
+        assert manifest["counts"]["ok"] == len(records)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = {"images": len(records), "size": args.size,
+           "loop_images_per_s": len(records) / t_loop, "ray_images_per_s": len(records) / t_ray,
+           "speedup": t_loop / t_ray, "loop_peak_rss_mb": loop_mb,
+           "ray_peak_rss_mb_upper_bound": ray_mb}
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+    print(f"Ray Data pipeline (2 CPUs) is {out['speedup']:.2f}× the single-process loop "
+          f"({out['ray_images_per_s']:.1f} vs {out['loop_images_per_s']:.1f} images/s, {args.size}², "
+          f"Ray start excluded); peak RSS ≤ {ray_mb:.0f} MB (driver + Ray workers) vs {loop_mb:.0f} MB")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -133,8 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--iterations", type=int, default=1, help="full EM iterations timed per preset")
     c.add_argument("--step-repeat", type=int, default=3, help="posterior steps timed per preset")
     c.add_argument("--json", default=None, help="also write the results here")
+    pre = sub.add_parser("preprocess", help="Ray Data preprocessing vs a single-process loop")
+    pre.add_argument("--images", type=int, default=2000)
+    pre.add_argument("--size", type=int, default=128)
+    pre.add_argument("--rows-per-file", type=int, default=500)
     args = p.parse_args(argv)
-    {"core": core}[args.cmd](args)
+    {"core": core, "preprocess": preprocess}[args.cmd](args)
 
 
 if __name__ == "__main__":

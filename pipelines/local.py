@@ -46,10 +46,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--out", default="runs", help="output folder")
     p.add_argument("--name", default=None)
+    p.add_argument("--evaluate-only", metavar="MODEL_PT", default=None,
+                   help="skip training: evaluate a saved runs/<name>/model.pt on --final-eval-images")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.evaluate_only:
+        return evaluate_saved(args)
     cfg = get_config(args.preset, parse_override_args(args.overrides))
     d, size = cfg.data, cfg.model.resolution
     name = args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -107,6 +111,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"final: IoU {final['iou']:.1f} Dice {final['dice']:.1f} on {n_final} test images after "
           f"{state.iteration} iterations ({train_time / 60:.1f} min of training); results in {out}")
     return result
+
+
+def evaluate_saved(args) -> dict:
+    """Evaluate a saved model (runs/<name>/model.pt) on the first N test images."""
+    from drc_core.config import DRCConfig, apply_overrides
+    from drc_core.model import DRCModel
+    saved = torch.load(args.evaluate_only, weights_only=True)
+    cfg = apply_overrides(DRCConfig.from_dict(saved["config"]), parse_override_args(args.overrides))
+    model = DRCModel(cfg.model, cfg.ablation)
+    model.load_state_dict(saved["model"])
+    d = cfg.data
+    n = args.final_eval_images or d.test_size
+    test, masks = render_many("test", range(n), size=cfg.model.resolution, bank_seed=d.bank_seed,
+                              sprite_size=d.sprite_size)
+    t0 = time.perf_counter()
+    res = {"images": n, **evaluate(model, test, masks, cfg, steps=args.eval_steps),
+           "baselines": trivial_baselines(masks), "seconds": time.perf_counter() - t0}
+    print("evaluation:", json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":

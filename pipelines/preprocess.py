@@ -186,7 +186,7 @@ def run(records: list[dict], opt: Options, out: str, *, rows_per_file: int = 200
         raise sources.SourceError("no inputs found")
     unique.sort(key=lambda r: (SPLIT_ORDER.get(r["split"], 9), r["key"]))
 
-    blocks = num_blocks or max(1, min(len(unique) // 50, 200))
+    blocks = num_blocks or max(1, min(len(unique) // 200, 1000))
     frame = pd.DataFrame(unique)
     bounds = np.linspace(0, len(frame), blocks + 1).astype(int)
     # our own split: from_pandas(override_num_blocks=…) breaks on pandas 3 (np.array_split)

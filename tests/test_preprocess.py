@@ -139,3 +139,27 @@ def test_clevr_keeps_3_to_6_objects_with_the_papers_crop(ray_local, tmp_path):
     img = np.asarray(Image.open(tmp_path / "clevr" / "images" / f"{kept[0]}.png").convert("RGB"))
     exp_img, exp_mask = crop_and_resize(img, (64, 29, 256, 221), 32, (labels != 0).astype(np.uint8))
     assert np.array_equal(data["images"][0], exp_img) and np.array_equal(data["masks"][0], exp_mask)
+
+
+def test_uri_output_and_the_manifest_last_publish_path(ray_local, tmp_path):
+    """A file:// URI goes through pyarrow's filesystem layer; with rename switched off (as on
+    object stores) the parts are written in place and the manifest last."""
+    m = _run("tm-dsprites", f"file://{tmp_path}/uri", extra=["--preset", "cpu-32", "--train", "5", "--test", "0"])
+    assert m["counts"]["ok"] == 5 and load_arrays(f"file://{tmp_path}/uri")["images"].shape == (5, 32, 32, 3)
+    records = preprocess.sources.tm_dsprites(3, 0)
+    opt = preprocess.Options(source="tm-dsprites", size=32, sprite_size=(0.25, 0.45))
+    store_cls = preprocess.Store
+
+    class ObjectStoreLike(store_cls):
+        def __init__(self, uri):
+            super().__init__(uri)
+            self.local = False          # behave like S3/GCS: no atomic rename
+
+    preprocess.Store = ObjectStoreLike
+    try:
+        m2 = preprocess.run(records, opt, str(tmp_path / "obj"), progress=False)
+    finally:
+        preprocess.Store = store_cls
+    assert m2["counts"]["ok"] == 3 and sorted(p.name for p in (tmp_path / "obj").iterdir()) == \
+        ["_manifest.json", "part-00000.parquet"]
+    assert not list(tmp_path.glob(".obj.tmp-*"))
