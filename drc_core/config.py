@@ -157,7 +157,7 @@ class DRCConfig:
         return apply_overrides(cls(), data, nested=True)
 
 
-def _coerce(path: str, current: Any, value: Any, annotation: Any) -> Any:
+def _coerce(path: str, current: Any, value: Any) -> Any:
     """Convert `value` to the type of the field at `path` (strings come from the CLI)."""
     if isinstance(current, bool):
         if isinstance(value, bool):
@@ -208,7 +208,7 @@ def apply_overrides(cfg: DRCConfig, overrides: Mapping[str, Any], *, nested: boo
         names = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
         if leaf not in names or dataclasses.is_dataclass(getattr(target, leaf)):
             raise ConfigError(f"unknown config key {key!r}")
-        setattr(target, leaf, _coerce(key, getattr(target, leaf), value, names[leaf].type))
+        setattr(target, leaf, _coerce(key, getattr(target, leaf), value))
     return cfg.validate()
 
 

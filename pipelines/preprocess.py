@@ -17,7 +17,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,6 @@ class Options:
     bank_seed: int = 0
     sprite_size: tuple[float, float] = (0.15, 0.30)
     clevr_objects: tuple[int, int] = (3, 6)
-    extra: dict = field(default_factory=dict)
 
 
 def _read(path: str) -> bytes:
