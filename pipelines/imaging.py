@@ -18,7 +18,7 @@ class BadInput(ValueError):
     """An input that cannot be used; the message is the quarantine reason."""
 
 
-def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     if not data:
         raise BadInput(f"{what}: empty file (0 bytes)")
     try:
@@ -60,14 +60,14 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def decode_image(data: bytes, what: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    return to_rgb(_open(data, what, max_pixels))
+    return to_rgb(open_image(data, what, max_pixels))
 
 
 def decode_mask(data: bytes, what: str = "mask", max_pixels: int = MAX_PIXELS,
                 background_value: int | None = None) -> np.ndarray:
     """(H, W) uint8 in {0, 1}. Grey/colour masks: foreground = any non-zero pixel (or, with
     `background_value`, any pixel of a different label value, e.g. CLEVR's background id)."""
-    img = _open(data, what, max_pixels)
+    img = open_image(data, what, max_pixels)
     if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
         arr = np.asarray(img.convert("RGB")).max(axis=2)
     else:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import sources
-from pipelines.imaging import CROPS, MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image, decode_mask
+from pipelines.imaging import (CROPS, MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image,
+                               decode_mask, open_image)
 from pipelines.parquet_store import SCHEMA_VERSION, DatasetExists, Store
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -105,8 +106,7 @@ def _decode_and_crop(rec: dict, opt: Options):
 
 
 def _label_map(raw: bytes, max_pixels: int) -> np.ndarray:
-    from pipelines.imaging import _open
-    img = _open(raw, "mask", max_pixels)
+    img = open_image(raw, "mask", max_pixels)
     arr = np.asarray(img)
     if arr.ndim == 3:                           # colour-coded labels → one id per colour
         arr = arr[..., 0].astype(np.int64) * 65536 + arr[..., 1].astype(np.int64) * 256 + arr[..., 2]
@@ -123,15 +123,11 @@ def _process_batch(batch, opt: Options):
 
 def _assign_ids(batch, id_of):
     import pandas as pd
-    ids = id_of if isinstance(id_of, dict) else _get(id_of)
+    import ray
+    ids = id_of if isinstance(id_of, dict) else ray.get(id_of)   # a broadcast dict key → sample_id
     out = batch[batch["status"] == "ok"].drop(columns=["status", "reason", "has_mask"]).copy()
     out.insert(0, "sample_id", pd.array([ids[k] for k in out["key"]], dtype="int64"))
     return out
-
-
-def _get(ref):
-    import ray
-    return ray.get(ref)
 
 
 def list_records(args) -> list[dict]:
