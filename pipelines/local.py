@@ -15,12 +15,24 @@ import torch
 
 from drc_core.config import parse_override_args
 from drc_core.fit import fit
-from drc_core.inference import evaluate
+from drc_core.inference import evaluate, images_to_tensor, segment
 from drc_core.metrics import trivial_baselines
 from drc_core.presets import get_config, preset_names
 from drc_core.tmds import render_many
-from drc_core.inference import images_to_tensor, segment
 from drc_core.viz import composition_grid
+
+
+def render_test(cfg, n: int):
+    """The first n TM-dSprites test images (uint8) and masks for this config."""
+    d = cfg.data
+    return render_many("test", range(n), size=cfg.model.resolution, bank_seed=d.bank_seed,
+                       sprite_size=d.sprite_size)
+
+
+def final_evaluation(model, cfg, images, masks, steps) -> dict:
+    t0 = time.perf_counter()
+    return {"images": len(images), **evaluate(model, images, masks, cfg, steps=steps),
+            "baselines": trivial_baselines(masks), "seconds": time.perf_counter() - t0}
 
 
 def save_grid(model, images, masks, cfg, path, steps=None) -> None:
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     train, _ = render_many("train", range(d.train_size), size=size, bank_seed=d.bank_seed, sprite_size=d.sprite_size)
     n_eval = args.eval_images or d.test_size
-    test, test_masks = render_many("test", range(n_eval), size=size, bank_seed=d.bank_seed, sprite_size=d.sprite_size)
+    test, test_masks = render_test(cfg, n_eval)
     print(f"rendered {len(train)} train / {len(test)} test images at {size}² in {time.perf_counter() - t0:.1f} s")
     baselines = trivial_baselines(test_masks)
     print("baselines:", json.dumps(baselines))
@@ -92,16 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
         return train_time >= budget
 
     state = fit(cfg, train, iterations=10**9, on_iteration=on_iteration)
-    if not curve or curve[-1]["iteration"] != state.iteration:
-        record(state, train_time)
     torch.save({"config": cfg.to_dict(), "model": state.model.state_dict()}, out / "model.pt")
     n_final = args.final_eval_images or d.test_size
     if n_final != len(test):
-        test, test_masks = render_many("test", range(n_final), size=size, bank_seed=d.bank_seed,
-                                       sprite_size=d.sprite_size)
-        baselines = trivial_baselines(test_masks)
-    final = {"images": n_final, **evaluate(state.model, test, test_masks, cfg, steps=args.eval_steps),
-             "baselines": baselines}
+        if curve[-1]["iteration"] != state.iteration:     # close the curve on its own image set
+            record(state, train_time)
+        test, test_masks = render_test(cfg, n_final)
+    final = final_evaluation(state.model, cfg, test, test_masks, args.eval_steps)
+    if n_final == n_eval and curve[-1]["iteration"] != state.iteration:
+        # same images as the curve: the final evaluation is the curve's last point
+        curve.append({"iteration": state.iteration, "train_seconds": round(train_time, 1),
+                      **{k: v for k, v in final.items() if k not in ("images", "baselines", "seconds")}})
+    baselines = final["baselines"]
     print("final evaluation:", json.dumps(final), flush=True)
     save_grid(state.model, test[:8], test_masks[:8], cfg, out / "test_grid.png", steps=args.eval_steps)
     result = {"config": cfg.to_dict(), "baselines": baselines, "curve": curve, "final": final,
@@ -121,13 +135,8 @@ def evaluate_saved(args) -> dict:
     cfg = apply_overrides(DRCConfig.from_dict(saved["config"]), parse_override_args(args.overrides))
     model = DRCModel(cfg.model, cfg.ablation)
     model.load_state_dict(saved["model"])
-    d = cfg.data
-    n = args.final_eval_images or d.test_size
-    test, masks = render_many("test", range(n), size=cfg.model.resolution, bank_seed=d.bank_seed,
-                              sprite_size=d.sprite_size)
-    t0 = time.perf_counter()
-    res = {"images": n, **evaluate(model, test, masks, cfg, steps=args.eval_steps),
-           "baselines": trivial_baselines(masks), "seconds": time.perf_counter() - t0}
+    test, masks = render_test(cfg, args.final_eval_images or cfg.data.test_size)
+    res = final_evaluation(model, cfg, test, masks, args.eval_steps)
     print("evaluation:", json.dumps(res))
     return res
 
