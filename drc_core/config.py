@@ -50,6 +50,7 @@ class LangevinConfig:
     persistent: bool = True                    # False: short-run chains from N(0, I) (ablation)
     bf16: bool = True                          # autocast generator passes inside Langevin (z stays fp32)
     divergence_threshold: float = 1e4          # |z| beyond this marks a chain as diverged
+    chain_fp16: bool = False                   # store persistent chains in fp16 (half the memory)
 
 
 @dataclass

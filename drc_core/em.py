@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -78,11 +79,13 @@ def ebm_loss(model: DRCModel, z_pos: torch.Tensor, z_neg: torch.Tensor) -> tuple
 
 def em_step(model: DRCModel, opt: Optimizers, x: torch.Tensor, z_pos: torch.Tensor,
             z_neg: torch.Tensor, cfg: DRCConfig, *, generator: torch.Generator | None = None,
+            sync_grads: Callable[[list[torch.nn.Parameter]], None] | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """x (B, 3, H, W) in [-1, 1]; z_pos (B, D) posterior chains; z_neg (B', D) prior chains.
 
     Returns the advanced chains and scalar metrics. Chains that diverge are reset to N(0, I)
-    and counted in `chains_reset`.
+    and counted in `chains_reset`. `sync_grads(params)` runs between each backward pass and its
+    optimiser step (data-parallel training averages the gradients across processes there).
     """
     lv = cfg.langevin
     model.train()
@@ -94,6 +97,8 @@ def em_step(model: DRCModel, opt: Optimizers, x: torch.Tensor, z_pos: torch.Tens
     opt.generator.zero_grad(set_to_none=True)
     g_loss, parts = generator_loss(model, x, z_pos, cfg)
     g_loss.backward()
+    if sync_grads is not None:
+        sync_grads(list(model.generator_parameters()))
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.generator_parameters(), cfg.optim.grad_clip)
     opt.generator.step()
@@ -101,6 +106,8 @@ def em_step(model: DRCModel, opt: Optimizers, x: torch.Tensor, z_pos: torch.Tens
     opt.ebm.zero_grad(set_to_none=True)
     e_loss, e_parts = ebm_loss(model, z_pos, z_neg)
     e_loss.backward()
+    if sync_grads is not None:
+        sync_grads(list(model.ebm.parameters()))
     opt.ebm.step()
 
     with torch.no_grad():

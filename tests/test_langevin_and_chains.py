@@ -37,7 +37,7 @@ def test_reset_diverged_replaces_only_bad_chains():
 
 
 def test_chain_buffer_get_set_visits_and_range_errors():
-    buf = InMemoryChainBuffer(10, 4, offset=100, seed=1)
+    buf = InMemoryChainBuffer.for_range(10, 4, offset=100, seed=1)
     ids = torch.tensor([100, 105, 109])
     new = torch.arange(12.0).view(3, 4)
     buf.set(ids, new)
@@ -45,16 +45,36 @@ def test_chain_buffer_get_set_visits_and_range_errors():
     assert buf.visits.tolist() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 1]
     with pytest.raises(KeyError, match="110"):
         buf.get(torch.tensor([110]))
-    half = InMemoryChainBuffer(10, 4, offset=100, seed=1, dtype=torch.float16)
+    half = InMemoryChainBuffer.for_range(10, 4, offset=100, seed=1, dtype=torch.float16)
     assert half.get(ids).dtype == torch.float32 and half.z.element_size() == 2
 
 
 def test_chain_buffer_reshards_two_shards_into_one_and_back():
-    a = InMemoryChainBuffer(5, 3, offset=0, seed=1)
-    b = InMemoryChainBuffer(6, 3, offset=5, seed=2)
-    merged = InMemoryChainBuffer.merge([a.state_dict(), b.state_dict()], offset=0, count=11)
+    a = InMemoryChainBuffer.for_range(5, 3, offset=0, seed=1)
+    b = InMemoryChainBuffer.for_range(6, 3, offset=5, seed=2)
+    merged = InMemoryChainBuffer.merge([a.state_dict(), b.state_dict()], torch.arange(11))
     assert torch.equal(merged.z, torch.cat([a.z, b.z]))
-    part = InMemoryChainBuffer.merge([merged.state_dict()], offset=3, count=4)
+    part = InMemoryChainBuffer.merge([merged.state_dict()], torch.arange(3, 7))
     assert torch.equal(part.get(torch.tensor([3, 6])), torch.stack([a.z[3], b.z[1]]))
     with pytest.raises(KeyError, match="covers|cover"):
-        InMemoryChainBuffer.merge([a.state_dict()], offset=0, count=8)
+        InMemoryChainBuffer.merge([a.state_dict()], torch.arange(8))
+
+
+def test_chain_init_depends_only_on_sample_id_and_sparse_ids_work():
+    whole = InMemoryChainBuffer.for_range(3000, 4, seed=7)
+    ids = torch.tensor([5, 1500, 2999])
+    sparse = InMemoryChainBuffer(ids, 4, seed=7)
+    assert torch.equal(sparse.get(ids), whole.get(ids))
+    with pytest.raises(KeyError, match="6"):
+        sparse.get(torch.tensor([6]))
+    with pytest.raises(ValueError, match="sorted"):
+        InMemoryChainBuffer(torch.tensor([3, 1]), 4)
+
+
+def test_shard_bounds_partition_exactly():
+    from drc_core.chains import shard_bounds
+    for n, w in [(10, 3), (2, 2), (7, 1), (5, 4)]:
+        parts = [shard_bounds(n, w, r) for r in range(w)]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert max(h - l for l, h in parts) - min(h - l for l, h in parts) <= 1
