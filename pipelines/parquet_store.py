@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FilenameProvider
@@ -108,16 +109,7 @@ class _PartNames(FilenameProvider):
         return self.get_filename_for_task(write_uuid, task_index)
 
 
-def load_arrays(uri: str, split: str | None = None) -> dict[str, np.ndarray]:
-    """Read a dataset into numpy: sample_id (N,), key (N,), images (N, H, W, 3) uint8 and, when
-    every row has one, masks (N, H, W) uint8. For datasets that fit in memory (tests, CPU runs)."""
-    store = Store(uri)
-    manifest = store.read_manifest()
-    tables = [pq.read_table(p, filesystem=store.fs) for p in store.part_paths()]
-    table = pa.concat_tables(tables).sort_by("sample_id")
-    if split is not None:
-        table = table.filter(pa.compute.equal(table["split"], split))
-    size = manifest["resolution"]
+def _decode_table(table: pa.Table, size: int) -> dict[str, np.ndarray]:
     images = np.frombuffer(b"".join(table["image"].to_pylist()), np.uint8).reshape(-1, size, size, 3)
     out = {"sample_id": table["sample_id"].to_numpy(), "key": np.array(table["key"].to_pylist()),
            "split": np.array(table["split"].to_pylist()), "images": images}
@@ -125,3 +117,40 @@ def load_arrays(uri: str, split: str | None = None) -> dict[str, np.ndarray]:
     if masks and all(m is not None for m in masks):
         out["masks"] = np.frombuffer(b"".join(masks), np.uint8).reshape(-1, size, size)
     return out
+
+
+def _read(store: Store, columns: list[str] | None = None, filters=None) -> pa.Table:
+    tables = [pq.read_table(p, filesystem=store.fs, columns=columns, filters=filters)
+              for p in store.part_paths()]
+    return pa.concat_tables(tables).sort_by("sample_id")
+
+
+def load_arrays(uri: str, split: str | None = None) -> dict[str, np.ndarray]:
+    """Read a dataset into numpy: sample_id (N,), key (N,), images (N, H, W, 3) uint8 and, when
+    every row has one, masks (N, H, W) uint8. For datasets that fit in memory (tests, CPU runs)."""
+    store = Store(uri)
+    size = store.read_manifest()["resolution"]
+    return _decode_table(_read(store, filters=None if split is None else [("split", "=", split)]), size)
+
+
+def split_ids(uri: str, split: str) -> np.ndarray:
+    """Sorted sample ids of one split, reading only the id and split columns."""
+    store = Store(uri)
+    store.read_manifest()
+    return _read(store, ["sample_id"], [("split", "=", split)])["sample_id"].to_numpy()
+
+
+def load_rows(uri: str, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of the given sorted sample ids (as `load_arrays`). Parquet row-group statistics
+    skip the parts outside [min id, max id], so a worker reads little more than its shard."""
+    store = Store(uri)
+    size = store.read_manifest()["resolution"]
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0:
+        raise DatasetError(f"{uri}: no sample ids requested")
+    table = _read(store, filters=[("sample_id", ">=", int(ids[0])), ("sample_id", "<=", int(ids[-1]))])
+    table = table.filter(pc.is_in(table["sample_id"], pa.array(ids)))
+    if table.num_rows != ids.size:
+        missing = np.setdiff1d(ids, table["sample_id"].to_numpy())[:5].tolist()
+        raise DatasetError(f"{uri}: sample ids {missing} are missing from the dataset")
+    return _decode_table(table, size)

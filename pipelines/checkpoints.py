@@ -1,0 +1,163 @@
+"""Training checkpoints with sharded chains: every rank writes its own files, none gathers.
+
+A checkpoint folder (Ray Train merges the ranks' folders into one in persistent storage):
+
+    state.pt                         rank 0: model + optimiser states + iteration
+    config.json, meta.json           rank 0: resolved config; iteration, world size, run ids
+    chains-r00001-of-00002.pt        rank r: its posterior chains, its share of the prior pool
+                                     (ids, z, visits) and its Langevin-noise generator state
+    shard-r00001-of-00002.json       rank r, written last: sha256 of its files and the id range
+
+Every file is written under a temporary name and renamed into place; a rank's `shard-*.json`
+exists only once its files are complete, and a checkpoint is valid only when all ranks' shard
+records exist and every checksum matches. Everything loads with `torch.load(weights_only=True)`:
+tensors, numbers and strings only, no pickled code. Restoring with another number of workers
+reads only the shard files whose id range overlaps the new shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from drc_core.chains import InMemoryChainBuffer
+from drc_core.config import ConfigError, DRCConfig
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace_into(path: Path, write: Callable[[Path], None]) -> str:
+    """Write through `write(tmp)`, fsync, rename to `path`; return the file's sha256."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return _sha256(path)
+
+
+def _shard_name(kind: str, rank: int, world: int, ext: str) -> str:
+    return f"{kind}-r{rank:05d}-of-{world:05d}.{ext}"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's values (used to prove chains were restored bit for bit)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def write_shard(folder: str | Path, *, rank: int, world_size: int, state, meta: dict,
+                before_commit: Callable[[], None] | None = None) -> None:
+    """Write this rank's part of a checkpoint of `state` (a drc_core TrainState) into `folder`.
+    `before_commit` runs after the data files and before the shard record (fault drills)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    chains = _shard_name("chains", rank, world_size, "pt")
+    files[chains] = _replace_into(folder / chains, lambda p: torch.save({
+        "posterior": state.chains.state_dict(), "prior": state.prior_chains.state_dict(),
+        "generator": state.generator.get_state().cpu()}, p))
+    if rank == 0:
+        files["state.pt"] = _replace_into(folder / "state.pt", lambda p: torch.save(state.state_dict(), p))
+        files["config.json"] = _replace_into(folder / "config.json", lambda p: p.write_text(state.cfg.to_json()))
+        full_meta = {**meta, "iteration": state.iteration, "world_size": world_size}
+        files["meta.json"] = _replace_into(folder / "meta.json", lambda p: p.write_text(json.dumps(full_meta)))
+    if before_commit is not None:
+        before_commit()
+    ids, prior = state.chains.ids, state.prior_chains.ids
+    record = {"rank": rank, "world_size": world_size, "iteration": state.iteration, "files": files,
+              "chains_file": chains, "count": int(ids.numel()),
+              "id_min": int(ids.min()) if ids.numel() else None,
+              "id_max": int(ids.max()) if ids.numel() else None,
+              "prior_min": int(prior.min()) if prior.numel() else None,
+              "prior_max": int(prior.max()) if prior.numel() else None,
+              "posterior_digest": tensor_digest(state.chains.z)}
+    _replace_into(folder / _shard_name("shard", rank, world_size, "json"),
+                  lambda p: p.write_text(json.dumps(record, indent=1)))
+
+
+def verify(folder: str | Path) -> tuple[dict, list[dict]]:
+    """Check that a checkpoint is complete and intact; return (meta, shard records by rank)."""
+    folder = Path(folder)
+    if not (folder / "meta.json").exists():
+        raise CheckpointError(f"{folder}: no meta.json (not a DRC checkpoint, or an incomplete write)")
+    meta = json.loads((folder / "meta.json").read_text())
+    world = int(meta["world_size"])
+    records = []
+    for rank in range(world):
+        path = folder / _shard_name("shard", rank, world, "json")
+        if not path.exists():
+            raise CheckpointError(f"{folder}: rank {rank} of {world} never finished writing ({path.name} missing)")
+        rec = json.loads(path.read_text())
+        for name, digest in rec["files"].items():
+            if not (folder / name).exists():
+                raise CheckpointError(f"{folder / name}: missing")
+            if _sha256(folder / name) != digest:
+                raise CheckpointError(f"{folder / name}: checksum mismatch (corrupted or partly written)")
+        records.append(rec)
+    return meta, records
+
+
+def load_config(folder: str | Path) -> DRCConfig:
+    return DRCConfig.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+
+
+def check_compatible(saved: DRCConfig, now: DRCConfig, where: str) -> None:
+    """Resuming needs the same architecture: fail fast naming the first differing model field."""
+    a, b = saved.to_dict()["model"], now.to_dict()["model"]
+    for key in a:
+        if a[key] != b.get(key):
+            raise ConfigError(f"model.{key} is {b.get(key)!r} but the checkpoint {where} was trained "
+                              f"with {a[key]!r}: resume with the same model settings")
+    if saved.langevin.prior_pool_size != now.langevin.prior_pool_size:
+        raise ConfigError(f"langevin.prior_pool_size is {now.langevin.prior_pool_size} but the "
+                          f"checkpoint {where} has {saved.langevin.prior_pool_size}")
+
+
+def load_state(folder: str | Path, device: str | torch.device = "cpu") -> dict:
+    return torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+
+
+def _overlaps(rec: dict, lo_key: str, hi_key: str, ids: torch.Tensor) -> bool:
+    if rec[lo_key] is None or not ids.numel():
+        return False
+    return rec[lo_key] <= int(ids[-1]) and rec[hi_key] >= int(ids[0])
+
+
+def load_chains(folder: str | Path, records: list[dict], ids: torch.Tensor, prior_ids: torch.Tensor,
+                dtype: torch.dtype) -> tuple[InMemoryChainBuffer, InMemoryChainBuffer, dict[int, torch.Tensor]]:
+    """This rank's posterior and prior buffers, read only from shard files that overlap its ids.
+    Returns also the saved generator states by saved rank."""
+    folder = Path(folder)
+    posterior, prior, gens = [], [], {}
+    for rec in records:
+        want_post = _overlaps(rec, "id_min", "id_max", ids)
+        want_prior = _overlaps(rec, "prior_min", "prior_max", prior_ids)
+        if not (want_post or want_prior):
+            continue
+        shard = torch.load(folder / rec["chains_file"], map_location="cpu", weights_only=True)
+        if want_post:
+            posterior.append(shard["posterior"])
+        if want_prior:
+            prior.append(shard["prior"])
+        gens[rec["rank"]] = shard["generator"]
+    if not posterior or not prior:
+        raise CheckpointError(f"{folder}: no chain shard covers sample ids "
+                              f"[{int(ids[0])}, {int(ids[-1])}]")
+    post = InMemoryChainBuffer.merge(posterior, ids)
+    pri = InMemoryChainBuffer.merge(prior, prior_ids)
+    post.z, pri.z = post.z.to(dtype), pri.z.to(dtype)
+    return post, pri, gens

@@ -1,0 +1,196 @@
+"""Data-parallel DRC training with Ray Train, persistent sharded chains, checkpoints and MLflow.
+
+    python -m pipelines.train --data data/tmds-32 --preset cpu-32 --workers 2 [section.key=value ...]
+    python -m pipelines.train --data … --resume NAME [--workers 1]      # continue (re-shards)
+    ray job submit --working-dir . -- python -m pipelines.train --data s3://… --storage s3://… --gpu
+
+Runs locally on an embedded Ray instance, or joins the cluster of a `ray job submit` (RAY_ADDRESS).
+One MLflow run per job: params = the resolved config; metrics per iteration from rank 0;
+image grids; the final checkpoint; the model as a pyfunc that segments images. Checkpoints go
+to <storage>/<name>/checkpoint_<iteration>; a crashed worker restarts the group from the last
+one (--max-failures). See pipelines/train_worker.py for the sharding design.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from drc_core.config import parse_override_args
+from drc_core.presets import get_config, preset_names
+from pipelines import checkpoints as ckpt
+from pipelines import tracking
+from pipelines.parquet_store import Store
+from pipelines.ray_env import init_ray
+from pipelines.train_worker import TrainJob, train_loop
+
+RUN_FILE = "drc_run.json"
+
+
+def _is_local(storage: str) -> bool:
+    return "://" not in storage or storage.startswith("file://")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete, intact checkpoint folder of a local run, or None."""
+    for folder in sorted(run_dir.glob("checkpoint_*"), reverse=True):
+        try:
+            ckpt.verify(folder)
+            return folder
+        except ckpt.CheckpointError as e:
+            print(f"skipping checkpoint {folder.name}: {e}")
+    return None
+
+
+def _workers(text: str) -> int | tuple[int, int]:
+    lo, _, hi = str(text).partition("-")
+    try:
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--workers must be N or MIN-MAX, got {text!r}") from None
+    if not 1 <= lo_n <= hi_n:
+        raise argparse.ArgumentTypeError(f"--workers needs 1 <= MIN <= MAX, got {text!r}")
+    return lo_n if not hi else (lo_n, hi_n)
+
+
+def build_trainer(job: TrainJob, *, workers: int | tuple[int, int], name: str, storage: str, cpus_per_worker: float = 1.0,
+                  gpu: bool = False, max_failures: int = 2, keep: int = 2, callbacks=()):
+    """The TorchTrainer for one training job (pipelines.tune builds its trials with this too)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    return TorchTrainer(
+        train_loop, train_loop_config=job.to_dict(),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep)))
+
+
+def export_model(checkpoint_dir: str | Path, out: Path) -> Path:
+    """model.pt = resolved config + model weights from a checkpoint (what the pyfunc loads)."""
+    import torch
+    state = ckpt.load_state(checkpoint_dir)
+    cfg = ckpt.load_config(checkpoint_dir)
+    torch.save({"config": cfg.to_dict(), "model": state["model"]}, out)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="Parquet dataset from pipelines.preprocess (folder or URI)")
+    p.add_argument("--preset", default="cpu-32", choices=preset_names())
+    p.add_argument("--workers", type=_workers, default=2,
+                   help="N, or MIN-MAX for elastic training (continues on fewer workers after a node loss)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs per worker)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--iterations", type=int, default=None, help="total EM iterations (default: optim.iterations)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out IoU every N iterations (0: off)")
+    p.add_argument("--eval-images", type=int, default=64)
+    p.add_argument("--eval-steps", type=int, default=None, help="posterior steps for evaluation")
+    p.add_argument("--grid-every", type=int, default=100, help="image grids every N iterations (0: off)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    p.add_argument("--name", default=None, help="run name (default: <preset>-<time>-<random>)")
+    p.add_argument("--resume", metavar="NAME", default=None, help="continue run NAME from its last checkpoint")
+    p.add_argument("--storage", default="runs/ray", help="checkpoint storage (folder or URI)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    p.add_argument("--no-model", action="store_true", help="do not log the pyfunc model")
+    p.add_argument("--address", default=None, help="Ray address (default: local, or the job's cluster)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+    p.add_argument("--inject-fault", default=None, metavar="KIND:ITER[:RANK]",
+                   help="fault drill: raise | kill | kill-in-checkpoint, once, at iteration ITER")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = get_config(args.preset, parse_override_args(args.overrides))
+    manifest = Store(args.data).read_manifest()
+    if manifest["resolution"] != cfg.model.resolution:
+        raise SystemExit(f"--data {args.data} has resolution {manifest['resolution']} but "
+                         f"model.resolution is {cfg.model.resolution} (preset {args.preset})")
+    storage = str(Path(args.storage).resolve()) if _is_local(args.storage) else args.storage
+    uri = tracking.tracking_uri(args.tracking_uri)
+    name = args.resume or args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    run_dir = Path(storage) / name if _is_local(storage) else None
+    iterations = args.iterations or cfg.optim.iterations
+
+    job = TrainJob(data=args.data, config=cfg.to_dict(), iterations=iterations,
+                   checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                   eval_images=args.eval_images, eval_steps=args.eval_steps, grid_every=args.grid_every,
+                   threads=args.threads or max(1, int(args.cpus_per_worker)), gpu=args.gpu,
+                   tracking_uri=uri)
+    if args.resume:
+        if run_dir is None or not (run_dir / RUN_FILE).exists():
+            raise SystemExit(f"--resume {name}: no run of that name under {storage}")
+        previous = json.loads((run_dir / RUN_FILE).read_text())
+        job.mlflow_run_id = previous["mlflow_run_id"]
+        last = latest_checkpoint(run_dir)
+        if last is not None:
+            ckpt.check_compatible(ckpt.load_config(last), cfg, str(last))
+            job.resume_from = str(last)
+        tracking.client(uri).update_run(job.mlflow_run_id, status="RUNNING")
+    else:
+        if run_dir is not None and run_dir.exists():
+            raise SystemExit(f"run {name} already exists under {storage}: pick another --name or --resume it")
+        params = {**cfg.flat(), "job.workers": args.workers, "job.data": args.data,
+                  "job.iterations": iterations, "job.gpu": args.gpu}
+        job.mlflow_run_id = tracking.start_run(uri, name, params, experiment=args.experiment,
+                                               tags={"drc.stage": "train", "drc.preset": cfg.preset})
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": job.mlflow_run_id, "data": args.data,
+                                                    "preset": cfg.preset, "tracking_uri": uri}))
+        job.events_path = str(run_dir / "events.jsonl")
+    if args.inject_fault:
+        kind, it, *rank = args.inject_fault.split(":")
+        marker = str((run_dir or Path(tempfile.gettempdir())) / f"fault-{kind}-{it}.fired")
+        job.fault = {"kind": kind, "iteration": int(it), "rank": int(rank[0]) if rank else 0, "marker": marker}
+
+    init_ray(args.address, num_cpus=args.num_cpus)
+    print(f"training {name}: {args.workers} worker(s), {iterations} iterations, MLflow run "
+          f"{job.mlflow_run_id} at {uri}", flush=True)
+    t0 = time.perf_counter()
+    trainer = build_trainer(job, workers=args.workers, name=name, storage=storage,
+                            cpus_per_worker=args.cpus_per_worker, gpu=args.gpu,
+                            max_failures=args.max_failures, keep=args.keep)
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(uri, job.mlflow_run_id, "FAILED")
+        raise
+    if result.error is not None:
+        tracking.end_run(uri, job.mlflow_run_id, "FAILED")
+        raise result.error
+    summary = {"name": name, "mlflow_run_id": job.mlflow_run_id, "tracking_uri": uri, "storage": storage,
+               "wall_seconds": time.perf_counter() - t0, "metrics": result.metrics or {}}
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            ckpt.verify(folder)
+            summary["checkpoint"] = result.checkpoint.path
+            c = tracking.client(uri)
+            c.log_artifacts(job.mlflow_run_id, folder, "checkpoint")
+            if not args.no_model:
+                from pipelines.mlflow_model import log_pyfunc
+                with tempfile.TemporaryDirectory() as tmp:
+                    weights = export_model(folder, Path(tmp) / "model.pt")
+                    summary["model_uri"] = log_pyfunc(uri, job.mlflow_run_id, weights,
+                                                      cfg.langevin.test_steps)
+    tracking.end_run(uri, job.mlflow_run_id)
+    print("done:", json.dumps({k: v for k, v in summary.items() if k != "metrics"}), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The Ray Train worker: drc_core's EM step, data-parallel, with worker-local chain shards.
+
+Sharding design. The training split's sorted sample ids are cut into `world_size` contiguous
+shares; worker r reads only its share's rows from Parquet (row-group statistics skip the rest)
+and owns the posterior chains of exactly those samples (and its share of the prior pool). Data
+and chains are aligned, so a chain is read and written in the worker's memory, with no network
+traffic per step. The price: a sample is only ever seen by its own worker (shuffling is within
+the share, per epoch), and changing the number of workers re-shards through the checkpoint.
+
+Data parallelism. Parameters start identical (same seed); after each backward pass the
+gradients of all workers are averaged with one flat all-reduce (torch.distributed; gloo on CPU,
+NCCL on GPU), then every worker applies the same optimiser step, so the parameters stay equal.
+The Langevin loops run with frozen parameters and need no communication. We do not wrap the
+model in DistributedDataParallel: its hooks are built around `forward()`, while the Langevin
+loop calls the generators hundreds of times per step for gradients with respect to z only.
+`optim.batch_size` is the batch per worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drc_core.chains import shard_bounds
+from drc_core.config import DRCConfig
+from drc_core.fit import TrainState, rank_seed
+from drc_core.inference import images_to_tensor
+from pipelines import checkpoints as ckpt
+from pipelines import tracking
+from pipelines.parquet_store import load_rows, split_ids
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs; travels as the trainer's `train_loop_config`."""
+    data: str                                  # Parquet dataset URI (pipelines.preprocess output)
+    config: dict                               # resolved DRCConfig.to_dict()
+    iterations: int
+    checkpoint_every: int = 50
+    eval_every: int = 50                       # held-out IoU/Dice (when the data has masks); 0: off
+    eval_images: int = 64
+    eval_steps: int | None = None              # default: langevin.test_steps
+    eval_split: str = "test"
+    grid_every: int = 100                      # image grids to MLflow; 0: off
+    threads: int = 1                           # torch threads per worker
+    gpu: bool = False
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    resume_from: str | None = None             # a checkpoint folder, used when Ray has none
+    events_path: str | None = None             # JSON lines of restore/fault events (local runs)
+    fault: dict = field(default_factory=dict)  # fault drills: {"kind", "iteration", "rank", "marker"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batch_ids(ids: torch.Tensor, batch: int, steps_per_epoch: int, iteration: int, seed: int,
+              rank: int) -> torch.Tensor:
+    """The sample ids of this worker's batch at `iteration`: a fresh permutation of its share
+    every epoch, a pure function of (seed, epoch, rank), so a resumed run continues exactly."""
+    epoch, pos = divmod(iteration, steps_per_epoch)
+    perm = np.random.default_rng([seed, epoch, rank]).permutation(len(ids))
+    return ids[torch.from_numpy(perm[pos * batch:(pos + 1) * batch])]
+
+
+class Comms:
+    """Gradient and metric averaging over the Ray Train process group (no-ops for one worker)."""
+
+    def __init__(self, world_size: int):
+        self.world = world_size
+        if world_size > 1:
+            import torch.distributed as dist
+            self.dist = dist
+
+    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        return {k: v / self.world for k, v in self.sum(values).items()}
+
+
+def _event(job: TrainJob, **event) -> None:
+    print("[drc-train]", json.dumps(event), flush=True)
+    if job.events_path:
+        with open(job.events_path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def _fault_fires(job: TrainJob, kind: str, iteration: int, rank: int) -> bool:
+    """True once per drill: the marker file makes a restarted worker run clean."""
+    f = job.fault
+    if not f or f.get("kind") != kind or int(f["iteration"]) != iteration or int(f.get("rank", 0)) != rank:
+        return False
+    try:
+        os.close(os.open(f["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    _event(job, event="fault", kind=kind, iteration=iteration, rank=rank, pid=os.getpid())
+    return True
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int) -> None:
+    meta, records = ckpt.verify(folder)
+    ckpt.check_compatible(ckpt.load_config(folder), state.cfg, folder)
+    state.load_state_dict(ckpt.load_state(folder, state.device))
+    dtype = state.chains.z.dtype
+    state.chains, state.prior_chains, gens = ckpt.load_chains(folder, records, state.chains.ids,
+                                                              state.prior_chains.ids, dtype)
+    if meta["world_size"] == world:
+        state.generator.set_state(gens[rank].to(state.generator.device))
+    else:                                   # re-sharded: a fresh, still deterministic noise stream
+        state.generator.manual_seed(rank_seed(state.cfg.seed + 10_007 * state.iteration, rank))
+    _event(job, event="restored", rank=rank, world_size=world, saved_world_size=meta["world_size"],
+           iteration=state.iteration, checkpoint=str(folder), ids=[int(state.chains.ids[0]), int(state.chains.ids[-1])],
+           posterior_digest=ckpt.tensor_digest(state.chains.z))
+
+
+def evaluate_shard(state: TrainState, data: dict | None, comms: Comms, steps: int | None) -> dict[str, float]:
+    """Held-out IoU/Dice (%) over all workers' slices of the evaluation images."""
+    from drc_core.inference import segment
+    from drc_core.metrics import iou_dice
+    sums = {"iou": 0.0, "dice": 0.0, "n": 0.0, "mask_area": 0.0}
+    if data is not None and len(data["images"]):
+        seg = segment(state.model, data["images"], state.cfg, steps=steps, seed=0, device=state.device)
+        iou, dice = iou_dice(seg.mask, torch.as_tensor(data["masks"]) > 0)
+        sums = {"iou": float(iou.sum()), "dice": float(dice.sum()), "n": float(len(iou)),
+                "mask_area": float(seg.mask.float().mean(dim=(1, 2)).sum())}
+    total = comms.sum(sums)
+    n = max(total["n"], 1.0)
+    return {"eval_iou": 100 * total["iou"] / n, "eval_dice": 100 * total["dice"] / n,
+            "eval_mask_area": total["mask_area"] / n}
+
+
+def _grid(state: TrainState, x: torch.Tensor, ids: torch.Tensor, masks) -> np.ndarray:
+    from drc_core.viz import composition_grid
+    with torch.no_grad():
+        comp = state.model.compose(state.chains.get(ids).to(state.device))
+    return composition_grid(x.cpu(), comp, None if masks is None else torch.as_tensor(masks))
+
+
+def _eval_slice(job: TrainJob, rank: int, world: int) -> dict | None:
+    if not job.eval_every:
+        return None
+    ids = split_ids(job.data, job.eval_split)[:job.eval_images]
+    lo, hi = shard_bounds(len(ids), world, rank)
+    if hi <= lo:
+        return None
+    rows = load_rows(job.data, ids[lo:hi])
+    return rows if "masks" in rows else None
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point (also runs in-process with world size 1 for unit tests)."""
+    import ray.train
+    import ray.train.torch
+    job = TrainJob(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.threads)
+    device = ray.train.torch.get_device() if job.gpu else torch.device("cpu")
+    cfg = DRCConfig.from_dict(job.config)
+
+    train_ids = split_ids(job.data, "train")
+    if len(train_ids) < world:
+        raise ValueError(f"{job.data}: {len(train_ids)} training images cannot be shared by {world} workers")
+    lo, hi = shard_bounds(len(train_ids), world, rank)
+    rows = load_rows(job.data, train_ids[lo:hi])
+    ids = torch.from_numpy(rows["sample_id"])
+    x_all = images_to_tensor(rows["images"])
+    masks_all = rows.get("masks")
+    batch = min(cfg.optim.batch_size, len(train_ids) // world)
+    steps_per_epoch = max(1, (len(train_ids) // world) // batch)
+    eval_data = _eval_slice(job, rank, world)
+
+    state = TrainState.create(cfg, ids, rank=rank, world_size=world, device=device)
+    found = ray.train.get_checkpoint()
+    if found is not None:
+        with found.as_directory() as folder:
+            restore(state, folder, job, rank, world)
+    elif job.resume_from:
+        restore(state, job.resume_from, job, rank, world)
+    comms = Comms(world)
+    log = rank == 0 and job.mlflow_run_id is not None and job.tracking_uri is not None
+    meta = {"mlflow_run_id": job.mlflow_run_id, "data": job.data, "num_train": int(len(train_ids))}
+    _event(job, event="start", rank=rank, world_size=world, iteration=state.iteration, pid=os.getpid(),
+           shard=[int(ids[0]), int(ids[-1])])
+
+    seconds, chain_seconds, timed = 0.0, 0.0, 0
+    while state.iteration < job.iterations:
+        t0 = time.perf_counter()
+        b = batch_ids(ids, batch, steps_per_epoch, state.iteration, cfg.seed, rank)
+        m = state.step(x_all[torch.searchsorted(ids, b)], b, sync_grads=comms.sync_grads)
+        it = state.iteration
+        if _fault_fires(job, "raise", it, rank):
+            raise RuntimeError(f"injected fault at iteration {it} on rank {rank}")
+        if _fault_fires(job, "kill", it, rank):
+            _die()
+        m = comms.mean({k: v for k, v in m.items() if k != "iteration"})
+        dt = time.perf_counter() - t0
+        seconds, chain_seconds, timed = seconds + dt, chain_seconds + m["chain_seconds"], timed + 1
+        m.update(seconds=dt, images_per_s=batch * world / dt, epoch=it / steps_per_epoch)
+        if job.eval_every and (it % job.eval_every == 0 or it == job.iterations):
+            m.update(evaluate_shard(state, eval_data, comms, job.eval_steps))
+        if rank == 0 and (it % 10 == 0 or it == job.iterations):
+            keys = ("gen_loss", "ebm_loss", "recon_l1", "mask_area", "images_per_s", "eval_iou")
+            print(f"[drc-train] iteration {it}/{job.iterations} "
+                  + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m), flush=True)
+        if log:
+            tracking.log_metrics(job.tracking_uri, job.mlflow_run_id, m, step=it)
+            if job.grid_every and (it % job.grid_every == 0 or it == job.iterations):
+                k = min(8, len(ids))
+                g = _grid(state, x_all[:k], ids[:k], None if masks_all is None else masks_all[:k])
+                tracking.log_image(job.tracking_uri, job.mlflow_run_id, g, f"grids/iter_{it:07d}.png")
+        if it % job.checkpoint_every == 0 or it == job.iterations:
+            t1 = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="drc-ckpt-") as tmp:
+                kill = _fault_fires(job, "kill-in-checkpoint", it, rank)
+                ckpt.write_shard(tmp, rank=rank, world_size=world, state=state, meta=meta,
+                                 before_commit=_die if kill else None)
+                summary = {**m, "iteration": it, "mean_seconds": seconds / timed,
+                           "chain_share": chain_seconds / seconds,
+                           "checkpoint_write_seconds": time.perf_counter() - t1}
+                ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{it:08d}")
