@@ -111,6 +111,19 @@ def verify(folder: str | Path) -> tuple[dict, list[dict]]:
     return meta, records
 
 
+def latest(run_dir: str | Path | None) -> Path | None:
+    """The newest complete and intact `checkpoint_*` folder of a run on a local path, or None."""
+    if run_dir is None:
+        return None
+    for folder in sorted(Path(run_dir).glob("checkpoint_*"), reverse=True):
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError as e:
+            print(f"skipping {folder}: {e}", flush=True)
+    return None
+
+
 def load_config(folder: str | Path) -> DRCConfig:
     return DRCConfig.from_dict(json.loads((Path(folder) / "config.json").read_text()))
 

@@ -34,17 +34,6 @@ def _is_local(storage: str) -> bool:
     return "://" not in storage or storage.startswith("file://")
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete, intact checkpoint folder of a local run, or None."""
-    for folder in sorted(run_dir.glob("checkpoint_*"), reverse=True):
-        try:
-            ckpt.verify(folder)
-            return folder
-        except ckpt.CheckpointError as e:
-            print(f"skipping checkpoint {folder.name}: {e}")
-    return None
-
-
 def _workers(text: str) -> int | tuple[int, int]:
     lo, _, hi = str(text).partition("-")
     try:
@@ -132,10 +121,9 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--resume {name}: no run of that name under {storage}")
         previous = json.loads((run_dir / RUN_FILE).read_text())
         job.mlflow_run_id = previous["mlflow_run_id"]
-        last = latest_checkpoint(run_dir)
+        last = ckpt.latest(run_dir)
         if last is not None:
             ckpt.check_compatible(ckpt.load_config(last), cfg, str(last))
-            job.resume_from = str(last)
         tracking.client(uri).update_run(job.mlflow_run_id, status="RUNNING")
     else:
         if run_dir is not None and run_dir.exists():
@@ -149,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": job.mlflow_run_id, "data": args.data,
                                                     "preset": cfg.preset, "tracking_uri": uri}))
         job.events_path = str(run_dir / "events.jsonl")
+        job.run_dir = str(run_dir)
     if args.inject_fault:
         kind, it, *rank = args.inject_fault.split(":")
         marker = str((run_dir or Path(tempfile.gettempdir())) / f"fault-{kind}-{it}.fired")

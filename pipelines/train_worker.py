@@ -53,7 +53,7 @@ class TrainJob:
     gpu: bool = False
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
-    resume_from: str | None = None             # a checkpoint folder, used when Ray has none
+    run_dir: str | None = None                 # the run's local storage folder, if local
     events_path: str | None = None             # JSON lines of restore/fault events (local runs)
     fault: dict = field(default_factory=dict)  # fault drills: {"kind", "iteration", "rank", "marker"}
 
@@ -201,12 +201,14 @@ def train_loop(config: dict) -> None:
     eval_data = _eval_slice(job, rank, world)
 
     state = TrainState.create(cfg, ids, rank=rank, world_size=world, device=device)
+    # Ray's last registered checkpoint; else (a failure hit before Ray registered a checkpoint
+    # whose files were complete, or `--resume`) the newest complete one in the run folder
     found = ray.train.get_checkpoint()
     if found is not None:
         with found.as_directory() as folder:
             restore(state, folder, job, rank, world)
-    elif job.resume_from:
-        restore(state, job.resume_from, job, rank, world)
+    elif (folder := ckpt.latest(job.run_dir)) is not None:
+        restore(state, str(folder), job, rank, world)
     comms = Comms(world)
     log = rank == 0 and job.mlflow_run_id is not None and job.tracking_uri is not None
     meta = {"mlflow_run_id": job.mlflow_run_id, "data": job.data, "num_train": int(len(train_ids))}
