@@ -110,12 +110,12 @@ class _PartNames(FilenameProvider):
 
 
 def _decode_table(table: pa.Table, size: int) -> dict[str, np.ndarray]:
-    images = np.frombuffer(b"".join(table["image"].to_pylist()), np.uint8).reshape(-1, size, size, 3)
+    images = np.frombuffer(bytearray(b"".join(table["image"].to_pylist())), np.uint8).reshape(-1, size, size, 3)
     out = {"sample_id": table["sample_id"].to_numpy(), "key": np.array(table["key"].to_pylist()),
            "split": np.array(table["split"].to_pylist()), "images": images}
     masks = table["mask"].to_pylist()
     if masks and all(m is not None for m in masks):
-        out["masks"] = np.frombuffer(b"".join(masks), np.uint8).reshape(-1, size, size)
+        out["masks"] = np.frombuffer(bytearray(b"".join(masks)), np.uint8).reshape(-1, size, size)
     return out
 
 

@@ -75,6 +75,7 @@ class Comms:
 
     def __init__(self, world_size: int):
         self.world = world_size
+        self.seconds = 0.0                     # time spent communicating (includes waiting for peers)
         if world_size > 1:
             import torch.distributed as dist
             self.dist = dist
@@ -82,6 +83,7 @@ class Comms:
     def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
         if self.world == 1:
             return
+        t0 = time.perf_counter()
         grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.dist.all_reduce(flat)
@@ -90,13 +92,16 @@ class Comms:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+        self.seconds += time.perf_counter() - t0
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
             return dict(values)
+        t0 = time.perf_counter()
         keys = sorted(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
         self.dist.all_reduce(t)
+        self.seconds += time.perf_counter() - t0
         return dict(zip(keys, t.tolist()))
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -215,9 +220,10 @@ def train_loop(config: dict) -> None:
     _event(job, event="start", rank=rank, world_size=world, iteration=state.iteration, pid=os.getpid(),
            shard=[int(ids[0]), int(ids[-1])])
 
-    seconds, chain_seconds, timed = 0.0, 0.0, 0
+    seconds, chain_seconds, comm_seconds, timed = 0.0, 0.0, 0.0, 0
+    warm_from = state.iteration + 2          # the first iterations of an attempt are not timed
     while state.iteration < job.iterations:
-        t0 = time.perf_counter()
+        t0, comm0 = time.perf_counter(), comms.seconds
         b = batch_ids(ids, batch, steps_per_epoch, state.iteration, cfg.seed, rank)
         m = state.step(x_all[torch.searchsorted(ids, b)], b, sync_grads=comms.sync_grads)
         it = state.iteration
@@ -227,7 +233,9 @@ def train_loop(config: dict) -> None:
             _die()
         m = comms.mean({k: v for k, v in m.items() if k != "iteration"})
         dt = time.perf_counter() - t0
-        seconds, chain_seconds, timed = seconds + dt, chain_seconds + m["chain_seconds"], timed + 1
+        if it > warm_from or job.iterations - warm_from < 2:
+            seconds, chain_seconds, timed = seconds + dt, chain_seconds + m["chain_seconds"], timed + 1
+            comm_seconds += comms.seconds - comm0
         m.update(seconds=dt, images_per_s=batch * world / dt, epoch=it / steps_per_epoch)
         if job.eval_every and (it % job.eval_every == 0 or it == job.iterations):
             m.update(evaluate_shard(state, eval_data, comms, job.eval_steps))
@@ -247,8 +255,9 @@ def train_loop(config: dict) -> None:
                 kill = _fault_fires(job, "kill-in-checkpoint", it, rank)
                 ckpt.write_shard(tmp, rank=rank, world_size=world, state=state, meta=meta,
                                  before_commit=_die if kill else None)
-                summary = {**m, "iteration": it, "mean_seconds": seconds / timed,
-                           "chain_share": chain_seconds / seconds,
+                summary = {**m, "iteration": it, "mean_seconds": seconds / max(timed, 1),
+                           "chain_share": chain_seconds / max(seconds, 1e-9),
+                           "comm_share": comm_seconds / max(seconds, 1e-9),
                            "checkpoint_write_seconds": time.perf_counter() - t1}
                 ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{it:08d}")
