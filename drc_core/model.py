@@ -71,6 +71,9 @@ class DRCModel(nn.Module):
         bg, bg_logit, bg_feat = self.bg_gen(zb)
         if self.reassign_gen is not None:
             grid = self.reassign_gen(zs, bg_feat)                    # (B, H, W, 2) in [-1, 1]
+            # a NaN coordinate (diverged weights) makes CPU grid_sample read out of bounds and
+            # crash the process; zeroing it lets the divergence surface as a NaN loss instead
+            grid = torch.nan_to_num(grid, nan=0.0)
             # one grid_sample for image and mask logit: the mask moves with the pixels
             warped = F.grid_sample(torch.cat([bg, bg_logit], 1), grid.to(bg.dtype),
                                    mode="bilinear", padding_mode="border", align_corners=False)
