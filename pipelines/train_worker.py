@@ -18,6 +18,7 @@ loop calls the generators hundreds of times per step for gradients with respect 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import tempfile
@@ -148,20 +149,38 @@ def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int
            posterior_digest=ckpt.tensor_digest(state.chains.z))
 
 
+TRIVIAL_AREA = 0.01          # a mask covering < 1 % or > 99 % of the image separates nothing
+
+
 def evaluate_shard(state: TrainState, data: dict | None, comms: Comms, steps: int | None) -> dict[str, float]:
-    """Held-out IoU/Dice (%) over all workers' slices of the evaluation images."""
+    """Held-out evaluation over all workers' slices of the evaluation images, from fresh chains:
+    IoU/Dice (%) when the data has masks, and always the unsupervised score
+
+        eval_score = −(eval_recon_l1 + eval_trivial)
+
+    eval_recon_l1: mean |x̂ − x| of the posterior reconstruction (the model's own fit to images it
+    never trained on); eval_trivial: the fraction of images whose mask is (almost) all foreground
+    or all background, the degenerate partitions where one expert explains the whole image —
+    those can reconstruct well and segment nothing, so each one costs a full unit."""
     from drc_core.inference import segment
     from drc_core.metrics import iou_dice
-    sums = {"iou": 0.0, "dice": 0.0, "n": 0.0, "mask_area": 0.0}
+    sums = dict.fromkeys(("iou", "dice", "n_masks", "n", "mask_area", "recon_l1", "trivial"), 0.0)
     if data is not None and len(data["images"]):
         seg = segment(state.model, data["images"], state.cfg, steps=steps, seed=0, device=state.device)
-        iou, dice = iou_dice(seg.mask, torch.as_tensor(data["masks"]) > 0)
-        sums = {"iou": float(iou.sum()), "dice": float(dice.sum()), "n": float(len(iou)),
-                "mask_area": float(seg.mask.float().mean(dim=(1, 2)).sum())}
-    total = comms.sum(sums)
-    n = max(total["n"], 1.0)
-    return {"eval_iou": 100 * total["iou"] / n, "eval_dice": 100 * total["dice"] / n,
-            "eval_mask_area": total["mask_area"] / n}
+        area = seg.mask.float().mean(dim=(1, 2))
+        sums.update(n=float(len(area)), mask_area=float(area.sum()), recon_l1=float(seg.recon_l1.sum()),
+                    trivial=float(((area < TRIVIAL_AREA) | (area > 1 - TRIVIAL_AREA)).sum()))
+        if "masks" in data:
+            iou, dice = iou_dice(seg.mask, torch.as_tensor(data["masks"]) > 0)
+            sums.update(iou=float(iou.sum()), dice=float(dice.sum()), n_masks=float(len(iou)))
+    t = comms.sum(sums)
+    n = max(t["n"], 1.0)
+    out = {"eval_mask_area": t["mask_area"] / n, "eval_recon_l1": t["recon_l1"] / n,
+           "eval_trivial": t["trivial"] / n}
+    out["eval_score"] = -(out["eval_recon_l1"] + out["eval_trivial"])
+    if t["n_masks"]:
+        out.update(eval_iou=100 * t["iou"] / t["n_masks"], eval_dice=100 * t["dice"] / t["n_masks"])
+    return out
 
 
 def _grid(state: TrainState, x: torch.Tensor, ids: torch.Tensor, masks) -> np.ndarray:
@@ -172,14 +191,22 @@ def _grid(state: TrainState, x: torch.Tensor, ids: torch.Tensor, masks) -> np.nd
 
 
 def _eval_slice(job: TrainJob, rank: int, world: int) -> dict | None:
+    """This worker's slice of the first `eval_images` of the evaluation split (held out). A
+    dataset without that split is scored on its last training images instead (said in the log)."""
     if not job.eval_every:
         return None
     ids = split_ids(job.data, job.eval_split)[:job.eval_images]
+    if not len(ids):
+        ids = split_ids(job.data, "train")[-job.eval_images:]
+        if rank == 0:
+            print(f"[drc-train] {job.data} has no {job.eval_split!r} split: evaluating on the last "
+                  f"{len(ids)} training images", flush=True)
     lo, hi = shard_bounds(len(ids), world, rank)
-    if hi <= lo:
-        return None
-    rows = load_rows(job.data, ids[lo:hi])
-    return rows if "masks" in rows else None
+    return load_rows(job.data, ids[lo:hi]) if hi > lo else None
+
+
+class DivergenceError(FloatingPointError):
+    pass
 
 
 def train_loop(config: dict) -> None:
@@ -227,6 +254,10 @@ def train_loop(config: dict) -> None:
         b = batch_ids(ids, batch, steps_per_epoch, state.iteration, cfg.seed, rank)
         m = state.step(x_all[torch.searchsorted(ids, b)], b, sync_grads=comms.sync_grads)
         it = state.iteration
+        bad = [k for k in ("gen_loss", "ebm_loss", "prior_energy") if not math.isfinite(m[k])]
+        if bad:
+            raise DivergenceError(f"training diverged at iteration {it}: "
+                                  + ", ".join(f"{k}={m[k]}" for k in bad))
         if _fault_fires(job, "raise", it, rank):
             raise RuntimeError(f"injected fault at iteration {it} on rank {rank}")
         if _fault_fires(job, "kill", it, rank):
