@@ -21,14 +21,17 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session: 2 CPUs, no dashboard, small object store."""
+    """One local Ray instance for the whole session: 2 CPUs, small object store, the dashboard on
+    127.0.0.1: Ray Train's PlacementGroupCleaner needs its State API to free the placement group
+    of a trainer whose controller was killed (a trial ASHA stopped); without it the group's CPUs
+    stay reserved and the next trials wait forever."""
     import os
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                  "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
         os.environ.setdefault(k, v)
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 ** 2,
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=300 * 1024 ** 2,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
