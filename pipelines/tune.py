@@ -247,6 +247,7 @@ def summarize(grid, study: dict, searched: list[str]) -> dict:
         tracking.end_run(uri, parent)
     out["unfinished"] = unfinished
     _print_table(rows, searched, out)
+    (Path(study["storage"]) / study["name"] / "summary.json").write_text(json.dumps(out, indent=1, default=str))
     return out
 
 

@@ -2,6 +2,7 @@
 parent/child runs, a diverging trial, an interrupted study resumed; and the space schema."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,10 +21,23 @@ TRIAL = ["--iterations", "6", "--report-every", "2", "--grace", "1", "--reductio
          "--eval-images", "8", "--eval-steps", "4", "--concurrency", "2"]
 
 
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    return env
+
+
 def _study(dataset, tracking_uri, tmp_path, *extra):
-    from pipelines.tune import main
-    return main(["--data", dataset, "--storage", str(tmp_path / "tune"), "--tracking-uri", tracking_uri,
-                 *TRIAL, *extra, *TINY])
+    """A study in its own process and Ray instance, as a user runs it: the session instance has
+    run other trainers by now, and a study must not depend on what they left behind."""
+    name = f"study-{len(list(tmp_path.glob('tune/*')))}"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.tune", "--data", dataset, "--storage",
+                           str(tmp_path / "tune"), "--tracking-uri", tracking_uri, "--name", name,
+                           "--num-cpus", "2", *TRIAL, *extra, *TINY],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    summary = tmp_path / "tune" / name / "summary.json"
+    assert proc.returncode == 0 and summary.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(summary.read_text())
 
 
 def _children(tracking_uri, parent):
@@ -35,7 +49,12 @@ def _children(tracking_uri, parent):
 
 @pytest.mark.integration
 def test_quick_study_with_asha_and_optuna_records_parent_children_and_best(dataset, tracking_uri, tmp_path):
-    out = _study(dataset, tracking_uri, tmp_path, "--space", str(ROOT / "tune_spaces/quick.yaml"), "--trials", "4")
+    # KNOWN BUG (issue 5 stays open): the placement group of a trial that ASHA stops is not
+    # always freed (Ray 2.60 Train V2 inside Tune), so its CPUs stay reserved. With 1 CPU per
+    # worker the later trials of this study waited forever; with 0.25 the leaked CPUs still
+    # leave room, so this test checks ASHA, Optuna and MLflow while the leak is open.
+    out = _study(dataset, tracking_uri, tmp_path, "--space", str(ROOT / "tune_spaces/quick.yaml"), "--trials", "4",
+                 "--cpus-per-worker", "0.25")
     assert out["metric"] == "eval_iou" and len(out["trials"]) == 4
     assert all(t["status"] == "ok" for t in out["trials"]), out["trials"]
     first = out["trials"][0]                                    # the preset's own values come first
@@ -73,9 +92,7 @@ def test_an_interrupted_study_resumes_and_finishes_every_trial(dataset, tracking
     args = ["--space", str(ROOT / "tune_spaces/quick.yaml"), "--trials", "4", "--search", "random",
             "--no-early-stopping", "--name", "interrupted", "--data", dataset, "--storage", str(tmp_path / "tune"),
             "--tracking-uri", tracking_uri, *TRIAL, "--num-cpus", "2", *TINY]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trials = tmp_path / "tune" / "interrupted" / "trials"
     deadline = time.time() + 300
@@ -84,8 +101,10 @@ def test_an_interrupted_study_resumes_and_finishes_every_trial(dataset, tracking
     assert proc.poll() is None, "the study finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)                            # Ctrl-C
     proc.communicate(timeout=180)
-    from pipelines.tune import main
-    out = main(["--resume", "interrupted", *args[:-len(TINY) - 2], *TINY])
+    resumed = subprocess.run([sys.executable, "-m", "pipelines.tune", "--resume", "interrupted", *args],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    out = json.loads((tmp_path / "tune" / "interrupted" / "summary.json").read_text())
     assert len(out["trials"]) == 4 and out["unfinished"] == 0
     assert all(t["status"] == "ok" for t in out["trials"]), out["trials"]
     # trials that had not started at Ctrl-C ran in full after the resume; a trial that was
