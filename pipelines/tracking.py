@@ -50,7 +50,7 @@ def experiment_id(uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
 def start_run(uri: str, run_name: str, params: dict, *, experiment: str = DEFAULT_EXPERIMENT,
               tags: dict | None = None, parent_run_id: str | None = None) -> str:
     """Create a run, log params (values longer than MLflow's limit are truncated) and return its id."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
     c = client(uri)
     tags = dict(tags or {})
     if parent_run_id:

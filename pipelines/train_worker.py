@@ -24,7 +24,6 @@ import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch

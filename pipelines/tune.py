@@ -20,7 +20,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 
 from drc_core.config import apply_overrides, parse_override_args
 from drc_core.presets import get_config, preset_names
