@@ -59,6 +59,15 @@ def build_trainer(job: TrainJob, *, workers: int | tuple[int, int], name: str, s
                              checkpoint_config=CheckpointConfig(num_to_keep=keep)))
 
 
+def check_dataset(data: str, cfg, preset: str) -> dict:
+    """The dataset's manifest, after checking that its resolution is the model's."""
+    manifest = Store(data).read_manifest()
+    if manifest["resolution"] != cfg.model.resolution:
+        raise SystemExit(f"--data {data} has resolution {manifest['resolution']} but "
+                         f"model.resolution is {cfg.model.resolution} (preset {preset})")
+    return manifest
+
+
 def export_model(checkpoint_dir: str | Path, out: Path) -> Path:
     """model.pt = resolved config + model weights from a checkpoint (what the pyfunc loads)."""
     import torch
@@ -101,10 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     cfg = get_config(args.preset, parse_override_args(args.overrides))
-    manifest = Store(args.data).read_manifest()
-    if manifest["resolution"] != cfg.model.resolution:
-        raise SystemExit(f"--data {args.data} has resolution {manifest['resolution']} but "
-                         f"model.resolution is {cfg.model.resolution} (preset {args.preset})")
+    check_dataset(args.data, cfg, args.preset)
     storage = str(Path(args.storage).resolve()) if _is_local(args.storage) else args.storage
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"

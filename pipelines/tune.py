@@ -24,9 +24,9 @@ from pathlib import Path
 from drc_core.config import apply_overrides, parse_override_args
 from drc_core.presets import get_config, preset_names
 from pipelines import search_space, tracking
-from pipelines.parquet_store import Store, load_rows, split_ids
+from pipelines.parquet_store import load_rows, split_ids
 from pipelines.ray_env import init_ray
-from pipelines.train import build_trainer
+from pipelines.train import build_trainer, check_dataset
 from pipelines.train_worker import TrainJob
 
 STUDY_FILE = "drc_study.json"
@@ -161,10 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     overrides = parse_override_args(args.overrides)
     base = get_config(args.preset, overrides)
     params = search_space.load(args.space, base)
-    manifest = Store(args.data).read_manifest()
-    if manifest["resolution"] != base.model.resolution:
-        raise SystemExit(f"--data {args.data} has resolution {manifest['resolution']}, the preset {args.preset} "
-                         f"{base.model.resolution}")
+    check_dataset(args.data, base, args.preset)
     metric = args.metric if args.metric != "auto" else ("eval_iou" if _has_masks(args.data, "test") else "eval_score")
     storage = str(Path(args.storage).resolve())
     uri = tracking.tracking_uri(args.tracking_uri)

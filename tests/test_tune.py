@@ -3,7 +3,6 @@ parent/child runs, a diverging trial, an interrupted study resumed; and the spac
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,16 +14,11 @@ import pytest
 from drc_core.presets import get_config
 from pipelines import search_space
 from tests.test_train import TINY, dataset, tracking_uri  # noqa: F401  (fixtures)
+from tests.test_train_cluster import _env
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIAL = ["--iterations", "6", "--report-every", "2", "--grace", "1", "--reduction-factor", "2",
          "--eval-images", "8", "--eval-steps", "4", "--concurrency", "2"]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
-    return env
 
 
 def _study(dataset, tracking_uri, tmp_path, *extra):
