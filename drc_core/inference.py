@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from drc_core.config import DRCConfig
-from drc_core.langevin import reset_diverged, sample_posterior
+from drc_core.langevin import randn, reset_diverged, sample_posterior
 from drc_core.model import DRCModel
 
 
@@ -35,21 +35,33 @@ def decode(model: DRCModel, x: torch.Tensor, z: torch.Tensor) -> Segmentation:
                         recon_l1=(comp.recon - x).abs().flatten(1).mean(1))
 
 
+def sample_generators(seed: int, sample_ids, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, sample_id): a sample's chain (its start and
+    every noise draw) is then the same whichever batch, actor or machine segments it."""
+    return [torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + 7_919 + int(i))
+            for i in sample_ids]
+
+
 def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, *,
             steps: int | None = None, z_init: torch.Tensor | None = None, batch_size: int = 64,
-            seed: int = 0, device: str | torch.device = "cpu") -> Segmentation:
+            seed: int = 0, sample_ids=None, device: str | torch.device = "cpu") -> Segmentation:
     """Segment uint8 images (N, H, W, 3) with `steps` posterior Langevin steps (default: the
     preset's test steps). `z_init` continues from given chains (e.g. the training chains)
-    instead of N(0, I). Same model + images + seed → same masks."""
+    instead of N(0, I). Same model + images + seed → same masks; with `sample_ids` each image's
+    chain depends only on (seed, its id), not on the batch it is in."""
     steps = cfg.langevin.test_steps if steps is None else steps
     x_all = images_to_tensor(images)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    if sample_ids is not None and len(sample_ids) != x_all.shape[0]:
+        raise ValueError(f"{len(sample_ids)} sample ids for {x_all.shape[0]} images")
+    batch_gen = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     parts: list[Segmentation] = []
     for lo in range(0, x_all.shape[0], batch_size):
         x = x_all[lo:lo + batch_size].to(device)
+        gen = (batch_gen if sample_ids is None else
+               sample_generators(seed, sample_ids[lo:lo + batch_size], device))
         if z_init is None:
-            z = torch.randn(x.shape[0], model.latent_dim, generator=gen, device=device)
+            z = randn((x.shape[0], model.latent_dim), gen, device)
         else:
             z = z_init[lo:lo + batch_size].to(device)
         z = sample_posterior(model, x, z, cfg, steps=steps, generator=gen)

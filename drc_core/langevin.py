@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -17,6 +17,18 @@ from drc_core.model import DRCModel
 from drc_core.objective import region_competition, total_variation
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
+# one generator for the whole batch, or one per row: then every row's noise depends only on its
+# own generator, so a sample's chain is the same whatever batch it is processed in
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
+                            for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -35,14 +47,14 @@ class LossWeights:
 
 
 def langevin(energy: Energy, z: torch.Tensor, *, steps: int, step_size: float,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: Generators = None) -> torch.Tensor:
     """Run `steps` Langevin updates of z (B, D) under the per-sample energy `energy(z) -> (B,)`."""
     z = z.detach().clone()
     half_step2 = 0.5 * step_size ** 2
     for _ in range(steps):
         z.requires_grad_(True)
         (grad,) = torch.autograd.grad(energy(z).sum(), z)
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        noise = randn(z.shape, generator, z.device, z.dtype)
         z = (z.detach() - half_step2 * grad).add_(noise, alpha=step_size)
     return z.detach()
 
@@ -86,7 +98,7 @@ def posterior_energy(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRC
 
 
 def sample_prior(model: DRCModel, z: torch.Tensor, cfg: DRCConfig, *, steps: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: Generators = None) -> torch.Tensor:
     lv = cfg.langevin
     with frozen(model):
         return langevin(lambda v: prior_energy(model, v), z, steps=lv.prior_steps if steps is None else steps,
@@ -94,7 +106,7 @@ def sample_prior(model: DRCModel, z: torch.Tensor, cfg: DRCConfig, *, steps: int
 
 
 def sample_posterior(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRCConfig, *,
-                     steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                     steps: int | None = None, generator: Generators = None) -> torch.Tensor:
     lv = cfg.langevin
     with frozen(model):
         return langevin(lambda v: posterior_energy(model, x, v, cfg), z,
@@ -102,7 +114,7 @@ def sample_posterior(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRC
                         step_size=lv.posterior_step_size, generator=generator)
 
 
-def reset_diverged(z: torch.Tensor, threshold: float, generator: torch.Generator | None = None,
+def reset_diverged(z: torch.Tensor, threshold: float, generator: Generators = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace chains that are non-finite or beyond `threshold` in any coordinate by N(0, I) draws.
 
@@ -110,6 +122,6 @@ def reset_diverged(z: torch.Tensor, threshold: float, generator: torch.Generator
     """
     bad = ~torch.isfinite(z).all(1) | (z.abs() > threshold).any(1)
     if bad.any():
-        fresh = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        fresh = randn(z.shape, generator, z.device, z.dtype)
         z = torch.where(bad[:, None], fresh, z)
     return z, bad

@@ -46,10 +46,13 @@ def centre_ellipse_masks(n: int, size: int, fraction: float = 0.25) -> torch.Ten
     return disc[None].expand(n, size, size).clone()
 
 
+DISC_AREAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
+
+
 def trivial_baselines(target) -> dict[str, dict[str, float]]:
     """IoU/Dice of the all-foreground mask and of the best centred disc (area 5 %…80 %)."""
     t = _as_bool(target)
     n, size = t.shape[0], t.shape[-1]
-    discs = [mean_iou_dice(centre_ellipse_masks(n, size, f), t) for f in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)]
+    discs = [mean_iou_dice(centre_ellipse_masks(n, size, f), t) for f in DISC_AREAS]
     return {"all_foreground": mean_iou_dice(all_foreground_masks(n, size), t),
             "centre_ellipse": max(discs, key=lambda d: d["iou"])}

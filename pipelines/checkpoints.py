@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from drc_core.chains import InMemoryChainBuffer
@@ -174,3 +175,44 @@ def load_chains(folder: str | Path, records: list[dict], ids: torch.Tensor, prio
     pri = InMemoryChainBuffer.merge(prior, prior_ids)
     post.z, pri.z = post.z.to(dtype), pri.z.to(dtype)
     return post, pri, gens
+
+
+class ChainReader:
+    """The posterior chains of any sample ids from a checkpoint, reading only the shard files
+    whose id range holds them; the last `cache` shards read stay in memory (callers that go
+    through the data in id order read each shard once)."""
+
+    def __init__(self, folder: str | Path, cache: int = 2):
+        self.folder = Path(folder)
+        _, self.records = verify(self.folder)
+        self.cache, self._shards = cache, {}
+
+    def _shard(self, rec: dict) -> InMemoryChainBuffer:
+        name = rec["chains_file"]
+        if name not in self._shards:
+            state = torch.load(self.folder / name, map_location="cpu", weights_only=True)["posterior"]
+            self._shards[name] = InMemoryChainBuffer.from_state_dict(state)
+            while len(self._shards) > self.cache:
+                self._shards.pop(next(iter(self._shards)))
+        return self._shards[name]
+
+    def get(self, ids) -> torch.Tensor:
+        """(N, D) fp32 chains for `ids` (any order); KeyError naming the ids that have none."""
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        out, found = None, torch.zeros(ids.numel(), dtype=torch.bool)
+        for rec in self.records:
+            if rec["id_min"] is None or not ids.numel():
+                continue
+            inside = (ids >= rec["id_min"]) & (ids <= rec["id_max"]) & ~found
+            if not inside.any():
+                continue
+            shard = self._shard(rec)
+            held = torch.isin(ids, shard.ids) & inside
+            if out is None:
+                out = torch.empty(ids.numel(), shard.dim)
+            out[held] = shard.get(ids[held])
+            found |= held
+        if not found.all():
+            raise KeyError(f"{self.folder}: no persistent chain for sample ids {ids[~found][:5].tolist()} "
+                           f"(chains exist for the training split only)")
+        return out

@@ -5,7 +5,9 @@
 
 Input: a DataFrame with an `image` column of encoded images (PNG/JPEG bytes; resized to the
 model's resolution), or a uint8 array (N, H, W, 3) at the model's resolution. Output: one row
-per image with `fg_fraction`, `mask_png` (PNG bytes, 0/255) and `recon_l1`. The model is logged
+per image with `fg_fraction`, `confidence`, `mask_png` (PNG bytes, 0/255) and `recon_l1`. The
+same class serves the DRC model (posterior Langevin, `steps`/`seed` params) and the distilled
+amortised segmenter (one forward pass; params ignored). The model is logged
 from code (pipelines/pyfunc_entry.py) and its weights load with `torch.load(weights_only=True)`:
 no pickled code runs at load time.
 """
@@ -20,23 +22,6 @@ try:
     from mlflow.pyfunc import PythonModel
 except ImportError:                                              # drc_core users without MLflow
     PythonModel = object
-
-
-def save_weights(path: str | Path, cfg, model) -> None:
-    import torch
-    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, path)
-
-
-def load_weights(path: str | Path, device: str = "cpu"):
-    import torch
-
-    from drc_core.config import DRCConfig
-    from drc_core.model import DRCModel
-    saved = torch.load(path, map_location=device, weights_only=True)
-    cfg = DRCConfig.from_dict(saved["config"])
-    model = DRCModel(cfg.model, cfg.ablation).to(device)
-    model.load_state_dict(saved["model"])
-    return cfg, model.eval()
 
 
 def _as_images(model_input, size: int) -> np.ndarray:
@@ -68,31 +53,42 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def result_frame(masks: np.ndarray, prob: np.ndarray, recon_l1: np.ndarray | None):
+    """One row per image: fg_fraction, confidence (mean |2π_f − 1|), mask_png, recon_l1 (NaN for
+    the amortised segmenter, which reconstructs nothing)."""
+    import pandas as pd
+    n = len(masks)
+    return pd.DataFrame({"fg_fraction": masks.reshape(n, -1).mean(1).astype(np.float64),
+                         "confidence": np.abs(2.0 * prob.reshape(n, -1) - 1.0).mean(1).astype(np.float64),
+                         "mask_png": [mask_png(m) for m in masks],
+                         "recon_l1": (np.full(n, np.nan) if recon_l1 is None else recon_l1).astype(np.float64)})
+
+
 class DRCSegmenter(PythonModel):
+    """Either kind of model (DRC with Langevin inference, or the distilled student)."""
+
     def load_context(self, context):
-        self.cfg, self.model = load_weights(context.artifacts["weights"])
+        from pipelines.models import load
+        self.segmenter = load(context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
-        import pandas as pd
-
-        from drc_core.inference import segment
         params = params or {}
-        images = _as_images(model_input, self.cfg.model.resolution)
+        images = _as_images(model_input, self.segmenter.resolution)
         if len(images) == 0:
-            return pd.DataFrame({"fg_fraction": [], "mask_png": [], "recon_l1": []})
-        seg = segment(self.model, images, self.cfg, steps=params.get("steps"), seed=int(params.get("seed", 0)))
-        masks = seg.mask.numpy()
-        return pd.DataFrame({"fg_fraction": masks.reshape(len(masks), -1).mean(1),
-                             "mask_png": [mask_png(m) for m in masks],
-                             "recon_l1": seg.recon_l1.numpy()})
+            return result_frame(np.zeros((0, 1, 1), bool), np.zeros((0, 1, 1)), None)
+        ids = np.arange(len(images))
+        out = self.segmenter.segment(images, ids, steps=params.get("steps"), seed=int(params.get("seed", 0)))
+        return result_frame(out["prob"] > 0.5, out["prob"], out["recon_l1"])
 
 
 def signature(test_steps: int):
-    """Input: encoded image bytes; output: fg_fraction, mask_png, recon_l1; params: steps, seed."""
+    """Input: encoded image bytes; output: fg_fraction, confidence, mask_png, recon_l1; params:
+    steps, seed."""
     from mlflow.models import infer_signature
     import pandas as pd
     return infer_signature(pd.DataFrame({"image": [b"png"]}),
-                           pd.DataFrame({"fg_fraction": [0.5], "mask_png": [b"png"], "recon_l1": [0.1]}),
+                           pd.DataFrame({"fg_fraction": [0.5], "confidence": [0.5], "mask_png": [b"png"],
+                                         "recon_l1": [0.1]}),
                            params={"steps": int(test_steps), "seed": 0})
 
 
