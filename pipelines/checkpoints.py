@@ -198,7 +198,7 @@ class ChainReader:
 
     def get(self, ids) -> torch.Tensor:
         """(N, D) fp32 chains for `ids` (any order); KeyError naming the ids that have none."""
-        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        ids = torch.tensor(np.asarray(ids), dtype=torch.long)
         out, found = None, torch.zeros(ids.numel(), dtype=torch.bool)
         for rec in self.records:
             if rec["id_min"] is None or not ids.numel():

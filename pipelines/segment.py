@@ -166,10 +166,11 @@ def input_dataset(args, resolution: int):
             raise ModelError(f"--input {src} has resolution {manifest.get('resolution')} but the model "
                              f"segments {resolution}×{resolution}: preprocess the corpus at {resolution}")
         per_split = manifest["counts"]["per_split"]
-        ds = ray.data.read_parquet(store.part_paths(), filesystem=store.fs,
-                                   columns=["sample_id", "key", "split", "image"])
+        from ray.data.expressions import col
+        ds = (ray.data.read_parquet(store.part_paths(), filesystem=store.fs)
+              .select_columns(["sample_id", "key", "split", "image"]))
         if args.split:
-            ds = ds.filter(expr=f"split == '{args.split}'")
+            ds = ds.filter(expr=col("split") == args.split)
         n = per_split.get(args.split, 0) if args.split else sum(per_split.values())
         return ds, n, [], {"kind": "parquet", "input": src, "split": args.split}
     if args.from_chains:

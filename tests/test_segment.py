@@ -1,0 +1,181 @@
+"""pipelines.segment / distill / evaluate on a real local Ray instance, real Parquet and MLflow."""
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from drc_core.fit import TrainState
+from drc_core.inference import decode, images_to_tensor
+from pipelines import checkpoints as ckpt
+from pipelines import distill, evaluate, preprocess, segment
+from pipelines.parquet_store import load_arrays
+from tests import corpora
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory):
+    """A 32² TM-dSprites dataset, a DRC checkpoint with persistent chains (2 shards) after a few
+    EM iterations, and a student distilled from it (logged to MLflow)."""
+    from tests.conftest import tiny_config
+    root = tmp_path_factory.mktemp("seg")
+    data = root / "data"
+    preprocess.main(["--source", "tm-dsprites", "--preset", "cpu-32", "--train", "48", "--test", "24",
+                     "--out", str(data), "--rows-per-file", "20"])
+    cfg = tiny_config()
+    train = load_arrays(str(data), "train")
+    x = images_to_tensor(train["images"])
+    folder = root / "ckpt"
+    states = [TrainState.create(cfg, torch.arange(24 * r, 24 * (r + 1)), rank=r, world_size=2) for r in range(2)]
+    for st in states:
+        st.model.load_state_dict(states[0].model.state_dict())
+        for _ in range(2):
+            ids = st.chains.ids[:8]
+            st.step(x[ids], ids)
+    for r, st in enumerate(states):
+        ckpt.write_shard(folder, rank=r, world_size=2, state=st, meta={"test": True})
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    summary = distill.main(["--teacher", str(folder), "--data", str(data), "--steps", "20", "--prior-images", "32",
+                            "--width", "8", "--levels", "2", "--out", str(root / "student"), "--tracking-uri", uri])
+    return {"root": root, "data": str(data), "ckpt": str(folder), "student": str(root / "student" / "student.pt"),
+            "uri": uri, "distill": summary, "cfg": cfg, "train": train}
+
+
+def _segment(world, out, *extra):
+    return segment.main(["--input", world["data"], "--output", str(out), "--quiet", "--batch-size", "8", *extra])
+
+
+def _read(out) -> pd.DataFrame:
+    return pd.concat([pq.read_table(p).to_pandas() for p in sorted(Path(out).glob("part-*.parquet"))]) \
+        .sort_values("sample_id").reset_index(drop=True)
+
+
+def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path):
+    corpora.broken_corpus(tmp_path / "in", tmp_path / "masks")
+    (tmp_path / "in" / "we ird$name..png").write_bytes((tmp_path / "in" / "a_rgb.png").read_bytes())
+    for mode, model in (("langevin", world["ckpt"]), ("amortized", world["student"])):
+        out = tmp_path / f"out-{mode}"
+        m = segment.main(["--model", model, "--input", str(tmp_path / "in"), "--output", str(out), "--quiet",
+                          "--steps", "3", "--max-pixels", "1000000", "--png", str(tmp_path / f"png-{mode}")])
+        c = m["counts"]
+        assert m["mode"] == mode and c["ok"] + c["quarantined"] == c["inputs"]
+        reasons = {q["key"]: q["reason"] for q in m["quarantine"]}
+        assert c["ok"] == 14, reasons            # 11 good formats + 2 images whose masks are bad + "we ird$name."
+        assert {"bad_zero", "bad_truncated", "bad_bomb", "bad_link", "notes", "bad_html"} <= set(reasons)
+        assert "empty file" in reasons["bad_zero"] and "decompression bomb" in reasons["bad_bomb"]
+        assert "duplicate key" in next(r for k, r in reasons.items() if k == "a_rgb")
+        df = _read(out)
+        assert len(df) == 14 and set(df.columns) == {"sample_id", "key", "split", "mask", "fg_fraction",
+                                                     "confidence", "recon_l1"}
+        masks = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in df["mask"]])
+        assert masks.shape == (14, 32, 32) and set(np.unique(masks)) <= {0, 255}
+        np.testing.assert_allclose(df["fg_fraction"], (masks > 0).reshape(14, -1).mean(1))
+        assert ((df["confidence"] >= 0) & (df["confidence"] <= 1)).all()
+        assert df["recon_l1"].isna().all() == (mode == "amortized")
+        names = sorted(p.name for p in (tmp_path / f"png-{mode}" / "overlays").iterdir())
+        assert len(names) == 14 and all("/" not in n and not n.startswith(".") for n in names)
+        assert any(n.endswith("-we_ird_name.png") for n in names)
+        assert json.loads((out / "_manifest.json").read_text())["counts"] == c
+
+
+def test_langevin_masks_are_deterministic_and_independent_of_batching(world, tmp_path):
+    a = _segment(world, tmp_path / "a", "--model", world["ckpt"], "--split", "test", "--steps", "4")
+    b = _segment(world, tmp_path / "b", "--model", world["ckpt"], "--split", "test", "--steps", "4",
+                 "--batch-size", "24")
+    c = _segment(world, tmp_path / "c", "--model", world["ckpt"], "--split", "test", "--steps", "4", "--seed", "1")
+    assert a["counts"]["ok"] == 24 and a["steps"] == 4
+    da, db, dc = _read(tmp_path / "a"), _read(tmp_path / "b"), _read(tmp_path / "c")
+    assert da["sample_id"].tolist() == list(range(48, 72))
+    assert da["mask"].tolist() == db["mask"].tolist()
+    np.testing.assert_allclose(da["recon_l1"], db["recon_l1"], rtol=1e-4)
+    assert not np.allclose(da["recon_l1"], dc["recon_l1"])          # another seed, other chains
+
+
+def test_from_chains_decodes_the_persistent_chains(world, tmp_path):
+    m = _segment(world, tmp_path / "c", "--model", world["ckpt"], "--split", "train", "--from-chains",
+                 "--steps", "0")
+    assert m["from_chains"] and m["counts"]["ok"] == 48
+    df = _read(tmp_path / "c")
+    from pipelines.models import load
+    teacher = load(world["ckpt"])
+    z = ckpt.ChainReader(world["ckpt"]).get(np.arange(48))
+    want = decode(teacher.net, images_to_tensor(world["train"]["images"]), z).mask.numpy()
+    got = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 0 for b in df["mask"]])
+    assert np.array_equal(got, want)
+    with pytest.raises(Exception, match="no persistent chain"):
+        _segment(world, tmp_path / "t", "--model", world["ckpt"], "--split", "test", "--from-chains")
+
+
+def test_distilled_student_is_tracked_and_its_pyfunc_segments(world):
+    import mlflow
+    s = world["distill"]
+    assert s["pairs"] == ["chains", "prior"] and s["eval"]["images"] == 24
+    run = mlflow.tracking.MlflowClient(world["uri"]).get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["pairs"] == "chains,prior"
+    assert "eval_iou" in run.data.metrics and "loss" in run.data.metrics
+    mlflow.set_tracking_uri(world["uri"])
+    model = mlflow.pyfunc.load_model(s["model_uri"])
+    test = load_arrays(world["data"], "test")
+    pngs = []
+    for img in test["images"][:5]:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    out = model.predict(pd.DataFrame({"image": pngs}))
+    from drc_core.amortized import predict
+    from pipelines.models import load
+    want = predict(load(world["student"]).net, test["images"][:5]).numpy() > 0.5
+    got = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 0 for b in out["mask_png"]])
+    assert np.array_equal(got, want) and out["recon_l1"].isna().all()
+
+
+def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path):
+    _segment(world, tmp_path / "l", "--model", world["ckpt"], "--steps", "3")
+    _segment(world, tmp_path / "a", "--model", world["student"])
+    r = evaluate.main(["--data", world["data"], "--pred", f"langevin={tmp_path / 'l'}", "--pred",
+                       f"amortized={tmp_path / 'a'}", "--out", str(tmp_path / "eval"), "--tracking-uri", world["uri"]])
+    methods = {row["method"] for row in r["table"]}
+    assert {"langevin", "amortized", "GrabCut", "all foreground"} <= methods
+    assert any(m.startswith("centred disc") for m in methods)
+    assert {row["split"] for row in r["table"]} == {"train", "test", "all"}
+    allfg = next(row for row in r["table"] if row["method"] == "all foreground" and row["split"] == "test")
+    test = load_arrays(world["data"], "test")
+    from drc_core.metrics import mean_iou_dice
+    assert allfg["iou"] == pytest.approx(mean_iou_dice(np.ones_like(test["masks"]), test["masks"])["iou"])
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert 'id="results"' in html and "GrabCut" in html and html.count("<figure>") == 12
+    assert len(pd.read_csv(tmp_path / "eval" / "per_image.csv")) == 72
+    import mlflow
+    run = mlflow.tracking.MlflowClient(world["uri"]).get_run(r["mlflow_run_id"])
+    assert run.data.metrics["GrabCut.test.iou"] == pytest.approx(
+        next(row["iou"] for row in r["table"] if row["method"] == "GrabCut" and row["split"] == "test"))
+
+
+def test_bad_references_fail_with_clear_errors(world, tmp_path):
+    with pytest.raises(SystemExit, match="is a langevin model"):
+        _segment(world, tmp_path / "x", "--model", world["ckpt"], "--mode", "amortized")
+    with pytest.raises(SystemExit, match="no such file"):
+        _segment(world, tmp_path / "x", "--model", str(tmp_path / "missing.pt"))
+    other = tmp_path / "d64"
+    preprocess.main(["--source", "tm-dsprites", "--preset", "cpu-64", "--train", "2", "--test", "0", "--out", str(other)])
+    with pytest.raises(SystemExit, match="resolution 64"):
+        segment.main(["--model", world["student"], "--input", str(other), "--output", str(tmp_path / "y"), "--quiet"])
+    _segment(world, tmp_path / "z", "--model", world["student"])
+    with pytest.raises(SystemExit, match="already exists"):
+        _segment(world, tmp_path / "z", "--model", world["student"])
+    with pytest.raises(SystemExit, match="already a distilled student"):
+        distill.main(["--teacher", world["student"], "--tracking-uri", world["uri"]])
+
+
+def test_safe_names_cannot_escape_the_output_folder():
+    for key in ("../../etc/passwd", "/abs/path", "..", "a/b\\c", "\x00odd", ""):
+        name = segment.safe_name(7, key)
+        assert "/" not in name and "\\" not in name and not name.startswith(".") and name.endswith(".png")
+
