@@ -31,8 +31,8 @@ from drc_core.model import DRCModel
 @dataclass
 class StudentConfig:
     resolution: int
-    width: int = 16           # channels of the first level; doubled at each level down
-    levels: int = 3           # resolution halvings (each a 2× max-pool)
+    width: int = 8            # channels of the first level; doubled at each level down
+    levels: int = 2           # resolution halvings (each a 2× max-pool)
 
     def validate(self) -> "StudentConfig":
         if self.resolution >> self.levels < 2 or self.width <= 0:
