@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> dict:
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     study_dir = Path(storage) / name
-    # the dashboard's State API lets Ray Train free the placement group of a trial ASHA stopped
+    # the dashboard's State API (pinned to this instance by init_ray) lets Ray Train free the
+    # placement group of a trial ASHA stopped
     init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=True)
     from ray import tune
     if args.resume:
