@@ -30,6 +30,12 @@ from pipelines.train import build_trainer, check_dataset
 from pipelines.train_worker import TrainJob
 
 STUDY_FILE = "drc_study.json"
+# What a trial actor itself reserves. It only starts the trial's Ray Train run and waits for its
+# reports; the Train workers reserve their own CPUs in their own placement group. No CPU, so
+# that N trials with W workers of C CPUs fit on exactly N*W*C CPUs (0.01 CPU per trial left
+# 1.98 of 2 CPUs: two 1-CPU trials could not run at once). Tune needs some non-zero resource
+# in the bundle: a nominal share of memory.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 1024 ** 2}
 
 
 def make_trainable(study: dict):
@@ -145,7 +151,7 @@ def build_tuner(args, study: dict, params: dict, base, metric: str):
     scheduler = (FIFOScheduler() if args.no_early_stopping else
                  ASHAScheduler(time_attr="training_iteration", max_t=rungs + 1,
                                grace_period=min(args.grace, rungs), reduction_factor=args.reduction_factor))
-    trainable = tune.with_resources(make_trainable(study), {"cpu": 0.01})
+    trainable = tune.with_resources(make_trainable(study), TRIAL_RESOURCES)
     return tune.Tuner(
         trainable, param_space=search_space.to_tune(params),
         tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=args.trials, scheduler=scheduler,
@@ -176,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--resume {name}: no study of that name under {storage}")
         study = json.loads((study_dir / STUDY_FILE).read_text())
         tracking.client(uri).update_run(study["parent_run_id"], status="RUNNING")
-        tuner = tune.Tuner.restore(str(study_dir), trainable=tune.with_resources(make_trainable(study), {"cpu": 0.01}),
+        tuner = tune.Tuner.restore(str(study_dir), trainable=tune.with_resources(make_trainable(study), TRIAL_RESOURCES),
                                    resume_errored=False, restart_errored=False)
     else:
         if study_dir.exists():
