@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 # Quiet, fast defaults for local runs; a cluster's own environment wins (setdefault).
@@ -32,5 +33,41 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
             os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
         kwargs.setdefault("include_dashboard", False)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
+        if kwargs["include_dashboard"]:
+            _pin_state_api(kwargs)
         ray.init(num_cpus=num_cpus, **kwargs)
     return ray
+
+
+def _free_port(host: str, preferred: int = 8265) -> int:
+    """Ray's usual dashboard port if it is free, else any free port."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host}")
+
+
+def _pin_state_api(kwargs: dict) -> None:
+    """Point the State API of every process of the local instance about to start at that
+    instance's own dashboard.
+
+    Ray Train's PlacementGroupCleaner (a detached actor per Train run) asks the State API
+    whether the run's controller is alive and frees the run's placement group once it is
+    dead; that is the only thing that frees the group of a Ray Tune trial that the scheduler
+    stopped (the trial actor is killed and its controller dies with it, but a placement group
+    lives as long as the job that created it). The cleaner gives the State API no address, so
+    Ray auto-detects the cluster from the GCS processes running on the machine; with a second
+    Ray instance on the machine (the pytest session's, another user's) that raises
+    "Found multiple active Ray instances", the cleaner's thread dies, and the stopped trial's
+    CPUs stay reserved until the study ends. RAY_API_SERVER_ADDRESS, set before ray.init so
+    that the raylet and every worker inherit it, removes the guess. The dashboard needs a port
+    known in advance for that: 8265 if free, else a free one (the check-then-bind gap is the
+    same one Ray's own port probing has)."""
+    host = kwargs["dashboard_host"]
+    kwargs.setdefault("dashboard_port", _free_port(host))
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{url_host}:{kwargs['dashboard_port']}"

@@ -30,6 +30,12 @@ from pipelines.train import build_trainer, check_dataset
 from pipelines.train_worker import TrainJob
 
 STUDY_FILE = "drc_study.json"
+# What a trial actor itself reserves. It only starts the trial's Ray Train run and waits for its
+# reports; the Train workers reserve their own CPUs in their own placement group. No CPU, so
+# that N trials with W workers of C CPUs fit on exactly N*W*C CPUs (0.01 CPU per trial left
+# 1.98 of 2 CPUs: two 1-CPU trials could not run at once). Tune needs some non-zero resource
+# in the bundle: a nominal share of memory.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 1024 ** 2}
 
 
 def make_trainable(study: dict):
@@ -145,7 +151,7 @@ def build_tuner(args, study: dict, params: dict, base, metric: str):
     scheduler = (FIFOScheduler() if args.no_early_stopping else
                  ASHAScheduler(time_attr="training_iteration", max_t=rungs + 1,
                                grace_period=min(args.grace, rungs), reduction_factor=args.reduction_factor))
-    trainable = tune.with_resources(make_trainable(study), {"cpu": 0.01})
+    trainable = tune.with_resources(make_trainable(study), TRIAL_RESOURCES)
     return tune.Tuner(
         trainable, param_space=search_space.to_tune(params),
         tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=args.trials, scheduler=scheduler,
@@ -167,7 +173,8 @@ def run(args: argparse.Namespace) -> dict:
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     study_dir = Path(storage) / name
-    # the dashboard's State API lets Ray Train free the placement group of a trial ASHA stopped
+    # the dashboard's State API (pinned to this instance by init_ray) lets Ray Train free the
+    # placement group of a trial ASHA stopped
     init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=True)
     from ray import tune
     if args.resume:
@@ -175,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--resume {name}: no study of that name under {storage}")
         study = json.loads((study_dir / STUDY_FILE).read_text())
         tracking.client(uri).update_run(study["parent_run_id"], status="RUNNING")
-        tuner = tune.Tuner.restore(str(study_dir), trainable=tune.with_resources(make_trainable(study), {"cpu": 0.01}),
+        tuner = tune.Tuner.restore(str(study_dir), trainable=tune.with_resources(make_trainable(study), TRIAL_RESOURCES),
                                    resume_errored=False, restart_errored=False)
     else:
         if study_dir.exists():
@@ -196,11 +203,36 @@ def run(args: argparse.Namespace) -> dict:
         tuner = build_tuner(args, study, params, base, metric)
     print(f"study {name}: {args.trials} trials of {args.space} on {args.data}, metric {study['metric']}, "
           f"MLflow parent run {study['parent_run_id']}", flush=True)
+    import ray
+    before = set(ray.util.placement_group_table())
     grid = tuner.fit()
-    return summarize(grid, study, list(params))
+    return summarize(grid, study, list(params), released_resources(before))
 
 
-def summarize(grid, study: dict, searched: list[str]) -> dict:
+def released_resources(before: set[str], timeout: float = 60.0) -> dict:
+    """Wait until the placement groups created during the study (trial actors', Train worker
+    groups') are removed; report those still reserved after `timeout` and the free CPUs.
+
+    Ray Train frees the group of a trial that the scheduler stopped a second or two after the
+    trial's controller died (see pipelines.ray_env._pin_state_api); a group still reserved here
+    is a leak that would have starved later trials."""
+    import ray
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted(k for k, v in ray.util.placement_group_table().items()
+                      if k not in before and v["state"] != "REMOVED")
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    out = {"placement_groups_left": left, "cpus_free": ray.available_resources().get("CPU", 0.0),
+           "cpus_total": ray.cluster_resources().get("CPU", 0.0)}
+    if left:
+        print(f"WARNING: {len(left)} placement group(s) of this study still reserved {timeout:.0f} s after "
+              f"it ended: {left}", flush=True)
+    return out
+
+
+def summarize(grid, study: dict, searched: list[str], resources: dict | None = None) -> dict:
     """Trial table, best trial (recorded on the parent run) and the score ↔ IoU rank correlation."""
     uri, parent, metric = study["tracking_uri"], study["parent_run_id"], study["metric"]
     rows = []
@@ -242,6 +274,7 @@ def summarize(grid, study: dict, searched: list[str]) -> dict:
     else:
         tracking.end_run(uri, parent)
     out["unfinished"] = unfinished
+    out["resources_after"] = resources
     _print_table(rows, searched, out)
     (Path(study["storage"]) / study["name"] / "summary.json").write_text(json.dumps(out, indent=1, default=str))
     return out
