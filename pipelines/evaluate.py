@@ -96,8 +96,14 @@ def _tile(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: int) -> np
     return strip.repeat(scale, 0).repeat(scale, 1)
 
 
+def img_tag(png_path: Path, css: str = "") -> str:
+    data = base64.b64encode(Path(png_path).read_bytes()).decode()
+    return f"<img {css} src='data:image/png;base64,{data}'>"
+
+
 def write_report(path: Path, *, title: str, table: list[dict], coverage: dict, hist_png: Path,
-                 gallery: list[dict], notes: list[str]) -> None:
+                 gallery: list[dict], notes: list[str], sections: list[tuple[str, str]] = ()) -> None:
+    """A self-contained HTML page; `sections` are extra (heading, HTML body) blocks shown first."""
     splits = sorted({r["split"] for r in table})
     methods = list(dict.fromkeys(r["method"] for r in table))
     cell = {(r["method"], r["split"]): r for r in table}
@@ -111,24 +117,25 @@ def write_report(path: Path, *, title: str, table: list[dict], coverage: dict, h
     cov = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in coverage.items())
     gal = "".join(f"<figure><img class=px src='data:image/png;base64,{g['png']}'><figcaption>"
                   f"{html.escape(str(g['key']))} — IoU {g['iou']:.1f}</figcaption></figure>" for g in gallery)
-    hist = base64.b64encode(hist_png.read_bytes()).decode()
+    extra = "".join(f"<h2>{html.escape(h)}</h2>{body}" for h, body in sections)
     note = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}
 img.px{{image-rendering:pixelated}} figure{{display:inline-block;margin:6px}}
 figcaption{{font-size:12px}}</style></head><body>
-<h1>{html.escape(title)}</h1>
+<h1>{html.escape(title)}</h1>{extra}
 <h2>IoU / Dice (%), per-image mean</h2>
 <table id="results"><tr><th rowspan=2>method</th>{head}</tr><tr>{sub}</tr>{''.join(rows)}</table>
 <h3>Coverage</h3><ul>{cov}</ul><ul>{note}</ul>
-<h2>Per-image IoU</h2><img src="data:image/png;base64,{hist}">
+<h2>Per-image IoU</h2>{img_tag(hist_png)}
 <h2>Worst cases ({html.escape(methods[0]) if methods else ''}): image | ground truth | prediction</h2>{gal}
 </body></html>""")
 
 
 def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
-             margin: float = 0.05, gallery: int = 12) -> dict:
+             margin: float = 0.05, gallery: int = 12, title: str | None = None,
+             sections: list[tuple[str, str]] = ()) -> dict:
     from drc_core.metrics import DISC_AREAS, centre_ellipse_masks, iou_dice
     gt = load_arrays(data, split)
     if "masks" not in gt:
@@ -179,12 +186,25 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     notes = [f"{k}: {v.get('mode', '?')} mode, {v.get('steps', 0)} steps, model {v.get('model')}"
              for k, v in ((n, p["manifest"]) for n, p in loaded.items())]
     notes.append(f"GrabCut box: the image minus {margin:.0%} on each side, 5 iterations")
-    write_report(out / "report.html", title=f"Segmentation evaluation: {data}", table=table, coverage=coverage,
-                 hist_png=out / "iou_hist.png", gallery=tiles, notes=notes)
+    write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
+                 coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
     result = {"data": data, "preds": preds, "table": table, "coverage": coverage, **seconds,
               "report": str(out / "report.html")}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def track(result: dict, out: Path, uri: str, experiment: str, params: dict) -> str:
+    """One MLflow run: <method>.<split>.iou/dice metrics and the report folder as artifacts."""
+    run_id = tracking.start_run(uri, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
+                                {**params, **{f"pred.{k}": v for k, v in result["preds"].items()}},
+                                experiment=experiment, tags={"drc.stage": "evaluate"})
+    clean = str.maketrans({" ": "_", "(": None, ")": None, "%": "pct", "−": "-"})
+    tracking.log_metrics(uri, run_id, {f"{r['method']}.{r['split']}.{m}".translate(clean): r[m]
+                                       for r in result["table"] for m in ("iou", "dice")}, 0)
+    tracking.client(uri).log_artifacts(run_id, str(out), "evaluation")
+    tracking.end_run(uri, run_id)
+    return run_id
 
 
 def format_table(table: list[dict]) -> str:
@@ -221,18 +241,10 @@ def main(argv=None) -> dict:
                           margin=args.grabcut_margin, gallery=args.gallery)
     except DatasetError as exc:
         sys.exit(f"evaluate: {exc}")
-    uri = tracking.tracking_uri(args.tracking_uri)
-    run_id = tracking.start_run(uri, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
-                                {"data": args.data, "split": args.split, **{f"pred.{k}": v for k, v in preds.items()}},
-                                experiment=args.experiment, tags={"drc.stage": "evaluate"})
-    metrics = {f"{r['method']}.{r['split']}.{m}": r[m] for r in result["table"] for m in ("iou", "dice")}
-    tracking.log_metrics(uri, run_id, {k.replace(" ", "_").replace("(", "").replace(")", "").replace("%", "pct"): v
-                                       for k, v in metrics.items()}, 0)
-    tracking.client(uri).log_artifacts(run_id, args.out, "evaluation")
-    tracking.end_run(uri, run_id)
-    result["mlflow_run_id"] = run_id
+    result["mlflow_run_id"] = track(result, Path(args.out), tracking.tracking_uri(args.tracking_uri), args.experiment,
+                                    {"data": args.data, "split": args.split})
     print(format_table(result["table"]))
-    print(f"report: {result['report']}  (MLflow run {run_id})")
+    print(f"report: {result['report']}  (MLflow run {result['mlflow_run_id']})")
     return result
 
 
