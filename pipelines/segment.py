@@ -155,7 +155,8 @@ def folder_records(root: Path) -> tuple[list[dict], list[dict]]:
 
 
 def input_dataset(args, resolution: int):
-    """(Ray dataset of rows to segment, number of inputs, quarantined before reading, description)."""
+    """(Ray dataset of rows to segment, number of inputs, quarantined before reading, description,
+    input path by key for image folders)."""
     import pandas as pd
     import ray
     src = args.input
@@ -172,7 +173,7 @@ def input_dataset(args, resolution: int):
         if args.split:
             ds = ds.filter(expr=col("split") == args.split)
         n = per_split.get(args.split, 0) if args.split else sum(per_split.values())
-        return ds, n, [], {"kind": "parquet", "input": src, "split": args.split}
+        return ds, n, [], {"kind": "parquet", "input": src, "split": args.split}, {}
     if args.from_chains:
         raise ModelError("--from-chains needs a Parquet dataset as --input (the one the model was trained on)")
     try:
@@ -185,7 +186,8 @@ def input_dataset(args, resolution: int):
     blocks = max(1, min(len(frame) // 64, 200))
     bounds = np.linspace(0, len(frame), blocks + 1).astype(int)
     chunks = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [frame]
-    return ray.data.from_pandas(chunks), len(records) + len(quarantine), quarantine, {"kind": "folder", "input": src}
+    return (ray.data.from_pandas(chunks), len(records) + len(quarantine), quarantine, {"kind": "folder", "input": src},
+            {r["key"]: r["path"] for r in records})
 
 
 def run(args) -> dict:
@@ -213,7 +215,7 @@ def run(args) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = not args.quiet
-    ds, n_inputs, quarantine, source = input_dataset(args, segmenter.resolution)
+    ds, n_inputs, quarantine, source, paths = input_dataset(args, segmenter.resolution)
     if args.limit:
         ds = ds.limit(args.limit)
     cpus = args.cpus_per_actor
@@ -226,9 +228,6 @@ def run(args) -> dict:
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if args.gpu else 0,
     ).materialize()
     status = processed.select_columns(["sample_id", "key", "split", "status", "reason"]).to_pandas()
-    paths = {}
-    if source["kind"] == "folder":
-        paths = {r["key"]: r["path"] for r in folder_records(Path(args.input))[0]}
     for r in status[status["status"] != "ok"].itertuples():
         quarantine.append({"input": paths.get(r.key, r.key), "key": r.key, "sample_id": int(r.sample_id),
                            "reason": r.reason})
