@@ -20,6 +20,7 @@ from drc_core.metrics import trivial_baselines
 from drc_core.presets import get_config, preset_names
 from drc_core.tmds import render_many
 from drc_core.viz import composition_grid
+from pipelines.models import save_drc
 
 
 def render_test(cfg, n: int):
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         return train_time >= budget
 
     state = fit(cfg, train, iterations=10**9, on_iteration=on_iteration)
-    torch.save({"config": cfg.to_dict(), "model": state.model.state_dict()}, out / "model.pt")
+    save_drc(out / "model.pt", cfg, state.model.state_dict())
     n_final = args.final_eval_images or d.test_size
     if n_final != len(test):
         if curve[-1]["iteration"] != state.iteration:     # close the curve on its own image set

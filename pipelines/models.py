@@ -57,8 +57,9 @@ def save_student(path: str | Path, cfg: DRCConfig, student) -> Path:
     return Path(path)
 
 
-def save_drc(path: str | Path, cfg: DRCConfig, model) -> Path:
-    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, path)
+def save_drc(path: str | Path, cfg: DRCConfig, model_state: dict) -> Path:
+    """model.pt: the resolved config + DRC model weights (what `load` and the pyfunc read)."""
+    torch.save({"config": cfg.to_dict(), "model": model_state}, path)
     return Path(path)
 
 

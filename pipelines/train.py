@@ -70,11 +70,8 @@ def check_dataset(data: str, cfg, preset: str) -> dict:
 
 def export_model(checkpoint_dir: str | Path, out: Path) -> Path:
     """model.pt = resolved config + model weights from a checkpoint (what the pyfunc loads)."""
-    import torch
-    state = ckpt.load_state(checkpoint_dir)
-    cfg = ckpt.load_config(checkpoint_dir)
-    torch.save({"config": cfg.to_dict(), "model": state["model"]}, out)
-    return out
+    from pipelines.models import save_drc
+    return save_drc(out, ckpt.load_config(checkpoint_dir), ckpt.load_state(checkpoint_dir)["model"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
