@@ -1,9 +1,35 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the pinned requirements (idempotent: skips when nothing changed).
+# Creates .venv and installs the pinned requirements (idempotent: skips when nothing changed), and a
+# headless Chromium for the report test (tests/test_quickstart.py) when none is on PATH.
 # torch==2.13.0 resolves to the CPU build; for CUDA clusters see cluster/README.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+
+# The same names tests/browser.py looks for (DRC_BROWSER overrides both).
+browsers="chromium-headless-shell chromium chromium-browser google-chrome chrome-headless-shell"
+have_browser() {
+  [ -n "${DRC_BROWSER:-}" ] && [ -x "$(command -v "$DRC_BROWSER" || true)" ] && return 0
+  for b in $browsers; do command -v "$b" >/dev/null 2>&1 && return 0; done
+  return 1
+}
+install_browser() {
+  have_browser && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing a headless Chromium for the report test (apt-get install chromium-headless-shell)" >&2
+    local pkgs="chromium-headless-shell fonts-dejavu-core"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends $pkgs >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; } \
+      || echo "setup: WARNING: installing chromium-headless-shell failed; the browser test will fail in CI" >&2
+    have_browser && return 0
+  fi
+  echo "setup: note: no headless Chromium found; the report browser test needs one. Install it with" >&2
+  echo "         sudo apt-get install chromium-headless-shell   (Debian/Ubuntu; or any Chromium/Chrome)" >&2
+  echo "       or point DRC_BROWSER at a Chromium binary. Outside CI the test is skipped without it." >&2
+}
+install_browser
+
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import torch, ray, mlflow" 2>/dev/null; then
