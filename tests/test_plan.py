@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -200,6 +201,7 @@ def test_cli_prints_the_table_and_json(capsys):
 
 def test_cli_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "pipelines.plan", "--preset", "paper-birds", "--images", "10_000_000",
-                          "--gpus", "64"], capture_output=True, text=True, timeout=120, check=True).stdout
+                          "--gpus", "64"], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
     assert out.startswith("paper-birds: 10,000,000 images on 64 GPU workers, batch 48 per worker")
     assert "156,250 × 1024 × 4 B" in out and "iterations per epoch" in out
