@@ -44,11 +44,13 @@ def sample_generators(seed: int, sample_ids, device: str | torch.device = "cpu")
 
 def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, *,
             steps: int | None = None, z_init: torch.Tensor | None = None, batch_size: int = 64,
-            seed: int = 0, sample_ids=None, device: str | torch.device = "cpu") -> Segmentation:
+            seed: int = 0, sample_ids=None, device: str | torch.device | None = None) -> Segmentation:
     """Segment uint8 images (N, H, W, 3) with `steps` posterior Langevin steps (default: the
     preset's test steps). `z_init` continues from given chains (e.g. the training chains)
     instead of N(0, I). Same model + images + seed → same masks; with `sample_ids` each image's
-    chain depends only on (seed, its id), not on the batch it is in."""
+    chain depends only on (seed, its id), not on the batch it is in. `device`: where the
+    chains run (default: the model's device)."""
+    device = next(model.parameters()).device if device is None else torch.device(device)
     steps = cfg.langevin.test_steps if steps is None else steps
     x_all = images_to_tensor(images)
     if sample_ids is not None and len(sample_ids) != x_all.shape[0]:
@@ -73,10 +75,12 @@ def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, 
 
 def evaluate(model: DRCModel, images: np.ndarray, masks: np.ndarray, cfg: DRCConfig, *,
              steps: int | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
-    """IoU/Dice (%) of fresh-chain segmentation against ground-truth masks, plus mask area."""
-    from drc_core.metrics import mean_iou_dice
+    """IoU/Dice (%) of fresh-chain segmentation against ground-truth masks, plus mask area,
+    reconstruction error and how π_f separates the true regions (`metrics.separation`)."""
+    from drc_core.metrics import mean_iou_dice, separation
     seg = segment(model, images, cfg, steps=steps, seed=seed, batch_size=batch_size)
-    out = mean_iou_dice(seg.mask, torch.as_tensor(masks) > 0)
+    target = torch.as_tensor(masks) > 0
+    out = {**mean_iou_dice(seg.mask, target), **separation(seg.prob, target)}
     out["mask_area"] = float(seg.mask.float().mean())
     out["recon_l1"] = float(seg.recon_l1.mean())
     return out

@@ -46,6 +46,27 @@ def centre_ellipse_masks(n: int, size: int, fraction: float = 0.25) -> torch.Ten
     return disc[None].expand(n, size, size).clone()
 
 
+def separation(prob, target) -> dict[str, float]:
+    """How π_f separates foreground from background pixels, independent of the ½ threshold.
+
+    `pi_fg`/`pi_bg`: mean π_f over true foreground/background pixels, averaged over images
+    (images without foreground pixels skip `pi_fg`); `best_threshold_iou`: the IoU (%) the same
+    π_f maps would reach at the best of a few thresholds. That last one looks at the ground truth
+    to pick the threshold, so it is a diagnostic of learning, never a reported result.
+    """
+    p = torch.as_tensor(prob).float()
+    t = _as_bool(target)
+    if p.dim() == 2:
+        p = p[None]
+    fg_n = t.flatten(1).sum(1)
+    bg_n = (~t).flatten(1).sum(1)
+    pi_fg = (p * t).flatten(1).sum(1) / fg_n.clamp(min=1)
+    pi_bg = (p * ~t).flatten(1).sum(1) / bg_n.clamp(min=1)
+    best = max(mean_iou_dice(p > th, t)["iou"] for th in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8))
+    return {"pi_fg": float(pi_fg[fg_n > 0].mean()), "pi_bg": float(pi_bg[bg_n > 0].mean()),
+            "best_threshold_iou": best}
+
+
 DISC_AREAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
 
 

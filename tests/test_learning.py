@@ -40,3 +40,9 @@ def test_cpu32_learns_to_separate_sprites_from_texture():
     assert after["iou"] > before["iou"] + 5.0
     assert after["iou"] > base["all_foreground"]["iou"] + 2.5
     assert on_train["iou"] > base["all_foreground"]["iou"] + 2.5
+    # π_f ranks sprite pixels above texture pixels far better than at initialisation (measured:
+    # π_f on sprites − π_f on texture −0.01 → +0.12; best-threshold IoU 19.0 → 33.0 against
+    # all-foreground 20.1), but on texture that neither expert reconstructs π_f stays just above ½,
+    # so the π_f > ½ mask over-segments (README, "What limits learning on CPU"; issue 2 open)
+    assert after["pi_fg"] - after["pi_bg"] > before["pi_fg"] - before["pi_bg"] + 0.05
+    assert after["best_threshold_iou"] > max(before["best_threshold_iou"], base["all_foreground"]["iou"]) + 5.0

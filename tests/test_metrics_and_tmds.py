@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from drc_core.metrics import centre_ellipse_masks, iou_dice, mean_iou_dice, trivial_baselines
+from drc_core.metrics import centre_ellipse_masks, iou_dice, mean_iou_dice, separation, trivial_baselines
 from drc_core.tmds import render, render_many, texture_bank
 
 
@@ -17,6 +17,19 @@ def test_iou_dice_known_values_and_empty_masks():
     assert mean_iou_dice(pred, gt)["iou"] == pytest.approx(100 * (1 / 3 + 0 + 1) / 3)
     with pytest.raises(ValueError, match="shape"):
         iou_dice(pred, gt[:, :3])
+
+
+def test_separation_known_values():
+    gt = torch.zeros(2, 2, 2, dtype=torch.bool)
+    gt[0, 0] = True                                         # image 0: top row foreground
+    prob = torch.tensor([[[0.9, 0.7], [0.2, 0.4]],          # fg mean 0.8, bg mean 0.3
+                         [[0.6, 0.6], [0.6, 0.6]]])         # no foreground: counts for pi_bg only
+    s = separation(prob, gt)
+    assert s["pi_fg"] == pytest.approx(0.8)
+    assert s["pi_bg"] == pytest.approx((0.3 + 0.6) / 2)
+    # at 0.5 image 1 is all foreground (IoU 0); at 0.6 both images are exact
+    assert mean_iou_dice(prob > 0.5, gt)["iou"] == pytest.approx(50.0)
+    assert s["best_threshold_iou"] == pytest.approx(100.0)
 
 
 def test_centre_ellipse_covers_the_requested_area():
