@@ -40,9 +40,10 @@ def save_grid(model, images, masks, cfg, path, steps=None) -> None:
     """Observed / reconstruction / fg / bg / π_f / ground truth for a few images, as a PNG."""
     from PIL import Image
     seg = segment(model, images, cfg, steps=steps)
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        comp = model.compose(seg.z)
-    grid = composition_grid(images_to_tensor(images), comp, torch.as_tensor(masks))
+        comp = model.compose(seg.z.to(dev))
+    grid = composition_grid(images_to_tensor(images).to(dev), comp, torch.as_tensor(masks).to(dev))
     scale = max(1, 256 // images.shape[1])
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
@@ -51,11 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-32", choices=preset_names())
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget")
+    p.add_argument("--iterations", type=int, default=None, help="stop after this many EM iterations too")
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds between test evaluations")
     p.add_argument("--eval-images", type=int, default=None, help="test images (default: data.test_size)")
     p.add_argument("--eval-steps", type=int, default=None, help="posterior steps at test time")
     p.add_argument("--final-eval-images", type=int, default=None,
                    help="test images for the final evaluation (default: data.test_size)")
+    p.add_argument("--device", default="cpu", help="torch device to train and evaluate on (cpu, cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--out", default="runs", help="output folder")
     p.add_argument("--name", default=None)
@@ -104,8 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
             next_eval += args.eval_every
         return train_time >= budget
 
-    state = fit(cfg, train, iterations=10**9, on_iteration=on_iteration)
-    save_drc(out / "model.pt", cfg, state.model.state_dict())
+    state = fit(cfg, train, iterations=args.iterations or 10**9, on_iteration=on_iteration, device=args.device)
+    save_drc(out / "model.pt", cfg, {k: v.cpu() for k, v in state.model.state_dict().items()})
     n_final = args.final_eval_images or d.test_size
     if n_final != len(test):
         if curve[-1]["iteration"] != state.iteration:     # close the curve on its own image set
