@@ -110,9 +110,6 @@ class Store:
                                f"{SCHEMA_VERSION}")
         return manifest
 
-    def part_paths(self) -> list[str]:
-        return [f"{self.path}/{name}" for name in self.read_manifest()["file_names"]]
-
     def check_parts(self) -> dict:
         """Every part the manifest lists is there and its footer reads, and the parts hold the
         manifest's number of rows; DatasetError naming the first bad part otherwise. Returns the
@@ -170,8 +167,8 @@ def _decode_table(table: pa.Table, size: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _read(store: Store, columns: list[str] | None = None, filters=None) -> pa.Table:
-    tables = [read_part(store, name, columns, filters) for name in store.read_manifest()["file_names"]]
+def _read(store: Store, manifest: dict, columns: list[str] | None = None, filters=None) -> pa.Table:
+    tables = [read_part(store, name, columns, filters) for name in manifest["file_names"]]
     return pa.concat_tables(tables).sort_by("sample_id")
 
 
@@ -179,26 +176,27 @@ def load_arrays(uri: str, split: str | None = None) -> dict[str, np.ndarray]:
     """Read a dataset into numpy: sample_id (N,), key (N,), images (N, H, W, 3) uint8 and, when
     every row has one, masks (N, H, W) uint8. For datasets that fit in memory (tests, CPU runs)."""
     store = Store(uri)
-    size = store.read_manifest()["resolution"]
-    return _decode_table(_read(store, filters=None if split is None else [("split", "=", split)]), size)
+    manifest = store.read_manifest()
+    table = _read(store, manifest, filters=None if split is None else [("split", "=", split)])
+    return _decode_table(table, manifest["resolution"])
 
 
 def split_ids(uri: str, split: str) -> np.ndarray:
     """Sorted sample ids of one split, reading only the id and split columns."""
     store = Store(uri)
-    store.read_manifest()
-    return _read(store, ["sample_id"], [("split", "=", split)])["sample_id"].to_numpy()
+    return _read(store, store.read_manifest(), ["sample_id"], [("split", "=", split)])["sample_id"].to_numpy()
 
 
 def load_rows(uri: str, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The rows of the given sorted sample ids (as `load_arrays`). Parquet row-group statistics
     skip the parts outside [min id, max id], so a worker reads little more than its shard."""
     store = Store(uri)
-    size = store.read_manifest()["resolution"]
+    manifest = store.read_manifest()
+    size = manifest["resolution"]
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size == 0:
         raise DatasetError(f"{uri}: no sample ids requested")
-    table = _read(store, filters=[("sample_id", ">=", int(ids[0])), ("sample_id", "<=", int(ids[-1]))])
+    table = _read(store, manifest, filters=[("sample_id", ">=", int(ids[0])), ("sample_id", "<=", int(ids[-1]))])
     table = table.filter(pc.is_in(table["sample_id"], pa.array(ids)))
     if table.num_rows != ids.size:
         missing = np.setdiff1d(ids, table["sample_id"].to_numpy())[:5].tolist()
