@@ -1,6 +1,7 @@
 """Training state and a local single-process fit loop (the Ray Train worker reuses `TrainState`)."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,6 +14,8 @@ from drc_core.config import DRCConfig
 from drc_core.em import Optimizers, em_step
 from drc_core.inference import images_to_tensor
 from drc_core.model import DRCModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +92,11 @@ class TrainState:
         metrics["chain_seconds"] = chain_seconds + time.perf_counter() - t0
         self.iteration += 1
         metrics["iteration"] = self.iteration
+        if metrics["chains_reset"]:
+            # em_step replaced them by N(0, I) draws; training goes on, but many resets in a row
+            # mean the Langevin step sizes are too large for this model
+            log.warning("iteration %d: reset %d diverged Langevin chain(s) (non-finite or |z| > %g) "
+                        "to N(0, I)", self.iteration, int(metrics["chains_reset"]), lv.divergence_threshold)
         return metrics
 
     # ---- checkpointing (chains are saved per shard by the caller) -------------------------

@@ -10,15 +10,19 @@ A checkpoint folder (Ray Train merges the ranks' folders into one in persistent 
 
 Every file is written under a temporary name and renamed into place; a rank's `shard-*.json`
 exists only once its files are complete, and a checkpoint is valid only when all ranks' shard
-records exist and every checksum matches. Everything loads with `torch.load(weights_only=True)`:
-tensors, numbers and strings only, no pickled code. Restoring with another number of workers
-reads only the shard files whose id range overlaps the new shard.
+records exist and every checksum matches. A write that fails (disk full) removes its temporary
+file and raises CheckpointError naming the file. Everything loads through `safe_load`
+(`torch.load(weights_only=True)`): tensors, numbers and strings only; a file whose pickle would
+build any other object is refused, and nothing in it runs. Restoring with another number of
+workers reads only the shard files whose id range overlaps the new shard.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +31,7 @@ import torch
 
 from drc_core.chains import InMemoryChainBuffer
 from drc_core.config import ConfigError, DRCConfig
+from pipelines.errors import os_reason
 
 
 class CheckpointError(RuntimeError):
@@ -42,13 +47,47 @@ def _sha256(path: Path) -> str:
 
 
 def _replace_into(path: Path, write: Callable[[Path], None]) -> str:
-    """Write through `write(tmp)`, fsync, rename to `path`; return the file's sha256."""
+    """Write through `write(tmp)`, fsync, rename to `path`; return the file's sha256. On failure
+    (e.g. no space left) the temporary file is removed and `path` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise CheckpointError(f"{path}: cannot write the checkpoint file ({os_reason(exc)})") from exc
+        raise
     os.replace(tmp, path)
     return _sha256(path)
+
+
+def _torch_writer(obj) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        # through a Python file object a full disk raises OSError (ENOSPC) instead of torch's
+        # opaque "enforce fail at inline_container.cc"
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    return write
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu"):
+    """`torch.load(weights_only=True)` with clear errors: a file whose pickle would build anything
+    but tensors, numbers, strings and containers (an object whose unpickling runs code) is
+    refused, a damaged file is reported as such; both as CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported (?:global: GLOBAL \S+|operand \d+)", str(exc))
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled Python objects that are not plain tensors, "
+            f"numbers or strings ({found.group(0) if found else 'not a weights-only pickle'}); it was "
+            f"not loaded and nothing in it ran. Only load files from a source you trust.") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: "
+                              f"{first[0] if first else ''}); the file is damaged or not a torch file") from None
 
 
 def _shard_name(kind: str, rank: int, world: int, ext: str) -> str:
@@ -68,11 +107,11 @@ def write_shard(folder: str | Path, *, rank: int, world_size: int, state, meta: 
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     chains = _shard_name("chains", rank, world_size, "pt")
-    files[chains] = _replace_into(folder / chains, lambda p: torch.save({
+    files[chains] = _replace_into(folder / chains, _torch_writer({
         "posterior": state.chains.state_dict(), "prior": state.prior_chains.state_dict(),
-        "generator": state.generator.get_state().cpu()}, p))
+        "generator": state.generator.get_state().cpu()}))
     if rank == 0:
-        files["state.pt"] = _replace_into(folder / "state.pt", lambda p: torch.save(state.state_dict(), p))
+        files["state.pt"] = _replace_into(folder / "state.pt", _torch_writer(state.state_dict()))
         files["config.json"] = _replace_into(folder / "config.json", lambda p: p.write_text(state.cfg.to_json()))
         full_meta = {**meta, "iteration": state.iteration, "world_size": world_size}
         files["meta.json"] = _replace_into(folder / "meta.json", lambda p: p.write_text(json.dumps(full_meta)))
@@ -90,19 +129,31 @@ def write_shard(folder: str | Path, *, rank: int, world_size: int, state, meta: 
                   lambda p: p.write_text(json.dumps(record, indent=1)))
 
 
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    """A checkpoint's JSON record; a truncated or garbled one (an interrupted copy into storage
+    leaves empty files) is a CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or any(k not in data for k in keys):
+            raise ValueError(f"missing {[k for k in keys if not isinstance(data, dict) or k not in data]}")
+        return data
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable record ({exc}): damaged or partly written") from None
+
+
 def verify(folder: str | Path) -> tuple[dict, list[dict]]:
     """Check that a checkpoint is complete and intact; return (meta, shard records by rank)."""
     folder = Path(folder)
     if not (folder / "meta.json").exists():
         raise CheckpointError(f"{folder}: no meta.json (not a DRC checkpoint, or an incomplete write)")
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = _read_json(folder / "meta.json", ("world_size", "iteration"))
     world = int(meta["world_size"])
     records = []
     for rank in range(world):
         path = folder / _shard_name("shard", rank, world, "json")
         if not path.exists():
             raise CheckpointError(f"{folder}: rank {rank} of {world} never finished writing ({path.name} missing)")
-        rec = json.loads(path.read_text())
+        rec = _read_json(path, ("files", "chains_file", "rank"))
         for name, digest in rec["files"].items():
             if not (folder / name).exists():
                 raise CheckpointError(f"{folder / name}: missing")
@@ -130,7 +181,10 @@ def load_config(folder: str | Path) -> DRCConfig:
 
 
 def check_compatible(saved: DRCConfig, now: DRCConfig, where: str) -> None:
-    """Resuming needs the same architecture: fail fast naming the first differing model field."""
+    """Resuming needs the same preset and architecture: fail fast naming the first differing field."""
+    if saved.preset != now.preset:
+        raise ConfigError(f"preset is {now.preset!r} but the checkpoint {where} was trained with preset "
+                          f"{saved.preset!r}: resume with --preset {saved.preset}")
     a, b = saved.to_dict()["model"], now.to_dict()["model"]
     for key in a:
         if a[key] != b.get(key):
@@ -142,7 +196,7 @@ def check_compatible(saved: DRCConfig, now: DRCConfig, where: str) -> None:
 
 
 def load_state(folder: str | Path, device: str | torch.device = "cpu") -> dict:
-    return torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+    return safe_load(Path(folder) / "state.pt", device)
 
 
 def _overlaps(rec: dict, lo_key: str, hi_key: str, ids: torch.Tensor) -> bool:
@@ -162,7 +216,7 @@ def load_chains(folder: str | Path, records: list[dict], ids: torch.Tensor, prio
         want_prior = _overlaps(rec, "prior_min", "prior_max", prior_ids)
         if not (want_post or want_prior):
             continue
-        shard = torch.load(folder / rec["chains_file"], map_location="cpu", weights_only=True)
+        shard = safe_load(folder / rec["chains_file"])
         if want_post:
             posterior.append(shard["posterior"])
         if want_prior:
@@ -190,7 +244,7 @@ class ChainReader:
     def _shard(self, rec: dict) -> InMemoryChainBuffer:
         name = rec["chains_file"]
         if name not in self._shards:
-            state = torch.load(self.folder / name, map_location="cpu", weights_only=True)["posterior"]
+            state = safe_load(self.folder / name)["posterior"]
             self._shards[name] = InMemoryChainBuffer.from_state_dict(state)
             while len(self._shards) > self.cache:
                 self._shards.pop(next(iter(self._shards)))

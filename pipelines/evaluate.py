@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import tracking
-from pipelines.parquet_store import DatasetError, Store, load_arrays
+from pipelines.parquet_store import DatasetError, Store, load_arrays, read_part
 
 
 def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5) -> np.ndarray:
@@ -48,13 +48,12 @@ def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5)
 
 def read_predictions(uri: str) -> dict:
     """A segmentation output → {"manifest", "sample_id" (N,), "masks" (N, H, W) bool}."""
-    import pyarrow.parquet as pq
     from PIL import Image
     store = Store(uri)
     manifest = store.read_manifest()
     if manifest.get("kind") != "segmentation":
         raise DatasetError(f"{uri} is not a pipelines.segment output (manifest kind {manifest.get('kind')!r})")
-    tables = [pq.read_table(p, filesystem=store.fs, columns=["sample_id", "mask"]) for p in store.part_paths()]
+    tables = [read_part(store, name, ["sample_id", "mask"]) for name in manifest["file_names"]]
     ids = np.concatenate([t["sample_id"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     masks = [np.asarray(Image.open(io.BytesIO(b))) > 127 for t in tables for b in t["mask"].to_pylist()]
     size = manifest["resolution"]

@@ -135,7 +135,11 @@ def evaluate_saved(args) -> dict:
     """Evaluate a saved model (runs/<name>/model.pt) on the first N test images."""
     from drc_core.config import DRCConfig, apply_overrides
     from drc_core.model import DRCModel
-    saved = torch.load(args.evaluate_only, weights_only=True)
+    from pipelines.checkpoints import CheckpointError, safe_load
+    try:
+        saved = safe_load(args.evaluate_only)
+    except CheckpointError as exc:
+        raise SystemExit(f"local: --evaluate-only {exc}") from None
     cfg = apply_overrides(DRCConfig.from_dict(saved["config"]), parse_override_args(args.overrides))
     model = DRCModel(cfg.model, cfg.ablation)
     model.load_state_dict(saved["model"])

@@ -7,7 +7,9 @@ A reference is one of:
   segmenter: {"kind": "amortized", "config", "student", "state"});
 - an MLflow model URI (`runs:/<id>/model`, `models:/<name>/<version>`, …) of either kind.
 
-Everything is read with `torch.load(weights_only=True)`: no pickled code runs.
+Everything is read with `pipelines.checkpoints.safe_load` (`torch.load(weights_only=True)`): a
+file holding pickled objects other than tensors, numbers and strings is refused with ModelError
+naming it, and no pickled code runs.
 """
 from __future__ import annotations
 
@@ -64,10 +66,11 @@ def save_drc(path: str | Path, cfg: DRCConfig, model_state: dict) -> Path:
 
 
 def _from_weights(path: Path, source: str) -> Segmenter:
+    from pipelines.checkpoints import CheckpointError, safe_load
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"{source}: cannot load {path} as model weights ({type(exc).__name__}: {exc})") from None
+        saved = safe_load(path)
+    except CheckpointError as exc:
+        raise ModelError(f"{source}: cannot load model weights: {exc}") from None
     if not isinstance(saved, dict) or "config" not in saved:
         raise ModelError(f"{source}: {path} holds no DRC config: not a model.pt or student.pt")
     cfg = DRCConfig.from_dict(saved["config"])
@@ -85,10 +88,14 @@ def _from_weights(path: Path, source: str) -> Segmenter:
 def _from_checkpoint(folder: Path, source: str) -> Segmenter:
     from drc_core.model import DRCModel
     from pipelines import checkpoints as ckpt
-    meta, _ = ckpt.verify(folder)
-    cfg = ckpt.load_config(folder)
+    try:
+        meta, _ = ckpt.verify(folder)
+        cfg = ckpt.load_config(folder)
+        state = ckpt.load_state(folder)
+    except ckpt.CheckpointError as exc:
+        raise ModelError(f"{source}: {exc}") from None
     net = DRCModel(cfg.model, cfg.ablation)
-    net.load_state_dict(ckpt.load_state(folder)["model"])
+    net.load_state_dict(state["model"])
     return Segmenter(LANGEVIN, cfg, net.eval(), source, checkpoint=folder, meta=meta)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from pipelines import sources
 from pipelines.imaging import (CROPS, MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image,
                                decode_mask, open_image)
-from pipelines.parquet_store import SCHEMA_VERSION, DatasetExists, Store
+from pipelines.parquet_store import SCHEMA_VERSION, DatasetError, DatasetExists, Store
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 CLEVR_CROP = (64, 29, 256, 221)       # (left, top, right, bottom) on 320×240 CLEVR frames
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         manifest = run(records, opt, args.out, rows_per_file=args.rows_per_file, overwrite=args.overwrite,
                        description=desc)
-    except DatasetExists as exc:
+    except (DatasetExists, DatasetError) as exc:        # an existing dataset, a failed write (disk full)
         sys.exit(f"preprocess: {exc}")
     print(summary_table(manifest))
     print(f"wrote {manifest['counts']['ok']} rows in {manifest['files']} files to {args.out} "

@@ -31,9 +31,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import sources
+from pipelines.checkpoints import CheckpointError
+from pipelines.errors import find_cause, os_reason
 from pipelines.imaging import MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image
 from pipelines.models import AMORTIZED, LANGEVIN, ModelError, load
-from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetExists, Store
+from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, DatasetExists, Store, read_part
 
 OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("mask", pa.binary()),
@@ -125,17 +127,34 @@ class SegmentBatch:
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
     def _write_png(self, row: dict, image: np.ndarray, mask: np.ndarray) -> None:
+        import io
+
         from PIL import Image
         name = safe_name(row["sample_id"], row["key"])
-        (self.png / "masks").mkdir(parents=True, exist_ok=True)
-        (self.png / "overlays").mkdir(parents=True, exist_ok=True)
-        _inside(self.png / "masks", name).write_bytes(row["mask"])
-        Image.fromarray(overlay(image, mask)).save(_inside(self.png / "overlays", name))
+        buf = io.BytesIO()
+        Image.fromarray(overlay(image, mask)).save(buf, format="PNG")
+        for sub, data in (("masks", row["mask"]), ("overlays", buf.getvalue())):
+            path = _inside(self.png / sub, name)
+            tmp = path.with_name(f".{name}.tmp")
+            try:                                # a file is either complete or absent (disk full)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise DatasetError(f"--png {self.png}: cannot write {sub}/{name} ({os_reason(exc)})") from None
 
 
 def _ok_rows(table: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
     return table.filter(pc.equal(table["status"], "ok")).drop_columns(["status", "reason"])
+
+
+def _read_parts(batch: pa.Table, uri: str, split: str | None) -> pa.Table:
+    store = Store(uri)
+    tables = [read_part(store, name, ["sample_id", "key", "split", "image"],
+                        None if split is None else [("split", "=", split)]) for name in batch["part"].to_pylist()]
+    return pa.concat_tables(tables)
 
 
 def folder_records(root: Path) -> tuple[list[dict], list[dict]]:
@@ -162,16 +181,17 @@ def input_dataset(args, resolution: int):
     src = args.input
     if "://" in src or (Path(src) / MANIFEST).exists():
         store = Store(src)
-        manifest = store.read_manifest()
+        manifest = store.check_parts()               # a damaged part fails here, naming it
         if manifest.get("resolution") != resolution:
             raise ModelError(f"--input {src} has resolution {manifest.get('resolution')} but the model "
                              f"segments {resolution}×{resolution}: preprocess the corpus at {resolution}")
         per_split = manifest["counts"]["per_split"]
-        from ray.data.expressions import col
-        ds = (ray.data.read_parquet(store.part_paths(), filesystem=store.fs)
-              .select_columns(["sample_id", "key", "split", "image"]))
-        if args.split:
-            ds = ds.filter(expr=col("split") == args.split)
+        # one read task per part, through our reader: it verifies the parts' page checksums
+        # (Ray Data's Parquet reader does not), so damaged data pages fail naming the part
+        # instead of yielding wrong pixels
+        parts = manifest["file_names"]
+        ds = ray.data.from_items([{"part": name} for name in parts], override_num_blocks=max(1, len(parts))) \
+            .map_batches(_read_parts, fn_kwargs={"uri": src, "split": args.split}, batch_size=1, batch_format="pyarrow")
         n = per_split.get(args.split, 0) if args.split else sum(per_split.values())
         return ds, n, [], {"kind": "parquet", "input": src, "split": args.split}, {}
     if args.from_chains:
@@ -280,12 +300,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# errors whose message says everything: printed in one line, also when an actor raised them
+CLEAR_ERRORS = (ModelError, DatasetExists, DatasetError, CheckpointError)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    failed = None
     try:
         manifest = run(args)
-    except (ModelError, DatasetExists) as exc:
-        sys.exit(f"segment: {exc}")
+    except Exception as exc:
+        clear = find_cause(exc, CLEAR_ERRORS)
+        if clear is None:
+            raise
+        failed = f"segment: {clear}"
+    if failed is not None:
+        # exit outside the handler and collect: the failed pipeline's traceback holds Ray Data's
+        # actor pool (and its CPUs) until the reference cycle is broken
+        import gc
+        gc.collect()
+        sys.exit(failed)
     c = manifest["counts"]
     print(f"segmented {c['ok']} of {c['inputs']} inputs ({c['quarantined']} quarantined) in "
           f"{manifest['seconds']:.1f} s ({manifest['images_per_s']:.2f} images/s), mode {manifest['mode']}, "

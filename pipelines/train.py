@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from drc_core.config import parse_override_args
+from drc_core.config import ConfigError, parse_override_args
 from drc_core.presets import get_config, preset_names
 from pipelines import checkpoints as ckpt
 from pipelines import tracking
-from pipelines.parquet_store import Store
+from pipelines.errors import find_cause
+from pipelines.parquet_store import DatasetError, Store
 from pipelines.ray_env import init_ray
-from pipelines.train_worker import TrainJob, train_loop
+from pipelines.train_worker import DivergenceError, TrainJob, train_loop
 
 RUN_FILE = "drc_run.json"
 
@@ -45,6 +47,14 @@ def _workers(text: str) -> int | tuple[int, int]:
     return lo_n if not hi else (lo_n, hi_n)
 
 
+def run_name(text: str) -> str:
+    """A run or study name: one plain folder name under --storage, never a path out of it."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use letters, digits, '.', '_', '-' "
+                                         f"(starting with a letter or digit), at most 128 characters")
+    return text
+
+
 def build_trainer(job: TrainJob, *, workers: int | tuple[int, int], name: str, storage: str, cpus_per_worker: float = 1.0,
                   gpu: bool = False, max_failures: int = 2, keep: int = 2, callbacks=()):
     """The TorchTrainer for one training job (pipelines.tune builds its trials with this too)."""
@@ -60,8 +70,9 @@ def build_trainer(job: TrainJob, *, workers: int | tuple[int, int], name: str, s
 
 
 def check_dataset(data: str, cfg, preset: str) -> dict:
-    """The dataset's manifest, after checking that its resolution is the model's."""
-    manifest = Store(data).read_manifest()
+    """The dataset's manifest, after checking that every part's footer reads (DatasetError naming
+    a damaged part, before any worker starts) and that its resolution is the model's."""
+    manifest = Store(data).check_parts()
     if manifest["resolution"] != cfg.model.resolution:
         raise SystemExit(f"--data {data} has resolution {manifest['resolution']} but "
                          f"model.resolution is {cfg.model.resolution} (preset {preset})")
@@ -91,8 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=None, help="posterior steps for evaluation")
     p.add_argument("--grid-every", type=int, default=100, help="image grids every N iterations (0: off)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
-    p.add_argument("--name", default=None, help="run name (default: <preset>-<time>-<random>)")
-    p.add_argument("--resume", metavar="NAME", default=None, help="continue run NAME from its last checkpoint")
+    p.add_argument("--name", type=run_name, default=None, help="run name (default: <preset>-<time>-<random>)")
+    p.add_argument("--resume", type=run_name, metavar="NAME", default=None,
+                   help="continue run NAME from its last checkpoint")
     p.add_argument("--storage", default="runs/ray", help="checkpoint storage (folder or URI)")
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
@@ -105,13 +117,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_resumable(run_dir: Path | None, name: str, storage: str, cfg) -> dict:
+    """The saved run record of --resume NAME, after checking that the run exists and was trained
+    with this preset and architecture (ConfigError naming the field otherwise)."""
+    if run_dir is None or not (run_dir / RUN_FILE).exists():
+        raise SystemExit(f"--resume {name}: no run of that name under {storage}")
+    previous = json.loads((run_dir / RUN_FILE).read_text())
+    if previous.get("preset", cfg.preset) != cfg.preset:
+        raise ConfigError(f"preset is {cfg.preset!r} but run {name} was started with preset "
+                          f"{previous['preset']!r}: resume with --preset {previous['preset']}")
+    last = ckpt.latest(run_dir)
+    if last is not None:
+        ckpt.check_compatible(ckpt.load_config(last), cfg, str(last))
+    elif saved := sorted(run_dir.glob("checkpoint_*")):
+        try:                                  # every checkpoint damaged: say which file, do not start over
+            ckpt.verify(saved[-1])
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"--resume {name}: no intact checkpoint under {run_dir}; the newest: "
+                                       f"{exc}") from None
+    return previous
+
+
 def run(args: argparse.Namespace) -> dict:
+    """Every check that can fail (config, resume compatibility, dataset) runs before Ray starts."""
     cfg = get_config(args.preset, parse_override_args(args.overrides))
-    check_dataset(args.data, cfg, args.preset)
     storage = str(Path(args.storage).resolve()) if _is_local(args.storage) else args.storage
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir = Path(storage) / name if _is_local(storage) else None
+    previous = check_resumable(run_dir, name, storage, cfg) if args.resume else None
+    check_dataset(args.data, cfg, args.preset)
     iterations = args.iterations or cfg.optim.iterations
 
     job = TrainJob(data=args.data, config=cfg.to_dict(), iterations=iterations,
@@ -119,14 +154,8 @@ def run(args: argparse.Namespace) -> dict:
                    eval_images=args.eval_images, eval_steps=args.eval_steps, grid_every=args.grid_every,
                    threads=args.threads or max(1, int(args.cpus_per_worker)), gpu=args.gpu,
                    tracking_uri=uri)
-    if args.resume:
-        if run_dir is None or not (run_dir / RUN_FILE).exists():
-            raise SystemExit(f"--resume {name}: no run of that name under {storage}")
-        previous = json.loads((run_dir / RUN_FILE).read_text())
+    if previous is not None:
         job.mlflow_run_id = previous["mlflow_run_id"]
-        last = ckpt.latest(run_dir)
-        if last is not None:
-            ckpt.check_compatible(ckpt.load_config(last), cfg, str(last))
         tracking.client(uri).update_run(job.mlflow_run_id, status="RUNNING")
     else:
         if run_dir is not None and run_dir.exists():
@@ -180,8 +209,19 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+# errors whose message says everything: the CLI prints it in one line, also when a worker raised it
+CLEAR_ERRORS = (ConfigError, DatasetError, ckpt.CheckpointError, DivergenceError)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_args(argv))
+    try:
+        return run(parse_args(argv))
+    except Exception as exc:
+        clear = find_cause(exc, CLEAR_ERRORS)
+        if clear is None:
+            raise
+        failed = f"train: {clear}"
+    raise SystemExit(failed)              # outside the handler: the Ray error is not kept alive
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from drc_core.fit import TrainState, rank_seed
 from drc_core.inference import images_to_tensor
 from pipelines import checkpoints as ckpt
 from pipelines import tracking
+from pipelines.errors import os_reason
 from pipelines.parquet_store import load_rows, split_ids
 
 
@@ -132,8 +133,9 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int) -> None:
-    meta, records = ckpt.verify(folder)
+def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int,
+            verified: tuple[dict, list[dict]] | None = None) -> None:
+    meta, records = verified or ckpt.verify(folder)
     ckpt.check_compatible(ckpt.load_config(folder), state.cfg, folder)
     state.load_state_dict(ckpt.load_state(folder, state.device))
     dtype = state.chains.z.dtype
@@ -146,6 +148,33 @@ def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int
     _event(job, event="restored", rank=rank, world_size=world, saved_world_size=meta["world_size"],
            iteration=state.iteration, checkpoint=str(folder), ids=[int(state.chains.ids[0]), int(state.chains.ids[-1])],
            posterior_digest=ckpt.tensor_digest(state.chains.z))
+
+
+def resume(state: TrainState, job: TrainJob, rank: int, world: int) -> None:
+    """Restore from Ray's last registered checkpoint; else (a failure hit before Ray registered a
+    checkpoint whose files were complete, or `--resume`) from the newest intact one in the run
+    folder. A registered checkpoint whose files fail verification (corrupted on disk) is passed
+    over for the newest intact one, said in a `checkpoint_rejected` event; with none left the
+    worker fails naming the damaged file rather than silently starting over."""
+    import ray.train
+    found = ray.train.get_checkpoint()
+    if found is None:
+        if (folder := ckpt.latest(job.run_dir)) is not None:
+            restore(state, str(folder), job, rank, world)
+        return
+    with found.as_directory() as folder:
+        try:
+            verified = ckpt.verify(folder)
+        except ckpt.CheckpointError as exc:
+            fallback = ckpt.latest(job.run_dir)
+            if fallback is None:
+                raise ckpt.CheckpointError(f"cannot resume: {exc}; no earlier intact checkpoint "
+                                           f"{'under ' + job.run_dir if job.run_dir else 'is reachable'}") from None
+            _event(job, event="checkpoint_rejected", rank=rank, checkpoint=str(folder), reason=str(exc),
+                   fallback=str(fallback))
+            restore(state, str(fallback), job, rank, world)
+            return
+        restore(state, folder, job, rank, world, verified)
 
 
 TRIVIAL_AREA = 0.01          # a mask covering < 1 % or > 99 % of the image separates nothing
@@ -232,14 +261,7 @@ def train_loop(config: dict) -> None:
     eval_data = _eval_slice(job, rank, world)
 
     state = TrainState.create(cfg, ids, rank=rank, world_size=world, device=device)
-    # Ray's last registered checkpoint; else (a failure hit before Ray registered a checkpoint
-    # whose files were complete, or `--resume`) the newest complete one in the run folder
-    found = ray.train.get_checkpoint()
-    if found is not None:
-        with found.as_directory() as folder:
-            restore(state, folder, job, rank, world)
-    elif (folder := ckpt.latest(job.run_dir)) is not None:
-        restore(state, str(folder), job, rank, world)
+    resume(state, job, rank, world)
     comms = Comms(world)
     log = rank == 0 and job.mlflow_run_id is not None and job.tracking_uri is not None
     meta = {"mlflow_run_id": job.mlflow_run_id, "data": job.data, "num_train": int(len(train_ids))}
@@ -253,6 +275,8 @@ def train_loop(config: dict) -> None:
         b = batch_ids(ids, batch, steps_per_epoch, state.iteration, cfg.seed, rank)
         m = state.step(x_all[torch.searchsorted(ids, b)], b, sync_grads=comms.sync_grads)
         it = state.iteration
+        if m["chains_reset"]:                # drc_core reset them and logged a warning; training goes on
+            _event(job, event="chains_reset", rank=rank, iteration=it, chains=int(m["chains_reset"]))
         bad = [k for k in ("gen_loss", "ebm_loss", "prior_energy") if not math.isfinite(m[k])]
         if bad:
             raise DivergenceError(f"training diverged at iteration {it}: "
@@ -262,6 +286,7 @@ def train_loop(config: dict) -> None:
         if _fault_fires(job, "kill", it, rank):
             _die()
         m = comms.mean({k: v for k, v in m.items() if k != "iteration"})
+        m["chains_reset"] = round(m["chains_reset"] * world)     # a count over all workers, not a mean
         dt = time.perf_counter() - t0
         if it > warm_from or job.iterations - warm_from < 2:
             seconds, chain_seconds, timed = seconds + dt, chain_seconds + m["chain_seconds"], timed + 1
@@ -289,5 +314,10 @@ def train_loop(config: dict) -> None:
                            "chain_share": chain_seconds / max(seconds, 1e-9),
                            "comm_share": comm_seconds / max(seconds, 1e-9),
                            "checkpoint_write_seconds": time.perf_counter() - t1}
-                ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{it:08d}")
+                try:
+                    ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                     checkpoint_dir_name=f"checkpoint_{it:08d}")
+                except OSError as exc:       # Ray's copy into storage failed (disk full, permissions)
+                    raise ckpt.CheckpointError(
+                        f"cannot save checkpoint_{it:08d} into {job.run_dir or 'the run storage'} ({os_reason(exc)}); "
+                        f"earlier checkpoints are unchanged and a partial copy fails verification") from exc

@@ -26,7 +26,7 @@ from drc_core.presets import get_config, preset_names
 from pipelines import search_space, tracking
 from pipelines.parquet_store import load_rows, split_ids
 from pipelines.ray_env import init_ray
-from pipelines.train import build_trainer, check_dataset
+from pipelines.train import build_trainer, check_dataset, run_name
 from pipelines.train_worker import TrainJob
 
 STUDY_FILE = "drc_study.json"
@@ -115,8 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=64)
     p.add_argument("--eval-steps", type=int, default=None)
     p.add_argument("--metric", choices=["auto", "eval_iou", "eval_score"], default="auto")
-    p.add_argument("--name", default=None)
-    p.add_argument("--resume", metavar="NAME", default=None, help="continue an interrupted study")
+    p.add_argument("--name", type=run_name, default=None)
+    p.add_argument("--resume", type=run_name, metavar="NAME", default=None, help="continue an interrupted study")
     p.add_argument("--storage", default="runs/tune")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default="drc-tune")

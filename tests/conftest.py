@@ -23,6 +23,19 @@ def tiny_cfg():
     return tiny_config()
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if an entry point gets as far as starting (or joining) Ray: for errors
+    that must come before any worker starts."""
+    import pipelines.ray_env
+    import pipelines.train
+
+    def refuse(*args, **kwargs):
+        pytest.fail("Ray was started before the error")
+    monkeypatch.setattr(pipelines.train, "init_ray", refuse)
+    monkeypatch.setattr(pipelines.ray_env, "init_ray", refuse)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session: 2 CPUs, small object store, the dashboard on
@@ -40,3 +53,36 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# ---- fault-injection suite: a results table (python -m pytest -m faults) ------------------------
+_fault_rows: list[tuple[str, str, float, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect one row per `faults` case: its result, time and the outcome it recorded with
+    `record_property("outcome", …)` (what the run ended in: completed, or which clear error)."""
+    if "faults" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        outcome = dict(report.user_properties).get("outcome", "")
+        if report.outcome == "failed":
+            outcome = (report.longreprtext.strip().splitlines() or ["failed"])[-1][:160]
+        elif report.outcome == "skipped" and isinstance(report.longrepr, tuple):
+            outcome = str(report.longrepr[2])[:160]
+        case = report.nodeid.split("::", 1)[-1]
+        _fault_rows.append((case, report.outcome, report.duration, outcome))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _fault_rows:
+        return
+    width = min(max(len(r[0]) for r in _fault_rows), 90)
+    tr = terminalreporter
+    tr.section("fault injection: case → outcome")
+    tr.write_line(f"{'case':<{width}}  {'result':<7} {'seconds':>7}  outcome")
+    for case, result, seconds, outcome in _fault_rows:
+        tr.write_line(f"{case[:width]:<{width}}  {result:<7} {seconds:>7.1f}  {outcome}")
+    passed = sum(r[1] == "passed" for r in _fault_rows)
+    tr.write_line(f"{passed}/{len(_fault_rows)} cases ended as designed (a completed run or a clear error, "
+                  f"nothing previously written lost); {sum(r[2] for r in _fault_rows):.0f} s in the cases")

@@ -120,21 +120,28 @@ def _assert_restored_exactly(summary, iteration: int) -> None:
         assert e["posterior_digest"] == ckpt.tensor_digest(shard(folder, e["rank"], 2)["posterior"]["z"])
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("kind", ["raise", "kill"])
-def test_a_failed_worker_resumes_from_the_last_checkpoint_with_every_chain(kind, dataset, tracking_uri, tmp_path):
+def test_a_failed_worker_resumes_from_the_last_checkpoint_with_every_chain(kind, dataset, tracking_uri, tmp_path,
+                                                                           record_property):
     s = train(dataset, tracking_uri, tmp_path / "ray", "--inject-fault", f"{kind}:5:1")
     assert [e["iteration"] for e in events(s) if e["event"] == "fault"] == [5]
     _assert_restored_exactly(s, 3)
     meta, _ = ckpt.verify(Path(s["checkpoint"]))
     assert meta["iteration"] == 6
+    record_property("outcome", f"completed: rank 1 {kind} at iteration 5, both ranks restored checkpoint 3 "
+                               "bit for bit, finished at 6")
 
 
-def test_a_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(dataset, tracking_uri, tmp_path):
+@pytest.mark.faults
+def test_a_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(dataset, tracking_uri, tmp_path,
+                                                                                record_property):
     s = train(dataset, tracking_uri, tmp_path / "ray", "--inject-fault", "kill-in-checkpoint:6:1")
     assert [e["kind"] for e in events(s) if e["event"] == "fault"] == ["kill-in-checkpoint"]
     _assert_restored_exactly(s, 3)               # the half-written checkpoint 6 was never used
     meta, records = ckpt.verify(Path(s["checkpoint"]))
     assert meta["iteration"] == 6 and len(records) == 2
+    record_property("outcome", "completed: half-written checkpoint 6 never used, restored 3, rewrote 6")
 
 
 def test_resume_with_one_worker_after_two_reshards_the_chains(dataset, tracking_uri, tmp_path):
@@ -160,9 +167,8 @@ def test_resume_with_one_worker_after_two_reshards_the_chains(dataset, tracking_
 
 
 def test_resume_refuses_a_different_architecture(dataset, tracking_uri, tmp_path):
-    from drc_core.config import ConfigError
     from pipelines.train import main
     first = train(dataset, tracking_uri, tmp_path / "ray", iterations=3)
-    with pytest.raises(ConfigError, match="model.fg_dim"):
+    with pytest.raises(SystemExit, match="model.fg_dim"):
         main(["--data", dataset, "--resume", first["name"], "--iterations", "6", "--storage", first["storage"],
               "--tracking-uri", tracking_uri, *TINY, "model.fg_dim=16"])

@@ -28,7 +28,8 @@ def _env() -> dict:
     return env
 
 
-def test_a_node_removed_mid_run_training_completes_on_the_remaining_node(dataset, tmp_path):
+@pytest.mark.faults
+def test_a_node_removed_mid_run_training_completes_on_the_remaining_node(dataset, tmp_path, record_property):
     proc = subprocess.run([sys.executable, "-m", "tests.node_loss_drill", dataset, str(tmp_path)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("DRILL ")]
@@ -41,6 +42,8 @@ def test_a_node_removed_mid_run_training_completes_on_the_remaining_node(dataset
     assert restored["world_size"] == 1 and restored["saved_world_size"] == 2 and restored["iteration"] >= 5
     meta, records = ckpt.verify(Path(out["summary"]["checkpoint"]))
     assert meta["iteration"] == 40 and meta["world_size"] == 1 and records[0]["count"] == 48
+    record_property("outcome", f"completed: node removed after checkpoint 5, resumed from {restored['iteration']} "
+                               "on 1 worker (chains re-sharded), finished at 40")
 
 
 def _free_port() -> int:
