@@ -35,8 +35,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         kwargs.setdefault("dashboard_host", "127.0.0.1")
         if kwargs["include_dashboard"]:
             _pin_state_api(kwargs)
+        else:
+            env = dict(kwargs.get("runtime_env") or {})
+            env.setdefault("worker_process_setup_hook", "pipelines.ray_env.quiet_state_api_warnings")
+            kwargs["runtime_env"] = env
         ray.init(num_cpus=num_cpus, **kwargs)
     return ray
+
+
+def quiet_state_api_warnings() -> None:
+    """Worker setup hook of a local instance without a dashboard: there is no State API, so
+    Ray Train's PlacementGroupCleaner warns "Failed to query Ray Train Controller actor state"
+    every few seconds for the whole run (129 lines in one quickstart). Its only job, freeing the
+    placement group of a Tune trial that a scheduler stopped, needs the dashboard; runs that
+    tune start one (`_pin_state_api`)."""
+    import logging
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
 
 
 def _free_port(host: str, preferred: int = 8265) -> int:
