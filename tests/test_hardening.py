@@ -330,7 +330,8 @@ def test_init_ray_binds_the_dashboard_to_loopback_unless_told_otherwise(monkeypa
 def test_every_mlflow_server_the_project_starts_or_documents_binds_to_loopback():
     """The project starts no MLflow server itself (tracking is the embedded sqlite store or a
     URI the user gives); every `mlflow server` / `mlflow ui` command in code, scripts and docs
-    says --host 127.0.0.1."""
+    says --host 127.0.0.1, except the cluster guide's shared server, which names a host address
+    and never all interfaces."""
     found = []
     for path in ROOT.rglob("*"):
         if path.suffix not in (".py", ".sh", ".md", ".yaml", ".yml", ".toml") or {".venv", "tests"} & set(path.parts):
@@ -340,4 +341,8 @@ def test_every_mlflow_server_the_project_starts_or_documents_binds_to_loopback()
                 found.append((path.relative_to(ROOT), line.strip()))
     assert found, "expected the README's `mlflow ui` line"
     for where, line in found:
-        assert "--host 127.0.0.1" in line or "\"127.0.0.1\"" in line, f"{where}: {line}"
+        if where.parts[0] == "cluster":               # a shared server: told where to listen
+            host = re.search(r"--host[ =](\S+)", line)
+            assert host and host.group(1).strip("'\"") not in ("0.0.0.0", "::", ""), f"{where}: {line}"
+        else:
+            assert "--host 127.0.0.1" in line or "\"127.0.0.1\"" in line, f"{where}: {line}"
