@@ -33,6 +33,30 @@ def texture_bank(bank_seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.array(kx, float), np.array(ky, float), phase
 
 
+def _grating(j: int, u0: float, v0: float, xs: np.ndarray, ys: np.ndarray, size: int,
+             bank_seed: int) -> np.ndarray:
+    """Texture j shifted by (u0, v0), sampled at pixel coordinates (xs, ys) of an S×S image."""
+    kx, ky, phase = texture_bank(bank_seed)
+    u = u0 + WINDOW * xs / size
+    v = v0 + WINDOW * ys / size
+    return 0.5 + 0.5 * np.cos(2 * np.pi * (kx[j] * u + ky[j] * v) / PERIOD + phase[j])
+
+
+def textures(n: int, *, size: int = 128, seed: int = 0, bank_seed: int = 0) -> np.ndarray:
+    """n sprite-free backgrounds (n, S, S) in [0, 1], rendered like an image's background (random
+    texture and shift, 4× supersampled): what the background expert has to reproduce."""
+    rng = np.random.default_rng(seed)
+    sub = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    ys, xs = np.meshgrid(sub, sub, indexing="ij")
+    out = np.empty((n, size, size))
+    for i in range(n):
+        j = int(rng.integers(20))
+        u0, v0 = rng.uniform(0, PERIOD, 2)
+        out[i] = _grating(j, u0, v0, xs, ys, size, bank_seed).reshape(
+            size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+    return out
+
+
 @dataclass
 class Sample:
     image: np.ndarray        # (S, S, 3) uint8
@@ -99,16 +123,13 @@ def render(split: str, index: int, *, size: int = 128, bank_seed: int = 0,
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng(np.random.SeedSequence([bank_seed, SPLITS[split], index]))
-    kx, ky, phase = texture_bank(bank_seed)
     ss = size * SUPERSAMPLE
     sub = (np.arange(ss) + 0.5) / SUPERSAMPLE                 # sub-pixel centres in pixel units
     ys, xs = np.meshgrid(sub, sub, indexing="ij")
     while True:
         j = int(rng.integers(20))
         u0, v0 = rng.uniform(0, PERIOD, 2)
-        u = u0 + WINDOW * xs / size
-        v = v0 + WINDOW * ys / size
-        grey = 0.5 + 0.5 * np.cos(2 * np.pi * (kx[j] * u + ky[j] * v) / PERIOD + phase[j])
+        grey = _grating(j, u0, v0, xs, ys, size, bank_seed)
         canvas = np.repeat(grey[..., None], 3, axis=2)
         instances = np.zeros((size, size), np.uint8)
         n = int(rng.integers(2, 4))
