@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         return train_time >= budget
 
     state = fit(cfg, train, iterations=args.iterations or 10**9, on_iteration=on_iteration, device=args.device)
-    save_drc(out / "model.pt", cfg, {k: v.cpu() for k, v in state.model.state_dict().items()})
+    save_drc(out / "model.pt", cfg, state.model.state_dict())
     n_final = args.final_eval_images or d.test_size
     if n_final != len(test):
         if curve[-1]["iteration"] != state.iteration:     # close the curve on its own image set

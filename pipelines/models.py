@@ -60,8 +60,9 @@ def save_student(path: str | Path, cfg: DRCConfig, student) -> Path:
 
 
 def save_drc(path: str | Path, cfg: DRCConfig, model_state: dict) -> Path:
-    """model.pt: the resolved config + DRC model weights (what `load` and the pyfunc read)."""
-    torch.save({"config": cfg.to_dict(), "model": model_state}, path)
+    """model.pt: the resolved config + DRC model weights (what `load` and the pyfunc read), on the
+    CPU whatever device trained them, so that any machine can load it."""
+    torch.save({"config": cfg.to_dict(), "model": {k: v.detach().cpu() for k, v in model_state.items()}}, path)
     return Path(path)
 
 
