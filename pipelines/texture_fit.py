@@ -21,6 +21,12 @@ from drc_core.presets import get_config, preset_names
 from drc_core.tmds import textures
 
 
+def texture_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """`tmds.textures` as grey RGB images (n, 3, S, S) in [-1, 1], the generators' range."""
+    t = torch.tensor(textures(n, size=size, seed=seed), dtype=torch.float32)
+    return t[:, None].expand(-1, 3, -1, -1).mul(2).sub(1).contiguous()
+
+
 def fit_textures(x: torch.Tensor, *, latent_dim: int, trunk_channels: int, widths: tuple[int, ...],
                  seconds: float, batch: int = 32, seed: int = 0) -> dict:
     torch.manual_seed(seed)
@@ -56,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else tuple(m.up_widths)
     if len(widths) != m.num_up_blocks:
         raise SystemExit(f"texture_fit: --widths needs {m.num_up_blocks} values for {m.resolution}², got {widths}")
-    x = torch.tensor(textures(args.images, size=m.resolution), dtype=torch.float32)
-    x = x[:, None].expand(-1, 3, -1, -1).mul(2).sub(1).contiguous()        # grey RGB in [-1, 1]
+    x = texture_images(args.images, m.resolution)
     flat = float((x - x.mean((1, 2, 3), keepdim=True)).abs().mean())
     res = fit_textures(x, latent_dim=args.bg_dim or m.bg_dim, trunk_channels=m.trunk_channels,
                        widths=widths, seconds=args.seconds)

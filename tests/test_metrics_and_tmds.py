@@ -91,12 +91,13 @@ def _dilate_bool(mask, r):
 
 def test_textures_are_seeded_greys_in_range_and_the_texture_fit_learns():
     from drc_core.tmds import textures
-    from pipelines.texture_fit import fit_textures
+    from pipelines.texture_fit import fit_textures, texture_images
     t = textures(64, size=32, seed=3)
     assert t.shape == (64, 32, 32) and t.min() >= 0 and t.max() <= 1 and t.std() > 0.2
     np.testing.assert_array_equal(t, textures(64, size=32, seed=3))
     assert not np.array_equal(t, textures(64, size=32, seed=4))
-    x = torch.tensor(t, dtype=torch.float32)[:, None].expand(-1, 3, -1, -1).mul(2).sub(1).contiguous()
+    x = texture_images(64, 32, seed=3)
+    torch.testing.assert_close(x[:, 0], torch.tensor(t, dtype=torch.float32) * 2 - 1)
     kw = dict(latent_dim=4, trunk_channels=16, widths=(16, 16, 8))
     untrained = fit_textures(x, seconds=0, **kw)
     trained = fit_textures(x, seconds=4, **kw)
