@@ -14,6 +14,15 @@ _MULTI_OBJECT = {"model.fg_classes": 30, "model.bg_classes": 10}
 # minutes, and 10× larger rates learned markedly faster in 4-minute cpu-32 trials (IoU 23.4 vs 20.4
 # at equal time, 500 images), so the CPU presets use them.
 _CPU_OPTIM = {"optim.gen_lr": 1e-3, "optim.ebm_lr": 2e-4}
+# What makes a minutes-long CPU run learn (issue 2; cpu-32, 500 images, 250 iterations, IoU at π_f > ½ /
+# best-threshold IoU on 100 test images; best centred disc 31.0): the paper's settings 25.6 / 33.0;
+# without λ_⊥ and pixel re-assignment 26.4 / 51.1; and with σ = 0.5 31.8 / 61.7 (σ = 1.0: 28.9 / 42.2;
+# a 16-d background latent: 26.6 / 49.7). At 32² the gratings are beyond what the background expert
+# learns in minutes; the orthogonality penalty and the smooth re-assignment warp slow both experts,
+# and a softer likelihood (σ 0.5) stops texture pixels from being handed to whichever expert is
+# momentarily closer. K₁ = 10 learns as much per iteration as 20 at half the cost.
+_CPU_LEARNING = {"ablation.ortho": False, "ablation.pixel_reassign": False, "loss.sigma": 0.5,
+                 "langevin.posterior_steps": 10}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Table S1 latent sizes; test-time steps from appendix B.
@@ -32,14 +41,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                "model.reassign_dim": 128, "model.trunk_channels": 64,
                "model.up_widths": (128, 64, 32, 16), "model.classifier_widths": (16, 32, 64, 128),
                "model.ebm_hidden": 200, "model.ebm_reassign_hidden": 200,
-               "langevin.posterior_steps": 20, "langevin.prior_pool_size": 1000,
-               "langevin.test_steps": 300, "optim.batch_size": 32, **_CPU_OPTIM,
+               "langevin.prior_pool_size": 1000,
+               "langevin.test_steps": 300, "optim.batch_size": 32, **_CPU_OPTIM, **_CPU_LEARNING,
                "data.train_size": 5000, "data.test_size": 1000},
     "cpu-32": {**_MULTI_OBJECT, "model.resolution": 32, "model.fg_dim": 32, "model.bg_dim": 4,
                "model.reassign_dim": 64, "model.trunk_channels": 64,
                "model.up_widths": (64, 32, 16), "model.classifier_widths": (16, 32, 64),
-               "langevin.posterior_steps": 20, "langevin.prior_pool_size": 1000,
-               "langevin.test_steps": 100, "optim.batch_size": 32, **_CPU_OPTIM,
+               "langevin.prior_pool_size": 1000,
+               "langevin.test_steps": 100, "optim.batch_size": 32, **_CPU_OPTIM, **_CPU_LEARNING,
                # at 32² the spec's 0.15–0.30·S sprites are 5–10 px: too small to learn quickly
                "data.sprite_size": (0.25, 0.45), "data.train_size": 2000, "data.test_size": 200},
 }

@@ -10,8 +10,9 @@ def _two_threads():
 
 
 def tiny_config():
-    """cpu-32 narrowed further so model tests run in milliseconds."""
-    return get_config("cpu-32", {"model.fg_dim": 8, "model.reassign_dim": 8, "model.trunk_channels": 8,
+    """cpu-32 narrowed further so model tests run in milliseconds, with every component of the
+    paper switched on (the CPU preset itself leaves re-assignment and λ_⊥ off)."""
+    return get_config("cpu-32", {"ablation.pixel_reassign": True, "ablation.ortho": True, "model.fg_dim": 8, "model.reassign_dim": 8, "model.trunk_channels": 8,
                                  "model.up_widths": (8, 8, 8), "model.classifier_widths": (4, 4, 4),
                                  "model.ebm_hidden": 16, "model.ebm_reassign_hidden": 16,
                                  "langevin.posterior_steps": 2, "langevin.prior_steps": 2,

@@ -16,7 +16,7 @@ from drc_core.metrics import mean_iou_dice, trivial_baselines
 from drc_core.presets import get_config
 from drc_core.tmds import render_many
 
-ITERATIONS = 250
+ITERATIONS = 600
 
 
 @pytest.mark.learning
@@ -31,18 +31,20 @@ def test_cpu32_learns_to_separate_sprites_from_texture():
     after = evaluate(state.model, test, test_masks, cfg)
     chains = decode(state.model, images_to_tensor(train), state.chains.z)
     on_train = mean_iou_dice(chains.mask, torch.as_tensor(train_masks) > 0)
-    base = trivial_baselines(test_masks)
-    print(json.dumps({"before": before, "after": after, "train_chains": on_train, "baselines": base}))
+    base, base_train = trivial_baselines(test_masks), trivial_baselines(train_masks)
+    print(json.dumps({"before": before, "after": after, "train_chains": on_train, "baselines": base,
+                      "train_baselines": base_train}))
     assert np.isfinite([h["gen_loss"] for h in state.history]).all()
     assert state.history[-1]["chains_reset"] == 0
-    # measured on the 2-core dev machine: before 16.1, after 24.4, train chains 26.1, all-foreground
-    # 20.1, best centred disc 31.0 — it learns, but does not yet beat the centred disc (issue 2 note)
-    assert after["iou"] > before["iou"] + 5.0
-    assert after["iou"] > base["all_foreground"]["iou"] + 2.5
-    assert on_train["iou"] > base["all_foreground"]["iou"] + 2.5
-    # π_f ranks sprite pixels above texture pixels far better than at initialisation (measured:
-    # π_f on sprites − π_f on texture −0.01 → +0.12; best-threshold IoU 19.0 → 33.0 against
-    # all-foreground 20.1), but on texture that neither expert reconstructs π_f stays just above ½,
-    # so the π_f > ½ mask over-segments (README, "What limits learning on CPU"; issue 2 open)
-    assert after["pi_fg"] - after["pi_bg"] > before["pi_fg"] - before["pi_bg"] + 0.05
-    assert after["best_threshold_iou"] > max(before["best_threshold_iou"], base["all_foreground"]["iou"]) + 5.0
+    # measured on the 2-core dev machine (cpu-32 preset, issue 2): see the issue note for the numbers
+    # of this exact run; a trial of the same settings reached IoU 33.5 against the best centred
+    # disc's 31.0 (picked with the ground truth from eight sizes) and all-foreground 20.1
+    assert after["iou"] > before["iou"] + 10.0
+    assert after["iou"] > base["centre_ellipse"]["iou"] + 1.0
+    assert after["iou"] > base["all_foreground"]["iou"] + 10.0
+    assert on_train["iou"] > base_train["centre_ellipse"]["iou"] + 1.0
+    # π_f ranks sprite pixels far above texture pixels (trial: 0.84 vs 0.49, best-threshold IoU 58.5):
+    # what keeps the ½-threshold IoU lower is texture that neither expert reconstructs yet, where π_f
+    # sits at ½ (README, "What limits learning on CPU")
+    assert after["pi_fg"] - after["pi_bg"] > 0.25
+    assert after["best_threshold_iou"] > base["centre_ellipse"]["iou"] + 20.0

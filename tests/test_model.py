@@ -15,7 +15,7 @@ def _model(cfg):
 
 @pytest.mark.parametrize("resolution, widths", [(32, (8, 8, 8)), (64, (8, 8, 8, 8)), (128, (8, 8, 8, 8, 8))])
 def test_shapes_and_pi_sums_to_one_at_every_resolution(tiny_cfg, resolution, widths):
-    cfg = get_config("cpu-32", {**{k: v for k, v in tiny_cfg.flat().items() if k.startswith("model.")},
+    cfg = get_config("cpu-32", {**{k: v for k, v in tiny_cfg.flat().items() if k.startswith(("model.", "ablation."))},
                                 "model.resolution": resolution, "model.up_widths": widths,
                                 "model.classifier_widths": widths})
     model = _model(cfg)

@@ -1,4 +1,5 @@
-"""pipelines.plan against hand arithmetic from the layer sizes of cpu-32 (drc_core/nets.py)."""
+"""pipelines.plan against hand arithmetic from the layer sizes of cpu-32 with pixel re-assignment
+(drc_core/nets.py)."""
 from __future__ import annotations
 
 import math
@@ -76,7 +77,8 @@ MACS_CLS = sum(c[1] for c in CLASSIFIERS)
 
 @pytest.fixture(scope="module")
 def cfg():
-    return get_config("cpu-32")
+    # the full architecture (the preset switches pixel re-assignment off, which drops its generator)
+    return get_config("cpu-32", {"ablation.pixel_reassign": True})
 
 
 @pytest.fixture(scope="module")
