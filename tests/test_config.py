@@ -58,5 +58,5 @@ def test_flat_params_cover_every_field():
     cfg = get_config("cpu-64")
     flat = cfg.flat()
     sections = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
-    assert flat["langevin.posterior_steps"] == 20
+    assert flat["langevin.posterior_steps"] == 10
     assert len(flat) == sum(len(dataclasses.fields(s)) for s in sections) + 2  # + preset + seed
