@@ -38,6 +38,7 @@ def generator_loss(model: DRCModel, x: torch.Tensor, z_pos: torch.Tensor, cfg: D
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_G = −Q/D + w_TV·TV/D + w_PL·(H_f + H_b) + w_⊥·R_⊥ (means over the batch)."""
     w = LossWeights.from_config(cfg)
+    x = x.contiguous(memory_format=torch.channels_last)     # the generators' layout (DRCModel)
     comp = model.compose(z_pos)
     rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility)
     num_values = x[0].numel()

@@ -108,6 +108,7 @@ def sample_prior(model: DRCModel, z: torch.Tensor, cfg: DRCConfig, *, steps: int
 def sample_posterior(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRCConfig, *,
                      steps: int | None = None, generator: Generators = None) -> torch.Tensor:
     lv = cfg.langevin
+    x = x.contiguous(memory_format=torch.channels_last)     # the generators' layout (DRCModel)
     with frozen(model):
         return langevin(lambda v: posterior_energy(model, x, v, cfg), z,
                         steps=lv.posterior_steps if steps is None else steps,

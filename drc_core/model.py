@@ -56,6 +56,10 @@ class DRCModel(nn.Module):
         else:
             self.fg_classifier = self.bg_classifier = None
         orthogonal_init(self)
+        # NHWC conv weights: oneDNN (CPU) and cuDNN run bf16 convolutions channels-last, and NCHW
+        # weights cost a reorder of every activation; measured 1.37-1.6× per posterior Langevin step
+        # on paper-tmds (`python -m pipelines.bench core` prints both layouts side by side)
+        self.to(memory_format=torch.channels_last)
 
     @property
     def latent_dim(self) -> int:

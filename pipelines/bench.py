@@ -37,8 +37,16 @@ def _timeit(fn, repeat: int, warmup: int = 1) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def _gflops(flops: float, fn, seconds: float) -> float:
+    n = max(1, int(seconds / max(_timeit(fn, 1), 1e-4)))
+    return flops / _timeit(fn, n) / 1e9
+
+
 def measure_peaks(seconds: float = 2.0) -> dict[str, float]:
-    """GFLOP/s of a large GEMM (fp32, bf16) and of a generator-sized 3×3 conv (fp32, bf16)."""
+    """GFLOP/s of a large GEMM (fp32, bf16) and of a generator-sized 3×3 conv (fp32, bf16).
+
+    The conv peak (`conv_<dtype>`) is the faster of the NCHW and NHWC layouts (both also reported):
+    the bar our Langevin loop is measured against is the best this machine does on such a conv."""
     out = {}
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     x = torch.randn(8, 256, 64, 64)
@@ -46,11 +54,12 @@ def measure_peaks(seconds: float = 2.0) -> dict[str, float]:
     gemm_flops = 2 * 2048 ** 3
     conv_flops = 2 * 8 * 128 * 64 * 64 * 256 * 9
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        aa, bb, xx, ww = a.to(dtype), b.to(dtype), x.to(dtype), w.to(dtype)
-        n = max(1, int(seconds / max(_timeit(lambda: aa @ bb, 1), 1e-4)))
-        out[f"gemm_{name}"] = gemm_flops / _timeit(lambda: aa @ bb, n) / 1e9
-        n = max(1, int(seconds / max(_timeit(lambda: F.conv2d(xx, ww, padding=1), 1), 1e-4)))
-        out[f"conv_{name}"] = conv_flops / _timeit(lambda: F.conv2d(xx, ww, padding=1), n) / 1e9
+        aa, bb = a.to(dtype), b.to(dtype)
+        out[f"gemm_{name}"] = _gflops(gemm_flops, lambda: aa @ bb, seconds)
+        for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+            xx, ww = x.to(dtype, memory_format=fmt), w.to(dtype, memory_format=fmt)
+            out[f"conv_{name}_{layout}"] = _gflops(conv_flops, lambda: F.conv2d(xx, ww, padding=1), seconds)
+        out[f"conv_{name}"] = max(out[f"conv_{name}_nchw"], out[f"conv_{name}_nhwc"])
     return out
 
 
@@ -63,9 +72,14 @@ def langevin_flops_per_image(state: TrainState) -> float:
     return 2.0 * 2.0 * macs
 
 
-def bench_preset(preset: str, batch: int, iterations: int, *, bf16: bool, step_repeat: int) -> dict:
+def bench_preset(preset: str, batch: int, iterations: int, *, bf16: bool, step_repeat: int,
+                 channels_last: bool = True) -> dict:
+    """`channels_last=False` turns the generators' weights back to NCHW (the layout before DRCModel
+    made them NHWC), for a side-by-side measurement of what the layout buys."""
     cfg = get_config(preset, {"optim.batch_size": batch, "langevin.bf16": bf16})
     state = TrainState.create(cfg, batch)
+    if not channels_last:
+        state.model.to(memory_format=torch.contiguous_format)
     res = cfg.model.resolution
     x = torch.rand(batch, 3, res, res) * 2 - 1
     ids = torch.arange(batch)
@@ -91,6 +105,7 @@ def bench_preset(preset: str, batch: int, iterations: int, *, bf16: bool, step_r
     langevin_s = cfg.langevin.posterior_steps * t_post
     return {
         "preset": preset, "batch": batch, "precision": "bf16-langevin" if bf16 else "fp32",
+        "layout": "nhwc" if channels_last else "nchw",
         "s_per_iteration": t_iter,
         "s_per_posterior_step_per_image": t_post / batch,
         "images_per_s": batch / t_iter,
@@ -109,16 +124,20 @@ def core(args) -> list[dict]:
     rows = []
     for spec in args.presets:
         preset, _, batch = spec.partition(":")
-        for bf16 in (True, False):
-            r = bench_preset(preset, int(batch or 8), args.iterations, bf16=bf16, step_repeat=args.step_repeat)
+        for bf16, channels_last in ((True, True), (True, False), (False, True)):
+            r = bench_preset(preset, int(batch or 8), args.iterations, bf16=bf16, step_repeat=args.step_repeat,
+                             channels_last=channels_last)
             peak = peaks["conv_bf16" if bf16 else "conv_fp32"]
             r["fraction_of_conv_peak"] = r["langevin_gflops"] / peak
             r["fraction_of_bf16_conv_peak"] = r["langevin_gflops"] / peaks["conv_bf16"]
             rows.append(r)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-        fast, slow = rows[-2], rows[-1]
+        fast, nchw, slow = rows[-3:]
         print(f"{preset} batch {batch}: bf16 fast path is {slow['s_per_iteration'] / fast['s_per_iteration']:.2f}× "
-              f"the fp32 path per EM iteration; {1000 * fast['s_per_iteration'] / 3600:.2f} h per 1,000 iterations")
+              f"the fp32 path per EM iteration and {nchw['s_per_iteration'] / fast['s_per_iteration']:.2f}× "
+              f"its NCHW-weights variant ({nchw['s_per_posterior_step_per_image'] / fast['s_per_posterior_step_per_image']:.2f}× "
+              f"per posterior step); Langevin at {fast['fraction_of_bf16_conv_peak']:.0%} of the bf16 conv peak; "
+              f"{1000 * fast['s_per_iteration'] / 3600:.2f} h per 1,000 iterations")
         if preset == "paper-tmds":
             ref = 190.0  # s/iteration at batch 8, the authors' script on this 2-core CPU (spec/drc-algorithm.md)
             print(f"  vs the reference's ~{ref:.0f} s/iteration at batch 8 (measured separately, see spec): "

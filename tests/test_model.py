@@ -105,3 +105,16 @@ def test_em_step_moves_chains_and_parameters(tiny_cfg):
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("fg_gen") for k in changed) and any(k.startswith("ebm") for k in changed)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_conv_weights_are_channels_last_and_survive_a_state_dict_round_trip(tiny_cfg):
+    # NHWC weights are the fast path of the Langevin loop (pipelines.bench core measures it);
+    # a state dict saved from one model must load into another and give the same outputs
+    model = _model(tiny_cfg)
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    other = DRCModel(tiny_cfg.model, tiny_cfg.ablation)
+    other.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in other.parameters() if p.dim() == 4)
+    z = torch.randn(2, tiny_cfg.model.latent_dim)
+    torch.testing.assert_close(other.compose(z).recon, model.compose(z).recon)
