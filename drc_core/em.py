@@ -8,7 +8,7 @@ import torch
 
 from drc_core.config import DRCConfig
 from drc_core.langevin import LossWeights, prior_energy, reset_diverged, sample_posterior, sample_prior
-from drc_core.model import DRCModel
+from drc_core.model import DRCModel, to_image_layout
 from drc_core.objective import (orthogonal_penalty, pseudo_label_loss, region_competition,
                                 total_variation)
 
@@ -38,7 +38,6 @@ def generator_loss(model: DRCModel, x: torch.Tensor, z_pos: torch.Tensor, cfg: D
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_G = −Q/D + w_TV·TV/D + w_PL·(H_f + H_b) + w_⊥·R_⊥ (means over the batch)."""
     w = LossWeights.from_config(cfg)
-    x = x.contiguous(memory_format=torch.channels_last)     # the generators' layout (DRCModel)
     comp = model.compose(z_pos)
     rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility)
     num_values = x[0].numel()
@@ -90,6 +89,7 @@ def em_step(model: DRCModel, opt: Optimizers, x: torch.Tensor, z_pos: torch.Tens
     """
     lv = cfg.langevin
     model.train()
+    x = to_image_layout(x)                   # once for the E-step's Langevin and the M-step
     z_pos = sample_posterior(model, x, z_pos, cfg, generator=generator)
     z_neg = sample_prior(model, z_neg, cfg, generator=generator)
     z_pos, bad_pos = reset_diverged(z_pos, lv.divergence_threshold, generator)

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from drc_core.config import DRCConfig
-from drc_core.model import DRCModel
+from drc_core.model import DRCModel, to_image_layout
 from drc_core.objective import region_competition, total_variation
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
@@ -108,7 +108,7 @@ def sample_prior(model: DRCModel, z: torch.Tensor, cfg: DRCConfig, *, steps: int
 def sample_posterior(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRCConfig, *,
                      steps: int | None = None, generator: Generators = None) -> torch.Tensor:
     lv = cfg.langevin
-    x = x.contiguous(memory_format=torch.channels_last)     # the generators' layout (DRCModel)
+    x = to_image_layout(x)
     with frozen(model):
         return langevin(lambda v: posterior_energy(model, x, v, cfg), z,
                         steps=lv.posterior_steps if steps is None else steps,

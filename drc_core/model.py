@@ -34,6 +34,18 @@ class Composition:
         return pi[:, :1] * self.fg + pi[:, 1:] * self.bg_warped
 
 
+# The generators' conv weights are NHWC (channels-last), and images meet them in the same layout:
+# on this CPU oneDNN's bf16 convolutions are fastest that way, and NCHW costs a reorder of every
+# activation. paper-tmds at batch 8: 1.33× per posterior Langevin step, 1.30× per EM iteration
+# (`python -m pipelines.bench core` times both layouts side by side).
+IMAGE_LAYOUT = torch.channels_last
+
+
+def to_image_layout(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images in the generators' layout; no copy when they already are."""
+    return x.contiguous(memory_format=IMAGE_LAYOUT)
+
+
 class DRCModel(nn.Module):
     """Foreground/background generators, pixel re-assignment, LEBM and auxiliary classifiers."""
 
@@ -56,10 +68,7 @@ class DRCModel(nn.Module):
         else:
             self.fg_classifier = self.bg_classifier = None
         orthogonal_init(self)
-        # NHWC conv weights: oneDNN (CPU) and cuDNN run bf16 convolutions channels-last, and NCHW
-        # weights cost a reorder of every activation; measured 1.37-1.6× per posterior Langevin step
-        # on paper-tmds (`python -m pipelines.bench core` prints both layouts side by side)
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=IMAGE_LAYOUT)
 
     @property
     def latent_dim(self) -> int:
