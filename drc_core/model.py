@@ -36,8 +36,9 @@ class Composition:
 
 # The generators' conv weights are NHWC (channels-last), and images meet them in the same layout:
 # on this CPU oneDNN's bf16 convolutions are fastest that way, and NCHW costs a reorder of every
-# activation. paper-tmds at batch 8: 1.33× per posterior Langevin step, 1.30× per EM iteration
-# (`python -m pipelines.bench core` times both layouts side by side).
+# activation (paper-tmds at batch 8, with nn.InstanceNorm2d: 1.30× per EM iteration; our
+# InstanceNorm2d keeps activations NHWC between the convs, 1.52× more; `python -m pipelines.bench
+# core` times the variants side by side).
 IMAGE_LAYOUT = torch.channels_last
 
 

@@ -7,8 +7,8 @@
 
 `core` measures, per preset and batch size: seconds per EM iteration, seconds per posterior
 Langevin step per image, images/s, and the achieved GFLOP/s of the Langevin loop against the
-GEMM and conv peaks measured in the same process, for our fast path (bf16 autocast in Langevin)
-and for the same code in plain fp32.
+GEMM and conv peaks measured in the same process, for our fast path (bf16 autocast in Langevin),
+for the same code in plain fp32, and for variants that undo our layer choices (`VARIANTS`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from drc_core.config import apply_overrides
 from drc_core.fit import TrainState
 from drc_core.langevin import posterior_energy, prior_energy
-from drc_core.nets import count_macs
+from drc_core.nets import InstanceNorm2d, count_macs
 from drc_core.presets import get_config
 
 
@@ -72,13 +72,32 @@ def langevin_flops_per_image(state: TrainState) -> float:
     return 2.0 * 2.0 * macs
 
 
+# Variants timed beside our fast path, each undoing one of its measured choices: PyTorch's own
+# InstanceNorm2d (which returns NCHW, so every up-block pays layout copies around it), and that plus
+# NCHW conv weights (the model as it was before either change).
+VARIANTS = {"ours": "our InstanceNorm2d, NHWC weights",
+            "torch-norm": "nn.InstanceNorm2d, NHWC weights",
+            "torch-norm-nchw": "nn.InstanceNorm2d, NCHW weights"}
+
+
+def _with_torch_instance_norm(model: torch.nn.Module) -> None:
+    """Swap every `drc_core.nets.InstanceNorm2d` for `nn.InstanceNorm2d` with the same parameters."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, InstanceNorm2d):
+                stock = torch.nn.InstanceNorm2d(child.num_features, eps=child.eps, affine=True)
+                stock.load_state_dict(child.state_dict())
+                setattr(module, name, stock)
+
+
 def bench_preset(preset: str, batch: int, iterations: int, *, bf16: bool, step_repeat: int,
-                 channels_last: bool = True) -> dict:
-    """`channels_last=False` turns the generators' weights back to NCHW (the layout before DRCModel
-    made them NHWC), for a side-by-side measurement of what the layout buys."""
+                 variant: str = "ours") -> dict:
+    """`variant` (one of VARIANTS) undoes our layer choices for a side-by-side measurement."""
     cfg = get_config(preset, {"optim.batch_size": batch, "langevin.bf16": bf16})
     state = TrainState.create(cfg, batch)
-    if not channels_last:
+    if variant != "ours":
+        _with_torch_instance_norm(state.model)
+    if variant == "torch-norm-nchw":
         state.model.to(memory_format=torch.contiguous_format)
     res = cfg.model.resolution
     x = torch.rand(batch, 3, res, res) * 2 - 1
@@ -105,7 +124,7 @@ def bench_preset(preset: str, batch: int, iterations: int, *, bf16: bool, step_r
     langevin_s = cfg.langevin.posterior_steps * t_post
     return {
         "preset": preset, "batch": batch, "precision": "bf16-langevin" if bf16 else "fp32",
-        "layout": "nhwc" if channels_last else "nchw",
+        "variant": variant,
         "s_per_iteration": t_iter,
         "s_per_posterior_step_per_image": t_post / batch,
         "images_per_s": batch / t_iter,
@@ -124,19 +143,24 @@ def core(args) -> list[dict]:
     rows = []
     for spec in args.presets:
         preset, _, batch = spec.partition(":")
-        for bf16, channels_last in ((True, True), (True, False), (False, True)):
+        for bf16, variant in ((True, "ours"), (True, "torch-norm"), (True, "torch-norm-nchw"), (False, "ours")):
             r = bench_preset(preset, int(batch or 8), args.iterations, bf16=bf16, step_repeat=args.step_repeat,
-                             channels_last=channels_last)
+                             variant=variant)
             peak = peaks["conv_bf16" if bf16 else "conv_fp32"]
             r["fraction_of_conv_peak"] = r["langevin_gflops"] / peak
             r["fraction_of_bf16_conv_peak"] = r["langevin_gflops"] / peaks["conv_bf16"]
             rows.append(r)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-        fast, nchw, slow = rows[-3:]
-        print(f"{preset} batch {batch}: bf16 fast path is {slow['s_per_iteration'] / fast['s_per_iteration']:.2f}× "
-              f"the fp32 path per EM iteration and {nchw['s_per_iteration'] / fast['s_per_iteration']:.2f}× "
-              f"its NCHW-weights variant ({nchw['s_per_posterior_step_per_image'] / fast['s_per_posterior_step_per_image']:.2f}× "
-              f"per posterior step); Langevin at {fast['fraction_of_bf16_conv_peak']:.0%} of the bf16 conv peak; "
+        fast, *others, slow = rows[-4:]
+
+        def ratio(r, key):
+            return r[key] / fast[key]
+        print(f"{preset} batch {batch}: bf16 fast path ({VARIANTS['ours']}) is "
+              f"{ratio(slow, 's_per_iteration'):.2f}× the fp32 path per EM iteration; "
+              + "; ".join(f"{ratio(r, 's_per_iteration'):.2f}× faster per EM iteration "
+                          f"({ratio(r, 's_per_posterior_step_per_image'):.2f}× per posterior step) than with "
+                          f"{VARIANTS[r['variant']]}" for r in others)
+              + f"; Langevin at {fast['fraction_of_bf16_conv_peak']:.0%} of the bf16 conv peak; "
               f"{1000 * fast['s_per_iteration'] / 3600:.2f} h per 1,000 iterations")
         if preset == "paper-tmds":
             ref = 190.0  # s/iteration at batch 8, the authors' script on this 2-core CPU (spec/drc-algorithm.md)
