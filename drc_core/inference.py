@@ -73,14 +73,34 @@ def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, 
                           ("prob", "mask", "z", "recon_l1")))
 
 
+POLICIES_REPORTED = ("otsu", "otsu-corpus", "gmm", "gmm-corpus")
+
+
+def policy_scores(prob, target, policies=POLICIES_REPORTED) -> dict[str, dict[str, float]]:
+    """IoU/Dice (%) and predicted foreground area (%) of π_f maps under each threshold policy
+    (drc_core.threshold; the policies never see `target`, which only scores them)."""
+    from drc_core.metrics import mean_iou_dice
+    from drc_core.threshold import ThresholdPolicy
+    t = torch.as_tensor(target) > 0
+    out = {}
+    for name in policies:
+        masks = ThresholdPolicy.parse(name).masks(prob)
+        out[name] = {**mean_iou_dice(masks, t), "area": 100.0 * float(masks.float().mean())}
+    return out
+
+
 def evaluate(model: DRCModel, images: np.ndarray, masks: np.ndarray, cfg: DRCConfig, *,
              steps: int | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
-    """IoU/Dice (%) of fresh-chain segmentation against ground-truth masks, plus mask area,
-    reconstruction error and how π_f separates the true regions (`metrics.separation`)."""
+    """IoU/Dice (%) of fresh-chain segmentation against ground-truth masks at the DRC protocol's
+    π_f > ½ (`iou`, `dice`), the same π_f under the label-free threshold policies (`policies`),
+    mask and true foreground area, reconstruction error and how π_f separates the true regions
+    (`metrics.separation`)."""
     from drc_core.metrics import mean_iou_dice, separation
     seg = segment(model, images, cfg, steps=steps, seed=seed, batch_size=batch_size)
     target = torch.as_tensor(masks) > 0
     out = {**mean_iou_dice(seg.mask, target), **separation(seg.prob, target)}
     out["mask_area"] = float(seg.mask.float().mean())
+    out["true_area"] = float(target.float().mean())
     out["recon_l1"] = float(seg.recon_l1.mean())
+    out["policies"] = policy_scores(seg.prob, target)
     return out
