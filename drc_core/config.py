@@ -60,6 +60,10 @@ class LossConfig:
     tv_weight: float = 0.01                    # on the re-assigned background image
     pseudo_label_weight: float = 0.1           # H(P_k, Q_k), k = fg, bg
     ortho_weight: float = 1.0                  # λ_⊥ (0.1 on Birds)
+    # Beyond the paper (0 / 1 = off, as in every paper-* preset; docs/quality.md has the measurements):
+    area_weight: float = 0.0                   # λ_A·mean(π_f) added to the generator loss: a foreground-area prior
+    competition_window: int = 1                # k > 1 (odd): γ from the fg−bg log-likelihood ratio averaged
+                                               # over k×k neighbourhoods (regions compete, not single pixels)
 
 
 @dataclass
@@ -126,7 +130,9 @@ class DRCConfig:
             raise ConfigError(f"loss.sigma must be > 0, got {ls.sigma}")
         if ls.responsibility not in ("pixel", "channel"):
             raise ConfigError(f"loss.responsibility must be 'pixel' or 'channel', got {ls.responsibility!r}")
-        for name in ("tv_weight", "pseudo_label_weight", "ortho_weight"):
+        if ls.competition_window < 1 or ls.competition_window % 2 == 0:
+            raise ConfigError(f"loss.competition_window must be an odd integer >= 1, got {ls.competition_window}")
+        for name in ("tv_weight", "pseudo_label_weight", "ortho_weight", "area_weight"):
             if getattr(ls, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(ls, name)}")
         if self.optim.batch_size <= 0:

@@ -36,10 +36,11 @@ class Optimizers:
 def generator_loss(model: DRCModel, x: torch.Tensor, z_pos: torch.Tensor, cfg: DRCConfig,
                    ebm_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_G = −Q/D + w_TV·TV/D + w_PL·(H_f + H_b) + w_⊥·R_⊥ (means over the batch)."""
+    """L_G = −Q/D + w_TV·TV/D + w_PL·(H_f + H_b) + w_⊥·R_⊥ + λ_A·mean(π_f) (means over the batch)."""
     w = LossWeights.from_config(cfg)
     comp = model.compose(z_pos)
-    rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility)
+    rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility,
+                            window=cfg.loss.competition_window)
     num_values = x[0].numel()
     loss = -rc.q.mean() / num_values
     parts = {"q_per_value": rc.q.mean().detach() / num_values}
@@ -59,6 +60,10 @@ def generator_loss(model: DRCModel, x: torch.Tensor, z_pos: torch.Tensor, cfg: D
               + pseudo_label_loss(bg_logits, model.bg_classifier(bg_region)))
         loss = loss + w.pseudo_label * pl
         parts["pseudo_label"] = pl.detach()
+    if cfg.loss.area_weight:
+        area = comp.pi_f.mean()
+        loss = loss + cfg.loss.area_weight * area
+        parts["area_prior"] = area.detach()
     if w.ortho:
         ortho = orthogonal_penalty([model.fg_gen, model.bg_gen])
         loss = loss + w.ortho * ortho

@@ -89,7 +89,8 @@ def posterior_energy(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRC
     use_bf16 = cfg.langevin.bf16 if bf16 is None else bf16
     with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         comp = model.compose(z)
-    rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility)
+    rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility,
+                            window=cfg.loss.competition_window)
     energy = -rc.q + prior_energy(model, z)
     tv = LossWeights.from_config(cfg).tv
     if tv:

@@ -28,17 +28,28 @@ def laplace_log_likelihood(x: torch.Tensor, mean: torch.Tensor, sigma: float, pe
 
 
 def region_competition(x: torch.Tensor, comp: Composition, *, sigma: float, responsibility: str = "pixel",
-                       ) -> RegionCompetition:
+                       window: int = 1) -> RegionCompetition:
     """Q(z) and the foreground responsibility γ_f, computed in log space.
 
     γ_f = π_f p_f / (π_f p_f + π_b p_b) = sigmoid(log π_f + log p_f − log π_b − log p_b): exact for
     any reconstruction error, where exp(log p) of the naive form underflows to 0/0.
+
+    `window` k > 1 (beyond the paper): the likelihood ratio log p_f − log p_b in γ is averaged over
+    each pixel's k×k neighbourhood, so a pixel goes to the expert that explains its surroundings
+    better. Two experts that split a fine texture by shade then gain nothing over one that paints
+    it whole, and the mask has no reason to sit at ½ there.
     """
     per_pixel = responsibility == "pixel"
-    joint_f = comp.log_pi[:, :1] + laplace_log_likelihood(x, comp.fg, sigma, per_pixel)
-    joint_b = comp.log_pi[:, 1:] + laplace_log_likelihood(x, comp.bg_warped, sigma, per_pixel)
+    ll_f = laplace_log_likelihood(x, comp.fg, sigma, per_pixel)
+    ll_b = laplace_log_likelihood(x, comp.bg_warped, sigma, per_pixel)
+    joint_f = comp.log_pi[:, :1] + ll_f
+    joint_b = comp.log_pi[:, 1:] + ll_b
     with torch.no_grad():
-        gamma_f = torch.sigmoid(joint_f - joint_b)
+        if window > 1:
+            ratio = F.avg_pool2d(ll_f - ll_b, window, stride=1, padding=window // 2, count_include_pad=False)
+            gamma_f = torch.sigmoid(comp.log_pi[:, :1] - comp.log_pi[:, 1:] + ratio)
+        else:
+            gamma_f = torch.sigmoid(joint_f - joint_b)
     q = gamma_f * joint_f + (1.0 - gamma_f) * joint_b
     return RegionCompetition(q=q.flatten(1).sum(1), gamma_f=gamma_f)
 

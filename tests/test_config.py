@@ -27,6 +27,12 @@ def test_paper_presets_carry_the_papers_numbers():
     assert get_config("paper-dogs").langevin.test_steps == 300
 
 
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("paper-")))
+def test_paper_presets_keep_every_switch_beyond_the_paper_off(name):
+    loss = get_config(name).loss
+    assert loss.area_weight == 0.0 and loss.competition_window == 1
+
+
 def test_cli_overrides_are_coerced_to_field_types():
     cfg = get_config("cpu-32", parse_override_args(
         ["--langevin.posterior_steps=7", "loss.sigma=0.3", "ablation.tv=false", "model.up_widths=32,16,8"]))
@@ -43,6 +49,8 @@ def test_cli_overrides_are_coerced_to_field_types():
     ({"ablation.tv": "maybe"}, "ablation.tv"),
     ({"langevin.posterior_steps": "ten"}, "langevin.posterior_steps"),
     ({"loss.responsibility": "voxel"}, "loss.responsibility"),
+    ({"loss.competition_window": 4}, "loss.competition_window"),
+    ({"loss.area_weight": -0.1}, "loss.area_weight"),
 ])
 def test_bad_config_fails_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -152,3 +152,46 @@ def test_instance_norm_matches_pytorch_in_value_gradient_and_layout(layout, side
     xb = xs.bfloat16()
     err = (ours(xb).float() - ref(xb.float())).abs().max()
     assert err < 0.04                                  # ≈ one bf16 step of outputs of size ~3
+
+
+def _striped_composition(h=16, w=16):
+    """A grey-level grating x with period 2 px, and a composition whose foreground paints it light
+    and background dark, mixing weights ½ everywhere: the shade split of the CPU presets."""
+    from drc_core.model import Composition
+    x = torch.zeros(1, 3, h, w)
+    x[..., ::2] = 0.6
+    x[..., 1::2] = -0.6
+    fg, bg = torch.full_like(x, 0.6), torch.full_like(x, -0.6)
+    half = torch.full((1, 2, h, w), 0.5).log()
+    comp = Composition(fg=fg, fg_logit=torch.zeros(1, 1, h, w), bg=bg, bg_logit=torch.zeros(1, 1, h, w),
+                       bg_warped=bg, log_pi=half)
+    return x, comp
+
+
+def test_competition_window_removes_the_reward_of_a_shade_split():
+    x, comp = _striped_composition()
+    per_pixel = region_competition(x, comp, sigma=0.5)
+    # per pixel, each expert wins the stripes of its shade outright
+    assert per_pixel.gamma_f[..., ::2].min() > 0.99 and per_pixel.gamma_f[..., 1::2].max() < 0.01
+    pooled = region_competition(x, comp, sigma=0.5, window=5)
+    # over 5×5 neighbourhoods both experts explain about as much (3 stripes against 2): γ_f stays near
+    # π_f = ½ instead of 0 / 1, and averages ½ away from the border
+    inner = pooled.gamma_f[..., 2:-2, 2:-2]
+    assert (inner - 0.5).abs().max() < 0.35 and abs(inner.mean().item() - 0.5) < 0.05
+    # and Q no longer rewards the split: it is the mixture paying its log-mixing cost everywhere
+    assert pooled.q.item() < per_pixel.q.item() - 0.5 * x[0, 0].numel()
+    # window 1 is the paper's responsibilities exactly
+    torch.testing.assert_close(region_competition(x, comp, sigma=0.5, window=1).gamma_f, per_pixel.gamma_f)
+
+
+def test_area_prior_adds_lambda_mean_pi_f_to_the_generator_loss(tiny_cfg):
+    model = _model(tiny_cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = torch.randn(2, tiny_cfg.model.latent_dim)
+    with_prior = get_config("cpu-32", {**tiny_cfg.flat(), "loss.area_weight": 0.2})
+    base, _ = generator_loss(model, x, z, tiny_cfg)
+    loss, parts = generator_loss(model, x, z, with_prior)
+    with torch.no_grad():
+        area = model.compose(z).pi_f.mean()
+    torch.testing.assert_close(parts["area_prior"], area)
+    torch.testing.assert_close(loss - base, 0.2 * area, rtol=1e-4, atol=1e-6)
