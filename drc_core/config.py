@@ -48,7 +48,8 @@ class LangevinConfig:
     test_steps: int = 5000                     # fresh posterior chains at test time
     prior_pool_size: int = 0                   # 0: one prior chain per image (paper); >0: shared pool
     persistent: bool = True                    # False: short-run chains from N(0, I) (ablation)
-    bf16: bool = True                          # autocast generator passes inside Langevin (z stays fp32)
+    bf16: bool = True                          # bf16 autocast of the generators inside Langevin (z stays fp32),
+                                               # where the device runs bf16 natively (langevin.bf16_is_fast)
     divergence_threshold: float = 1e4          # |z| beyond this marks a chain as diverged
     chain_fp16: bool = False                   # store persistent chains in fp16 (half the memory)
 

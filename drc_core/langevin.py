@@ -6,6 +6,7 @@ parameter gradient is ever computed inside the loop, and nothing the energy does
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -73,6 +74,25 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_is_fast(device_type: str) -> bool:
+    """Whether bf16 autocast makes the generators faster on this kind of device: a CUDA GPU that
+    supports bf16, or a CPU with bf16 matrix instructions (AMX or AVX512-BF16). Elsewhere oneDNN
+    emulates bf16, and a cpu-32 posterior step was 11× slower in bf16 than in fp32 (2-core AMD EPYC,
+    AVX2 only; `python -m pipelines.bench core` times both paths side by side), so
+    `langevin.bf16` then leaves the loop in fp32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def prior_energy(model: DRCModel, z: torch.Tensor) -> torch.Tensor:
     """U(z) = −f_α(z) + ½‖z‖² per sample."""
     f, _, _ = model.ebm(z)
@@ -83,10 +103,10 @@ def posterior_energy(model: DRCModel, x: torch.Tensor, z: torch.Tensor, cfg: DRC
                      *, bf16: bool | None = None) -> torch.Tensor:
     """U(z) = −Q(z) + w_TV·TV(warped bg) − f_α(z) + ½‖z‖² per sample.
 
-    The generator passes may run under bf16 autocast (`langevin.bf16`); z, the energy and the
-    update stay fp32.
+    The generator passes run under bf16 autocast when `langevin.bf16` is on and the device runs
+    bf16 natively (`bf16_is_fast`); z, the energy and the update stay fp32. `bf16` forces either.
     """
-    use_bf16 = cfg.langevin.bf16 if bf16 is None else bf16
+    use_bf16 = (cfg.langevin.bf16 and bf16_is_fast(z.device.type)) if bf16 is None else bf16
     with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         comp = model.compose(z)
     rc = region_competition(x, comp, sigma=cfg.loss.sigma, responsibility=cfg.loss.responsibility,
