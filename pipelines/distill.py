@@ -9,7 +9,8 @@ checkpoint's persistent chains (needs a checkpoint folder and --data); `posterio
 images with π_f from fresh posterior Langevin at the preset's test steps (any DRC model, costs
 the teacher's inference time); `prior` — images the teacher synthesises from its prior.
 Default: chains + prior with a checkpoint, posterior + prior otherwise (prior alone without
---data). Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice
+--data). The student learns the masks the default threshold policy makes of the teacher's π_f
+(`--targets`, drc_core/threshold.py), or the soft π_f itself with `--targets soft`. Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice
 when the data has masks, the student as a pyfunc model that segments images).
 """
 from __future__ import annotations
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", default=None, help=f"comma-separated of {', '.join(PAIR_KINDS)}")
     p.add_argument("--train-images", type=int, default=None, help="use at most N training images")
     p.add_argument("--prior-images", type=int, default=2000, help="images synthesised from the prior")
+    p.add_argument("--targets", default=None, metavar="POLICY",
+                   help="what the student learns: 'soft' (the teacher's π_f) or the masks a threshold policy "
+                        "makes of it (0.5, a number, otsu, gmm, …; default: drc_core.threshold.DEFAULT)")
     p.add_argument("--steps", type=int, default=1500, help="student optimiser steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -100,6 +104,11 @@ def run(args) -> dict:
     teacher = load(args.teacher)
     if teacher.kind != LANGEVIN:
         raise ModelError(f"--teacher {args.teacher} is already a distilled student, not a DRC model")
+    from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
+    try:
+        targets = None if args.targets == "soft" else ThresholdPolicy.parse(args.targets or DEFAULT.name)
+    except PolicyError as exc:
+        raise ModelError(f"--targets: {exc}") from None
     default = ["chains" if teacher.checkpoint is not None else "posterior", "prior"] if args.data else ["prior"]
     kinds = args.pairs.split(",") if args.pairs else default
     bad = [k for k in kinds if k not in PAIR_KINDS]
@@ -109,7 +118,8 @@ def run(args) -> dict:
     out = Path(args.out or f"runs/distill/{name}")
     out.mkdir(parents=True, exist_ok=True)
     scfg = StudentConfig(resolution=teacher.resolution, width=args.width, levels=args.levels).validate()
-    params = {"teacher": args.teacher, "data": args.data, "pairs": ",".join(kinds), "steps": args.steps,
+    params = {"teacher": args.teacher, "data": args.data, "pairs": ",".join(kinds),
+              "targets": "soft" if targets is None else targets.name, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "prior_images": args.prior_images,
               "train_images": args.train_images, "seed": args.seed, **{f"student.{k}": v for k, v in scfg.to_dict().items()},
               **{f"teacher.{k}": v for k, v in teacher.cfg.flat().items()}}
@@ -118,6 +128,8 @@ def run(args) -> dict:
     try:
         t0 = time.perf_counter()
         pairs = _pairs(kinds, teacher, args, lambda m: print(f"distill: {m}", flush=True))
+        if targets is not None:          # hard targets: the teacher's π_f through the threshold policy
+            pairs = [(x, targets.masks(y).float()) for x, y in pairs]
         pair_seconds = time.perf_counter() - t0
         losses: list[float] = []
 
@@ -144,7 +156,10 @@ def run(args) -> dict:
             if "masks" in test and len(test["sample_id"]):
                 n = min(args.eval_images, len(test["sample_id"]))
                 prob = predict(student, test["images"][:n])
-                summary["eval"] = {"images": n, **mean_iou_dice(prob > 0.5, test["masks"][:n] > 0)}
+                truth = test["masks"][:n] > 0
+                summary["eval"] = {"images": n, "threshold": DEFAULT.name,
+                                   **mean_iou_dice(DEFAULT.masks(prob), truth),
+                                   "protocol": mean_iou_dice(prob > 0.5, truth)}
         path = save_student(out / "student.pt", teacher.cfg, student)
         metrics = {"train_agreement_iou": summary["train_agreement_iou"], "pair_seconds": pair_seconds,
                    "train_seconds": summary["train_seconds"]}

@@ -28,14 +28,16 @@ from pipelines.parquet_store import DatasetError, Store, load_arrays, read_part
 
 
 def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5) -> np.ndarray:
-    """GrabCut (OpenCV) per image, initialised with the box = image minus `margin` on each side."""
+    """GrabCut (OpenCV) per image, initialised with the box = image minus `margin` on each side;
+    deterministic (OpenCV's RNG is seeded with the image's index in `images`)."""
     import cv2
     n, h, w = images.shape[:3]
     m = max(1, int(round(margin * min(h, w))))
     rect = (m, m, w - 2 * m, h - 2 * m)
     out = np.zeros((n, h, w), bool)
     for i in range(n):
-        mask = np.zeros((h, w), np.uint8)
+        cv2.setRNGSeed(i)                  # GrabCut's k-means draws from OpenCV's global RNG: seed per
+        mask = np.zeros((h, w), np.uint8)  # image, so an image's mask is the same in any run or batch
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         try:
             cv2.grabCut(np.ascontiguousarray(images[i][..., ::-1]), mask, rect, bgd, fgd, iterations,
@@ -47,19 +49,33 @@ def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5)
 
 
 def read_predictions(uri: str) -> dict:
-    """A segmentation output → {"manifest", "sample_id" (N,), "masks" (N, H, W) bool}."""
+    """A segmentation output → {"manifest", "sample_id" (N,), "masks" (N, H, W) bool, "prob" (N, H, W)
+    float32 π_f or None (outputs written before π_f was stored)}."""
     from PIL import Image
     store = Store(uri)
     manifest = store.read_manifest()
     if manifest.get("kind") != "segmentation":
         raise DatasetError(f"{uri} is not a pipelines.segment output (manifest kind {manifest.get('kind')!r})")
-    tables = [read_part(store, name, ["sample_id", "mask"]) for name in manifest["file_names"]]
+    has_prob = "prob_encoding" in manifest
+    cols = ["sample_id", "mask"] + (["prob"] if has_prob else [])
+    tables = [read_part(store, name, cols) for name in manifest["file_names"]]
     ids = np.concatenate([t["sample_id"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
-    masks = [np.asarray(Image.open(io.BytesIO(b))) > 127 for t in tables for b in t["mask"].to_pylist()]
     size = manifest["resolution"]
     order = np.argsort(ids, kind="stable")
-    return {"manifest": manifest, "sample_id": ids[order],
-            "masks": (np.stack(masks) if masks else np.zeros((0, size, size), bool))[order]}
+
+    def stack(column, convert, dtype):
+        arrs = [convert(np.asarray(Image.open(io.BytesIO(b)))) for t in tables for b in t[column].to_pylist()]
+        return (np.stack(arrs) if arrs else np.zeros((0, size, size), dtype))[order]
+    return {"manifest": manifest, "sample_id": ids[order], "masks": stack("mask", lambda a: a > 127, bool),
+            "prob": stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32) if has_prob else None}
+
+
+PROTOCOL_LABEL = "π_f > ½, DRC protocol"
+
+
+def policy_label(name: str) -> str:
+    from drc_core.threshold import ThresholdPolicy
+    return PROTOCOL_LABEL if ThresholdPolicy.parse(name).is_protocol else f"threshold {name}"
 
 
 def _png_b64(arr: np.ndarray) -> str:
@@ -134,7 +150,11 @@ figcaption{{font-size:12px}}</style></head><body>
 
 def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
              margin: float = 0.05, gallery: int = 12, title: str | None = None,
-             sections: list[tuple[str, str]] = ()) -> dict:
+             sections: list[tuple[str, str]] = (), thresholds: tuple[str, ...] = ("0.5",)) -> dict:
+    """Score each segmentation output's masks (row `name`, the policy it was segmented with) and,
+    from its stored π_f, the same π_f under each policy of `thresholds` (row `name, <policy>`; the
+    DRC protocol's ½ is always among them), beside GrabCut and trivial masks on the same images."""
+    from drc_core.threshold import ThresholdPolicy
     from drc_core.metrics import DISC_AREAS, centre_ellipse_masks, iou_dice
     gt = load_arrays(data, split)
     if "masks" not in gt:
@@ -151,9 +171,17 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     rows = np.searchsorted(gt["sample_id"], common)
     images, masks, splits, keys = gt["images"][rows], gt["masks"][rows] > 0, gt["split"][rows], gt["key"][rows]
     methods: dict[str, np.ndarray] = {}
+    extra = list(dict.fromkeys(["0.5", *thresholds]))
     for name, p in loaded.items():
         coverage[f"{name}: predicted"] = int(p["sample_id"].size)
-        methods[name] = p["masks"][np.searchsorted(p["sample_id"], common)]
+        sel = np.searchsorted(p["sample_id"], common)
+        methods[name] = p["masks"][sel]
+        if p["prob"] is None:
+            continue
+        written = p["manifest"].get("threshold_policy")
+        for policy in extra:
+            if ThresholdPolicy.parse(policy).name != written:
+                methods[f"{name}, {policy_label(policy)}"] = ThresholdPolicy.parse(policy).masks(p["prob"][sel]).numpy()
     seconds = {}
     if grabcut:
         t0 = time.perf_counter()
@@ -182,8 +210,11 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     frame = pd.DataFrame({"sample_id": common, "key": keys, "split": splits,
                           **{f"iou[{k}]": 100 * v for k, v in per_image.items()}})
     frame.to_csv(out / "per_image.csv", index=False)
-    notes = [f"{k}: {v.get('mode', '?')} mode, {v.get('steps', 0)} steps, model {v.get('model')}"
+    notes = [f"{k}: {v.get('mode', '?')} mode, {v.get('steps', 0)} steps, model {v.get('model')}, masks by "
+             f"threshold policy {v.get('threshold_policy', '0.5')}"
              for k, v in ((n, p["manifest"]) for n, p in loaded.items())]
+    notes.append(f"'{PROTOCOL_LABEL}': the same π_f thresholded at ½ as in the DRC paper; no threshold policy "
+                 f"looks at the ground truth")
     notes.append(f"GrabCut box: the image minus {margin:.0%} on each side, 5 iterations")
     write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
                  coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
@@ -226,6 +257,9 @@ def main(argv=None) -> dict:
                    help="a pipelines.segment output (repeatable)")
     p.add_argument("--split", default=None, choices=("train", "val", "test"))
     p.add_argument("--out", required=True, help="folder for report.html, metrics.json, per_image.csv")
+    p.add_argument("--threshold", action="append", default=[], metavar="POLICY",
+                   help="also score the stored π_f under this policy (repeatable; 0.5, a number, otsu, "
+                        "otsu-corpus, gmm, gmm-corpus); the ½ protocol is always scored")
     p.add_argument("--no-grabcut", action="store_true")
     p.add_argument("--grabcut-margin", type=float, default=0.05)
     p.add_argument("--gallery", type=int, default=12, help="worst cases shown")
@@ -235,9 +269,14 @@ def main(argv=None) -> dict:
     preds = dict(args.pred)
     if len(preds) != len(args.pred):
         sys.exit("evaluate: two --pred share a name")
+    from drc_core.threshold import PolicyError, ThresholdPolicy
+    try:
+        thresholds = tuple(ThresholdPolicy.parse(t).name for t in args.threshold)
+    except PolicyError as exc:
+        sys.exit(f"evaluate: --threshold: {exc}")
     try:
         result = evaluate(args.data, preds, Path(args.out), split=args.split, grabcut=not args.no_grabcut,
-                          margin=args.grabcut_margin, gallery=args.gallery)
+                          margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds)
     except DatasetError as exc:
         sys.exit(f"evaluate: {exc}")
     result["mlflow_run_id"] = track(result, Path(args.out), tracking.tracking_uri(args.tracking_uri), args.experiment,

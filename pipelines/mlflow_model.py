@@ -5,7 +5,9 @@
 
 Input: a DataFrame with an `image` column of encoded images (PNG/JPEG bytes; resized to the
 model's resolution), or a uint8 array (N, H, W, 3) at the model's resolution. Output: one row
-per image with `fg_fraction`, `confidence`, `mask_png` (PNG bytes, 0/255) and `recon_l1`. The
+per image with `fg_fraction`, `confidence`, `mask_png` (PNG bytes, 0/255, π_f above the
+threshold of the `threshold` policy param, default drc_core.threshold.DEFAULT), `threshold`,
+`prob_png` (π_f in 8 bits) and `recon_l1`. The
 same class serves the DRC model (posterior Langevin, `steps`/`seed` params) and the distilled
 amortised segmenter (one forward pass; params ignored). The model is logged
 from code (pipelines/pyfunc_entry.py) and its weights load with `torch.load(weights_only=True)`:
@@ -53,15 +55,34 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def result_frame(masks: np.ndarray, prob: np.ndarray, recon_l1: np.ndarray | None):
-    """One row per image: fg_fraction, confidence (mean |2π_f − 1|), mask_png, recon_l1 (NaN for
-    the amortised segmenter, which reconstructs nothing)."""
+def prob_png(prob: np.ndarray) -> bytes:
+    """π_f quantised to 8 bits (round(255·π_f)), as a grey PNG: enough to change the threshold
+    policy later without running the model again."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def result_frame(prob: np.ndarray, recon_l1: np.ndarray | None, policy=None):
+    """(one row per image, boolean masks (N, H, W)). Rows: fg_fraction, confidence (mean |2π_f − 1|),
+    mask_png (the mask under `policy`, default drc_core.threshold.DEFAULT), threshold (the one
+    applied to that image), prob_png (π_f, 8 bits) and recon_l1 (NaN for the amortised segmenter,
+    which reconstructs nothing)."""
     import pandas as pd
-    n = len(masks)
-    return pd.DataFrame({"fg_fraction": masks.reshape(n, -1).mean(1).astype(np.float64),
-                         "confidence": np.abs(2.0 * prob.reshape(n, -1) - 1.0).mean(1).astype(np.float64),
-                         "mask_png": [mask_png(m) for m in masks],
-                         "recon_l1": (np.full(n, np.nan) if recon_l1 is None else recon_l1).astype(np.float64)})
+    from drc_core.threshold import DEFAULT
+    policy = policy or DEFAULT
+    prob = np.asarray(prob, np.float32)
+    n = len(prob)
+    thresholds = policy.thresholds(prob).numpy()
+    masks = prob > thresholds.reshape(-1, *([1] * (prob.ndim - 1))).astype(np.float32)
+    frame = pd.DataFrame({"fg_fraction": masks.reshape(n, -1).mean(1).astype(np.float64),
+                          "confidence": np.abs(2.0 * prob.reshape(n, -1) - 1.0).mean(1).astype(np.float64),
+                          "mask_png": [mask_png(m) for m in masks],
+                          "threshold": thresholds.astype(np.float64),
+                          "prob_png": [prob_png(p) for p in prob],
+                          "recon_l1": (np.full(n, np.nan) if recon_l1 is None else recon_l1).astype(np.float64)})
+    return frame, masks
 
 
 class DRCSegmenter(PythonModel):
@@ -72,24 +93,27 @@ class DRCSegmenter(PythonModel):
         self.segmenter = load(context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
+        from drc_core.threshold import DEFAULT, ThresholdPolicy
         params = params or {}
         images = _as_images(model_input, self.segmenter.resolution)
+        policy = ThresholdPolicy.parse(params.get("threshold") or DEFAULT.name)
         if len(images) == 0:
-            return result_frame(np.zeros((0, 1, 1), bool), np.zeros((0, 1, 1)), None)
+            return result_frame(np.zeros((0, 1, 1)), None, policy)[0]
         ids = np.arange(len(images))
         out = self.segmenter.segment(images, ids, steps=params.get("steps"), seed=int(params.get("seed", 0)))
-        return result_frame(out["prob"] > 0.5, out["prob"], out["recon_l1"])
+        return result_frame(out["prob"], out["recon_l1"], policy)[0]
 
 
 def signature(test_steps: int):
-    """Input: encoded image bytes; output: fg_fraction, confidence, mask_png, recon_l1; params:
-    steps, seed."""
+    """Input: encoded image bytes; output: fg_fraction, confidence, mask_png, threshold, prob_png,
+    recon_l1; params: steps, seed, threshold (a drc_core.threshold policy)."""
     from mlflow.models import infer_signature
     import pandas as pd
+    from drc_core.threshold import DEFAULT
     return infer_signature(pd.DataFrame({"image": [b"png"]}),
                            pd.DataFrame({"fg_fraction": [0.5], "confidence": [0.5], "mask_png": [b"png"],
-                                         "recon_l1": [0.1]}),
-                           params={"steps": int(test_steps), "seed": 0})
+                                         "threshold": [0.5], "prob_png": [b"png"], "recon_l1": [0.1]}),
+                           params={"steps": int(test_steps), "seed": 0, "threshold": DEFAULT.name})
 
 
 def log_pyfunc(uri: str, run_id: str, weights_path: str | Path, test_steps: int) -> str:

@@ -39,9 +39,13 @@ def learning_curve(uri: str, run_id: str, path: Path) -> Path:
     from pipelines import tracking
     c = tracking.client(uri)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, label in ((axes[0], "eval_iou", "held-out IoU (%)"), (axes[1], "recon_l1", "reconstruction L1")):
-        hist = sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
-        ax.plot([m.step for m in hist], [m.value for m in hist], marker="o" if key == "eval_iou" else None)
+    for ax, keys, label in ((axes[0], {"eval_iou": "default threshold policy", "eval_iou_protocol": "π_f > ½"},
+                             "held-out IoU (%)"), (axes[1], {"recon_l1": None}, "reconstruction L1")):
+        for key, name in keys.items():
+            hist = sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
+            ax.plot([m.step for m in hist], [m.value for m in hist], marker="o" if name else None, label=name)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
         ax.set_xlabel("EM iteration")
         ax.set_ylabel(label)
     fig.tight_layout()

@@ -13,7 +13,10 @@ only a few refinement steps. The input is a Parquet dataset (pipelines.preproces
 folder; an actor pool loads the model once per actor (a GPU per actor with --gpu).
 
 Output (spec/architecture.md): `part-XXXXX.parquet` with sample_id, key, split, mask (PNG bytes,
-0/255), fg_fraction, confidence (mean |2π_f − 1|), recon_l1 (NaN for amortized), and
+0/255: π_f above the image's threshold under `--threshold`, default Otsu per image; `0.5` is the
+DRC protocol), threshold, prob (π_f as an 8-bit PNG, so another policy can be applied later
+without running the model: `pipelines.evaluate --threshold`), fg_fraction, confidence (mean
+|2π_f − 1|), recon_l1 (NaN for amortized), and
 `_manifest.json` with counts, settings and the quarantined inputs with reasons; `--png DIR`
 also writes DIR/masks/ and DIR/overlays/ (file names derived from sample id + a sanitised key,
 so no key can escape DIR). Each image's chain depends only on (seed, sample_id): the same input,
@@ -33,6 +36,7 @@ import pyarrow as pa
 from pipelines import sources
 from pipelines.checkpoints import CheckpointError
 from pipelines.errors import find_cause, os_reason
+from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
 from pipelines.imaging import MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image
 from pipelines.models import AMORTIZED, LANGEVIN, ModelError, load
 from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, DatasetExists, Store, read_part
@@ -40,7 +44,7 @@ from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, Data
 OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("mask", pa.binary()),
                            ("fg_fraction", pa.float64()), ("confidence", pa.float64()),
-                           ("recon_l1", pa.float64())])
+                           ("recon_l1", pa.float64()), ("prob", pa.binary()), ("threshold", pa.float64())])
 
 
 def safe_name(sample_id: int, key: str) -> str:
@@ -69,7 +73,8 @@ class SegmentBatch:
     be decoded is returned as quarantined with its reason; the batch goes on."""
 
     def __init__(self, model: str, *, steps: int | None, seed: int, from_chains: bool, png: str | None,
-                 threads: int, batch_size: int, tracking_uri: str | None = None, max_pixels: int = MAX_PIXELS):
+                 threads: int, batch_size: int, tracking_uri: str | None = None, max_pixels: int = MAX_PIXELS,
+                 threshold: str = DEFAULT.name):
         import torch
         torch.set_num_threads(max(1, threads))
         if tracking_uri:
@@ -83,6 +88,7 @@ class SegmentBatch:
             self.chains = ChainReader(self.seg.checkpoint)
         self.png = Path(png) if png else None
         self.max_pixels = max_pixels
+        self.policy = ThresholdPolicy.parse(threshold)
 
     def _decode(self, row: dict) -> np.ndarray:
         size = self.seg.resolution
@@ -103,7 +109,8 @@ class SegmentBatch:
         from pipelines.mlflow_model import result_frame
         rows = batch.to_dict("records")
         out = [{"sample_id": int(r["sample_id"]), "key": r["key"], "split": r["split"], "status": "ok",
-                "reason": "", "mask": None, "fg_fraction": None, "confidence": None, "recon_l1": None}
+                "reason": "", "mask": None, "fg_fraction": None, "confidence": None, "recon_l1": None,
+                "prob": None, "threshold": None}
                for r in rows]
         images, good = [], []
         for i, r in enumerate(rows):
@@ -117,11 +124,11 @@ class SegmentBatch:
             z_init = self.chains.get(ids) if self.chains is not None else None
             res = self.seg.segment(np.stack(images), ids, steps=self.steps, seed=self.seed, z_init=z_init,
                                    batch_size=self.batch_size)
-            masks = res["prob"] > 0.5
-            frame = result_frame(masks, res["prob"], res["recon_l1"])
+            frame, masks = result_frame(res["prob"], res["recon_l1"], self.policy)
             for j, i in enumerate(good):
                 out[i].update(mask=frame["mask_png"][j], fg_fraction=float(frame["fg_fraction"][j]),
-                              confidence=float(frame["confidence"][j]), recon_l1=float(frame["recon_l1"][j]))
+                              confidence=float(frame["confidence"][j]), recon_l1=float(frame["recon_l1"][j]),
+                              prob=frame["prob_png"][j], threshold=float(frame["threshold"][j]))
                 if self.png is not None:
                     self._write_png(out[i], images[j], masks[j])
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
@@ -225,6 +232,14 @@ def run(args) -> dict:
                          f"({'a distilled student' if segmenter.kind == AMORTIZED else 'a DRC model'})")
     if args.from_chains and segmenter.checkpoint is None:
         raise ModelError(f"--from-chains needs a training checkpoint folder as --model, got {args.model}")
+    try:
+        policy = ThresholdPolicy.parse(args.threshold)
+    except PolicyError as exc:
+        raise ModelError(f"--threshold: {exc}") from None
+    if policy.corpus:
+        raise ModelError(f"--threshold {args.threshold}: segment thresholds each image as it streams; a corpus "
+                         f"policy is applied afterwards from the stored π_f (pipelines.evaluate --threshold "
+                         f"{policy.name})")
     steps = args.steps
     if mode == LANGEVIN and steps is None:
         steps = args.refine_steps if args.from_chains else segmenter.cfg.langevin.test_steps
@@ -244,7 +259,8 @@ def run(args) -> dict:
         fn_constructor_kwargs=dict(model=args.model, steps=steps, seed=args.seed, from_chains=args.from_chains,
                                    png=str(Path(args.png).resolve()) if args.png else None,
                                    threads=max(1, int(cpus)), batch_size=args.batch_size,
-                                   tracking_uri=args.tracking_uri, max_pixels=args.max_pixels),
+                                   tracking_uri=args.tracking_uri, max_pixels=args.max_pixels,
+                                   threshold=policy.name),
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if args.gpu else 0,
     ).materialize()
     status = processed.select_columns(["sample_id", "key", "split", "status", "reason"]).to_pandas()
@@ -260,7 +276,9 @@ def run(args) -> dict:
         "mode": mode, "from_chains": bool(args.from_chains), "steps": steps if mode == LANGEVIN else 0,
         "seed": args.seed, "model": args.model, "resolution": segmenter.resolution, "source": source,
         "preset": segmenter.cfg.preset,
-        "mask_encoding": "PNG, 8-bit grey, 255 = foreground (π_f > 0.5)",
+        "threshold_policy": policy.name,
+        "mask_encoding": f"PNG, 8-bit grey, 255 = foreground (π_f > the image's threshold under policy {policy.name})",
+        "prob_encoding": "PNG, 8-bit grey, round(255·π_f)",
         "counts": {"inputs": n_inputs, "ok": len(ok), "quarantined": len(quarantine),
                    "per_split": {k: int(v) for k, v in ok["split"].value_counts().sort_index().items()}},
         "seconds": seconds, "images_per_s": len(ok) / seconds if seconds > 0 else 0.0,
@@ -283,6 +301,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="posterior Langevin steps (default: the preset's test steps)")
     p.add_argument("--from-chains", action="store_true", help="start from the checkpoint's persistent chains")
     p.add_argument("--refine-steps", type=int, default=10, help="Langevin steps after --from-chains")
+    p.add_argument("--threshold", default=DEFAULT.name, metavar="POLICY",
+                   help=f"how π_f becomes a mask: 0.5 (the DRC protocol), a number, otsu, gmm (per image) "
+                        f"(default: {DEFAULT.name}; drc_core/threshold.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--actors", type=int, default=1, help="model replicas (each loads the model once)")

@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pytest
 
+from pipelines import evaluate
 from tests import browser as chromium
 from tests.test_train_cluster import _env
 
@@ -115,8 +116,10 @@ def test_the_report_renders_in_a_real_headless_browser(browser, quickstart):   #
     body = {row[0][1]: row[1:] for row in rows[2:]}
     methods = list(dict.fromkeys(r["method"] for r in metrics["table"]))
     assert list(body) == methods, f"rendered rows {list(body)} != methods {methods}"
-    assert methods[:4] == ["langevin", "amortized", "GrabCut", "all foreground"]
-    assert methods[4].startswith("centred disc (best area ") and len(methods) == 5
+    protocol = evaluate.PROTOCOL_LABEL
+    assert methods[:6] == ["langevin", f"langevin, {protocol}", "amortized", f"amortized, {protocol}", "GrabCut",
+                           "all foreground"]
+    assert methods[6].startswith("centred disc (best area ") and len(methods) == 7
     for r in metrics["table"]:
         cells = body[r["method"]]
         assert [t for t, _ in cells] == ["td", "td"] * len(splits)

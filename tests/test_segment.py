@@ -13,6 +13,7 @@ from PIL import Image
 from drc_core.fit import TrainState
 from drc_core.inference import decode, images_to_tensor
 from pipelines import checkpoints as ckpt
+from drc_core.threshold import DEFAULT, ThresholdPolicy
 from pipelines import distill, evaluate, preprocess, segment
 from pipelines.parquet_store import load_arrays
 from tests import corpora
@@ -73,9 +74,15 @@ def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path)
         assert "duplicate key" in next(r for k, r in reasons.items() if k == "a_rgb")
         df = _read(out)
         assert len(df) == 14 and set(df.columns) == {"sample_id", "key", "split", "mask", "fg_fraction",
-                                                     "confidence", "recon_l1"}
+                                                     "confidence", "recon_l1", "prob", "threshold"}
         masks = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in df["mask"]])
         assert masks.shape == (14, 32, 32) and set(np.unique(masks)) <= {0, 255}
+        # the stored π_f (8 bits) reproduces the mask under the recorded threshold, up to quantisation
+        prob = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in df["prob"]]).astype(np.float64) / 255
+        th = df["threshold"].to_numpy()[:, None, None]
+        clear = np.abs(prob - th) > 1 / 255
+        assert np.array_equal((masks > 0)[clear], (prob > th)[clear])
+        assert json.loads((out / "_manifest.json").read_text())["threshold_policy"] == DEFAULT.name
         np.testing.assert_allclose(df["fg_fraction"], (masks > 0).reshape(14, -1).mean(1))
         assert ((df["confidence"] >= 0) & (df["confidence"] <= 1)).all()
         assert df["recon_l1"].isna().all() == (mode == "amortized")
@@ -98,17 +105,22 @@ def test_langevin_masks_are_deterministic_and_independent_of_batching(world, tmp
     assert not np.allclose(da["recon_l1"], dc["recon_l1"])          # another seed, other chains
 
 
-def test_from_chains_decodes_the_persistent_chains(world, tmp_path):
-    m = _segment(world, tmp_path / "c", "--model", world["ckpt"], "--split", "train", "--from-chains",
-                 "--steps", "0")
-    assert m["from_chains"] and m["counts"]["ok"] == 48
-    df = _read(tmp_path / "c")
+def test_from_chains_decodes_the_persistent_chains_under_each_threshold_policy(world, tmp_path):
     from pipelines.models import load
     teacher = load(world["ckpt"])
     z = ckpt.ChainReader(world["ckpt"]).get(np.arange(48))
-    want = decode(teacher.net, images_to_tensor(world["train"]["images"]), z).mask.numpy()
-    got = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 0 for b in df["mask"]])
-    assert np.array_equal(got, want)
+    prob = decode(teacher.net, images_to_tensor(world["train"]["images"]), z).prob
+    for policy in ("0.5", "otsu", "0.3"):
+        m = _segment(world, tmp_path / policy, "--model", world["ckpt"], "--split", "train", "--from-chains",
+                     "--steps", "0", "--threshold", policy)
+        assert m["from_chains"] and m["counts"]["ok"] == 48 and m["threshold_policy"] == policy
+        df = _read(tmp_path / policy)
+        want = ThresholdPolicy.parse(policy)
+        got = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 0 for b in df["mask"]])
+        assert np.array_equal(got, want.masks(prob).numpy()), policy
+        np.testing.assert_allclose(df["threshold"], want.thresholds(prob).numpy())
+    with pytest.raises(SystemExit, match="--threshold: threshold policy 'sometimes'"):
+        _segment(world, tmp_path / "bad", "--model", world["ckpt"], "--threshold", "sometimes")
     with pytest.raises(Exception, match="no persistent chain"):
         _segment(world, tmp_path / "t", "--model", world["ckpt"], "--split", "test", "--from-chains")
 
@@ -117,8 +129,10 @@ def test_distilled_student_is_tracked_and_its_pyfunc_segments(world):
     import mlflow
     s = world["distill"]
     assert s["pairs"] == ["chains", "prior"] and s["eval"]["images"] == 24
+    assert s["eval"]["threshold"] == DEFAULT.name and "iou" in s["eval"]["protocol"]
     run = mlflow.tracking.MlflowClient(world["uri"]).get_run(s["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["pairs"] == "chains,prior"
+    assert run.data.params["targets"] == DEFAULT.name            # hard targets from the default policy
     assert "eval_iou" in run.data.metrics and "loss" in run.data.metrics
     mlflow.set_tracking_uri(world["uri"])
     model = mlflow.pyfunc.load_model(s["model_uri"])
@@ -131,18 +145,30 @@ def test_distilled_student_is_tracked_and_its_pyfunc_segments(world):
     out = model.predict(pd.DataFrame({"image": pngs}))
     from drc_core.amortized import predict
     from pipelines.models import load
-    want = predict(load(world["student"]).net, test["images"][:5]).numpy() > 0.5
+    prob = predict(load(world["student"]).net, test["images"][:5])
     got = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 0 for b in out["mask_png"]])
-    assert np.array_equal(got, want) and out["recon_l1"].isna().all()
+    assert np.array_equal(got, DEFAULT.masks(prob).numpy()) and out["recon_l1"].isna().all()
+    half = model.predict(pd.DataFrame({"image": pngs}), params={"threshold": "0.5"})
+    got = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 0 for b in half["mask_png"]])
+    assert np.array_equal(got, prob.numpy() > 0.5) and (half["threshold"] == 0.5).all()
 
 
 def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path):
     _segment(world, tmp_path / "l", "--model", world["ckpt"], "--steps", "3")
     _segment(world, tmp_path / "a", "--model", world["student"])
     r = evaluate.main(["--data", world["data"], "--pred", f"langevin={tmp_path / 'l'}", "--pred",
-                       f"amortized={tmp_path / 'a'}", "--out", str(tmp_path / "eval"), "--tracking-uri", world["uri"]])
+                       f"amortized={tmp_path / 'a'}", "--out", str(tmp_path / "eval"), "--tracking-uri", world["uri"],
+                       "--threshold", "otsu-corpus"])
     methods = {row["method"] for row in r["table"]}
-    assert {"langevin", "amortized", "GrabCut", "all foreground"} <= methods
+    assert {"langevin", "amortized", "GrabCut", "all foreground", f"langevin, {evaluate.PROTOCOL_LABEL}",
+            f"amortized, {evaluate.PROTOCOL_LABEL}", "langevin, threshold otsu-corpus"} <= methods
+    # the protocol row is the stored π_f at ½, recomputed without the model
+    pred = evaluate.read_predictions(str(tmp_path / "l"))
+    gt = load_arrays(world["data"])
+    from drc_core.metrics import mean_iou_dice as miou
+    want = miou(pred["prob"] > 0.5, gt["masks"] > 0)["iou"]
+    assert next(row["iou"] for row in r["table"] if row["method"] == f"langevin, {evaluate.PROTOCOL_LABEL}"
+                and row["split"] == "all") == pytest.approx(want)
     assert any(m.startswith("centred disc") for m in methods)
     assert {row["split"] for row in r["table"]} == {"train", "test", "all"}
     allfg = next(row for row in r["table"] if row["method"] == "all foreground" and row["split"] == "test")
