@@ -90,13 +90,15 @@ def policy_scores(prob, target, policies=POLICIES_REPORTED) -> dict[str, dict[st
 
 
 def evaluate(model: DRCModel, images: np.ndarray, masks: np.ndarray, cfg: DRCConfig, *,
-             steps: int | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+             steps: int | None = None, seed: int = 0, batch_size: int = 64,
+             z_init: torch.Tensor | None = None) -> dict[str, float]:
     """IoU/Dice (%) of fresh-chain segmentation against ground-truth masks at the DRC protocol's
     π_f > ½ (`iou`, `dice`), the same π_f under the label-free threshold policies (`policies`),
     mask and true foreground area, reconstruction error and how π_f separates the true regions
-    (`metrics.separation`)."""
+    (`metrics.separation`). `z_init`: continue these chains (e.g. the persistent training chains of
+    the same images) instead of starting from N(0, I)."""
     from drc_core.metrics import mean_iou_dice, separation
-    seg = segment(model, images, cfg, steps=steps, seed=seed, batch_size=batch_size)
+    seg = segment(model, images, cfg, steps=steps, seed=seed, batch_size=batch_size, z_init=z_init)
     target = torch.as_tensor(masks) > 0
     out = {**mean_iou_dice(seg.mask, target), **separation(seg.prob, target)}
     out["mask_area"] = float(seg.mask.float().mean())

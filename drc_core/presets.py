@@ -45,6 +45,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                "langevin.prior_pool_size": 1000,
                "langevin.test_steps": 300, "optim.batch_size": 32, **_CPU_OPTIM, **_CPU_LEARNING,
                "data.train_size": 5000, "data.test_size": 1000},
+    # Natural photos on a CPU (issue 17, part 3): cpu-64's nets, single-object LEBM, and a background
+    # latent as wide as the foreground's, since a cluttered photo background is no 4-d texture
+    # (cpu-64 gave the foreground expert 70 % of every photo). Measured on PASCAL-S: docs/quality.md.
+    "photo-64": {"model.resolution": 64, "model.fg_dim": 64, "model.bg_dim": 64, "model.reassign_dim": 128,
+                 "model.trunk_channels": 64, "model.up_widths": (128, 64, 32, 16),
+                 "model.classifier_widths": (16, 32, 64, 128), "langevin.prior_pool_size": 1000,
+                 "langevin.test_steps": 300, "optim.batch_size": 32, **_CPU_OPTIM, **_CPU_LEARNING,
+                 "data.dataset": "folder"},
     "cpu-32": {**_MULTI_OBJECT, "model.resolution": 32, "model.fg_dim": 32, "model.bg_dim": 4,
                "model.reassign_dim": 64, "model.trunk_channels": 64,
                "model.up_widths": (64, 32, 16), "model.classifier_widths": (16, 32, 64),

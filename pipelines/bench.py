@@ -4,6 +4,7 @@
     python -m pipelines.bench preprocess [--images 2000 --size 128]
     python -m pipelines.bench train [--preset cpu-32 --workers 1 2 --iterations 30]
     python -m pipelines.bench segment [--preset cpu-32 --train-iterations 300]   (pipelines/bench_segment.py)
+    python -m pipelines.bench quality [--preset cpu-32 --minutes 20 --seeds 2]   (pipelines/bench_quality.py)
 
 `core` measures, per preset and batch size: seconds per EM iteration, seconds per posterior
 Langevin step per image, images/s, and the achieved GFLOP/s of the Langevin loop against the
@@ -361,10 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--iterations", type=int, default=30)
     tr.add_argument("--images", type=int, default=512, help="TM-dSprites training images")
     tr.add_argument("--paper-chains", type=int, default=200_000, help="chains in the paper-dims buffer test")
-    from pipelines import bench_segment
+    from pipelines import bench_quality, bench_segment
     bench_segment.add_parser(sub)
+    bench_quality.add_parser(sub)
     args = p.parse_args(argv)
-    {"core": core, "preprocess": preprocess, "train": train, "segment": bench_segment.run}[args.cmd](args)
+    {"core": core, "preprocess": preprocess, "train": train, "segment": bench_segment.run,
+     "quality": bench_quality.run}[args.cmd](args)
 
 
 if __name__ == "__main__":

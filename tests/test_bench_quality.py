@@ -1,0 +1,40 @@
+"""pipelines.bench quality end to end on a tiny budget: seeds run as real pipelines.local processes,
+the table aggregates their final evaluations, and the baselines are scored on the same images."""
+import json
+
+import numpy as np
+import pytest
+
+from drc_core.metrics import mean_iou_dice, trivial_baselines
+from drc_core.presets import get_config
+from drc_core.threshold import DEFAULT
+from pipelines import bench
+from pipelines.evaluate import grabcut_masks
+from pipelines.local import render_test
+
+TINY = ["data.train_size=48", "optim.batch_size=8", "langevin.posterior_steps=2", "langevin.prior_steps=2"]
+
+
+@pytest.mark.slow
+def test_quality_benchmark_aggregates_seeds_beside_baselines(tmp_path, capsys):
+    out = tmp_path / "q"
+    bench.main(["quality", "--preset", "cpu-32", "--minutes", "0.05", "--seeds", "2", "--eval-images", "8",
+                "--test-images", "16", "--eval-steps", "2", "--out", str(out), *TINY])
+    printed = capsys.readouterr().out
+    result = json.loads((out / "quality.json").read_text())
+    assert (out / "curve.png").stat().st_size > 1000
+    finals = [json.loads((out / f"seed{s}" / "curve.json").read_text())["final"] for s in (0, 1)]
+    rows = {r["method"]: r for r in result["rows"]}
+    default = rows[f"DRC, {DEFAULT.name} (default)"]
+    assert default["iou"]["values"] == [f["policies"][DEFAULT.name]["iou"] for f in finals]
+    protocol = rows["DRC, 0.5, DRC protocol"]
+    assert protocol["iou"]["values"] == [f["iou"] for f in finals]
+    assert protocol["iou"]["mean"] == pytest.approx(np.mean([f["iou"] for f in finals]))
+    # the baselines are computed on the very images the seeds were scored on
+    cfg = get_config("cpu-32", dict(o.split("=") for o in TINY))
+    images, masks = render_test(cfg, 16)
+    assert rows["GrabCut (OpenCV, 5 % margin box)"]["iou"]["mean"] == pytest.approx(
+        mean_iou_dice(grabcut_masks(images), masks > 0)["iou"])
+    assert rows["all foreground"]["iou"]["mean"] == pytest.approx(trivial_baselines(masks)["all_foreground"]["iou"])
+    assert result["test_images"] == 16 and all(f["images"] == 16 for f in finals)
+    assert "GrabCut" in printed and "DRC protocol" in printed and result["cpu"]
