@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -224,13 +225,20 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     return result
 
 
+def metric_name(method: str, split: str, metric: str) -> str:
+    """An MLflow metric name for a table cell (MLflow allows letters, digits, _ - . / : and spaces):
+    `GrabCut.test.iou`, `langevin_threshold_0.5_DRC_protocol.test.iou`, `centred_disc_best_area_40pct…`."""
+    m = method.replace(PROTOCOL_LABEL, "threshold 0.5 DRC protocol").replace("%", "pct").replace("−", "-")
+    m = re.sub(r"_+", "_", re.sub(r"[^0-9A-Za-z_.\-]", "_", m)).strip("_")
+    return f"{m}.{split}.{metric}"
+
+
 def track(result: dict, out: Path, uri: str, experiment: str, params: dict) -> str:
     """One MLflow run: <method>.<split>.iou/dice metrics and the report folder as artifacts."""
     run_id = tracking.start_run(uri, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
                                 {**params, **{f"pred.{k}": v for k, v in result["preds"].items()}},
                                 experiment=experiment, tags={"drc.stage": "evaluate"})
-    clean = str.maketrans({" ": "_", "(": None, ")": None, "%": "pct", "−": "-"})
-    tracking.log_metrics(uri, run_id, {f"{r['method']}.{r['split']}.{m}".translate(clean): r[m]
+    tracking.log_metrics(uri, run_id, {metric_name(r["method"], r["split"], m): r[m]
                                        for r in result["table"] for m in ("iou", "dice")}, 0)
     tracking.client(uri).log_artifacts(run_id, str(out), "evaluation")
     tracking.end_run(uri, run_id)
