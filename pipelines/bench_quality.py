@@ -165,7 +165,8 @@ def run(args) -> dict:
     cpu = _cpu_name()
     result = {"preset": args.preset, "data": args.data, "overrides": args.overrides, "seeds": args.seeds,
               "minutes": args.minutes, "test_images": int(len(images)), "true_area": true_area, "rows": rows,
-              "diagnostics": diag, "cpu": cpu, "threads_per_seed": threads, "parallel": parallel,
+              "diagnostics": diag, "cpu": cpu, "threads_per_seed": None if args.reuse else threads,
+              "parallel": None if args.reuse else parallel,
               "wall_seconds": time.perf_counter() - t0,
               "curves": {s: r["curve"] for s, r in runs.items()}, "command": " ".join(sys.argv)}
     (out / "quality.json").write_text(json.dumps(result, indent=2))
@@ -188,7 +189,9 @@ def format_result(r: dict) -> str:
     d = r["diagnostics"]
     lines = [f"quality: {r['preset']} on {r['data']} {' '.join(r['overrides'])}".rstrip(),
              f"  {r['seeds']} seed(s) × {r['minutes']:g} min ({_cell(d['iterations'], 0)} EM iterations, "
-             f"{r['threads_per_seed']} thread(s) each, {r['parallel']} at a time, {r['cpu']}); "
+             + (f"{r['threads_per_seed']} thread(s) each, {r['parallel']} at a time, " if r["parallel"] else
+                "runs reused from --out, ")
+             + f"{r['cpu']}); "
              f"{r['test_images']} held-out images, true foreground area {r['true_area']:.1f} %",
              f"{'method':<46}{'IoU':>14}{'Dice':>14}{'area %':>14}"]
     for row in r["rows"]:
