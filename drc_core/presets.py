@@ -20,7 +20,7 @@ _CPU_OPTIM = {"optim.gen_lr": 1e-3, "optim.ebm_lr": 2e-4}
 # a 16-d background latent: 26.6 / 49.7). At 32² the gratings are beyond what the background expert
 # learns in minutes; the orthogonality penalty and the smooth re-assignment warp slow both experts.
 # What remains is a split of the texture by shade (one expert paints it light, the other dark, π_f ≈ ½
-# there; README, "Learning on CPU"); σ 0.5 softens the per-pixel competition that makes the split
+# there; docs/quality.md); σ 0.5 softens the per-pixel competition that makes the split
 # pay. K₁ = 10 learns as much per iteration as 20 at half the cost.
 _CPU_LEARNING = {"ablation.ortho": False, "ablation.pixel_reassign": False, "loss.sigma": 0.5,
                  "langevin.posterior_steps": 10}

@@ -14,6 +14,7 @@ from drc_core.fit import fit
 from drc_core.inference import decode, evaluate, images_to_tensor
 from drc_core.metrics import mean_iou_dice, trivial_baselines
 from drc_core.presets import get_config
+from drc_core.threshold import DEFAULT
 from drc_core.tmds import render_many
 
 ITERATIONS = 600
@@ -36,18 +37,20 @@ def test_cpu32_learns_to_separate_sprites_from_texture():
                       "train_baselines": base_train}))
     assert np.isfinite([h["gen_loss"] for h in state.history]).all()
     assert state.history[-1]["chains_reset"] == 0
-    # measured (cpu-32 preset, issue 2), same settings, runs differing only in float kernels: IoU at
-    # π_f > ½ 18.7 → 32.6 (dev machine, alone), 31.2 (full CI suite), 31.1 (channels-last weights),
-    # 29.0 (our InstanceNorm2d; best-threshold 59.4, training chains 32.8). All-foreground 20.1; the
-    # best centred disc (picked with the ground truth from eight sizes) 31.0. Clearly above
-    # all-foreground, but against the disc the ½-threshold IoU is a coin toss: π_f on texture settles
-    # at 0.50–0.51 (the experts split the texture by shade; README, "Learning on CPU"), so where ½ cuts
-    # it moves this number by ±2 from run to run. Asserted: the margins that held in every run.
+    assert after["recon_l1"] < before["recon_l1"] - 0.05      # measured 0.568 → 0.474
+    # What the model earns under the default label-free threshold policy (Otsu per image; the labels
+    # only score it): measured in docs/quality.md, 2 seeds of the preset reach 49–56 IoU on held-out
+    # images by iteration 130–200 against a best centred disc of 31 and all-foreground of 20, with
+    # a predicted area of 23–26 % against 20 % true.
+    default = after["policies"][DEFAULT.name]
+    assert default["iou"] >= base["centre_ellipse"]["iou"] + 10.0, default
+    assert default["iou"] >= base["all_foreground"]["iou"] + 15.0, default
+    assert abs(default["area"] - 100 * after["true_area"]) <= 15.0, default
+    # At the DRC protocol's π_f > ½ the texture tie (π_f ≈ ½ there: the experts split it by shade,
+    # docs/quality.md) leaves the IoU near the best centred disc (28–33 across runs): asserted is
+    # what held in every run, a clear margin over all-foreground and a ranking of sprite pixels
+    # far above texture pixels.
     assert after["iou"] > before["iou"] + 8.0
     assert after["iou"] > base["all_foreground"]["iou"] + 6.0
     assert on_train["iou"] > base_train["all_foreground"]["iou"] + 6.0
-    assert after["recon_l1"] < before["recon_l1"] - 0.05      # measured 0.568 → 0.474
-    # π_f ranks sprite pixels far above texture pixels (0.84 vs 0.49–0.51, best-threshold IoU 57.5–59.7):
-    # that ranking is what is clearly above the disc
     assert after["pi_fg"] - after["pi_bg"] > 0.25
-    assert after["best_threshold_iou"] > base["centre_ellipse"]["iou"] + 20.0
