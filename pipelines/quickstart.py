@@ -22,7 +22,7 @@ from pathlib import Path
 EXPERIMENT = "quickstart"
 SIZES = {  # train images, test images, EM iterations, distillation steps
     "tiny": {"train": 256, "test": 64, "iterations": 30, "distill_steps": 300, "eval_every": 15},
-    "full": {"train": 2000, "test": 200, "iterations": 400, "distill_steps": 1500, "eval_every": 50},
+    "full": {"train": 2000, "test": 200, "iterations": 200, "distill_steps": 1500, "eval_every": 50},
 }
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a ~3-minute run of every stage")
     p.add_argument("--tune", action="store_true", help="also run a tiny Ray Tune study (tune_spaces/quick.yaml)")
-    p.add_argument("--iterations", type=int, default=None, help="EM iterations (default: 400, --tiny 30)")
+    p.add_argument("--iterations", type=int, default=None, help="EM iterations (default: 200, --tiny 30)")
     p.add_argument("--out", default=None, help="output folder (default: runs/quickstart-<time>)")
     args = p.parse_args(argv)
 
