@@ -1,7 +1,7 @@
 """The whole system in one command, on the embedded default: local Ray, local MLflow, CPU preset,
 synthetic data.
 
-    python -m pipelines.quickstart            # ≈ 15–20 minutes on 2 cores
+    python -m pipelines.quickstart            # ≈ 12 minutes on 2 cores (AVX2 CPU, fp32)
     python -m pipelines.quickstart --tiny     # ≈ 3 minutes: the same stages, smaller
     python -m pipelines.quickstart --tune     # also a tiny Ray Tune study before training
 
