@@ -23,7 +23,6 @@ import torch
 PROTOCOL = 0.5            # the DRC paper's threshold
 BINS = 256
 MIN_SEPARATION = 0.2      # class means of a split closer than this: keep ½ for that image
-KINDS = ("fixed", "otsu", "gmm")
 
 
 class PolicyError(ValueError):
@@ -131,16 +130,20 @@ class ThresholdPolicy:
         th = torch.where(gap >= MIN_SEPARATION, th, torch.full_like(th, PROTOCOL))
         return th.expand(n).clone() if self.corpus else th
 
-    def masks(self, prob) -> torch.Tensor:
-        """(N, H, W) π_f → (N, H, W) bool masks."""
+    def apply(self, prob) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H, W) π_f → (bool masks (N, H, W), float64 thresholds (N,)); a single (H, W) map
+        gives an (H, W) mask."""
         p = torch.as_tensor(prob)
         squeeze = p.dim() == 2
         if squeeze:
             p = p[None]
-        th = self.thresholds(p).to(p.dtype if p.is_floating_point() else torch.float64)
-        m = p > th.view(-1, *([1] * (p.dim() - 1)))
-        return m[0] if squeeze else m
+        th = self.thresholds(p)
+        m = p > th.to(p.dtype if p.is_floating_point() else torch.float64).view(-1, *([1] * (p.dim() - 1)))
+        return (m[0] if squeeze else m), th
+
+    def masks(self, prob) -> torch.Tensor:
+        """(N, H, W) π_f → (N, H, W) bool masks."""
+        return self.apply(prob)[0]
 
 
 DEFAULT = ThresholdPolicy(kind="otsu")     # chosen by measurement: docs/quality.md
-PROTOCOL_POLICY = ThresholdPolicy()

@@ -180,9 +180,9 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
         if p["prob"] is None:
             continue
         written = p["manifest"].get("threshold_policy")
-        for policy in extra:
-            if ThresholdPolicy.parse(policy).name != written:
-                methods[f"{name}, {policy_label(policy)}"] = ThresholdPolicy.parse(policy).masks(p["prob"][sel]).numpy()
+        for policy in map(ThresholdPolicy.parse, extra):
+            if policy.name != written:
+                methods[f"{name}, {policy_label(policy.name)}"] = policy.masks(p["prob"][sel]).numpy()
     seconds = {}
     if grabcut:
         t0 = time.perf_counter()

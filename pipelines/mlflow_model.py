@@ -74,8 +74,7 @@ def result_frame(prob: np.ndarray, recon_l1: np.ndarray | None, policy=None):
     policy = policy or DEFAULT
     prob = np.asarray(prob, np.float32)
     n = len(prob)
-    thresholds = policy.thresholds(prob).numpy()
-    masks = prob > thresholds.reshape(-1, *([1] * (prob.ndim - 1))).astype(np.float32)
+    masks, thresholds = (t.numpy() for t in policy.apply(prob))
     frame = pd.DataFrame({"fg_fraction": masks.reshape(n, -1).mean(1).astype(np.float64),
                           "confidence": np.abs(2.0 * prob.reshape(n, -1) - 1.0).mean(1).astype(np.float64),
                           "mask_png": [mask_png(m) for m in masks],
