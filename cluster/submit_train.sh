@@ -13,5 +13,5 @@ CPUS_PER_WORKER=${4:-4}
 exec ray job submit --address "$RAY_ADDRESS" --working-dir . \
   --runtime-env cluster/runtime_env.yaml -- \
   python -m pipelines.train --preset paper-birds --data "$DATA" --storage "$STORAGE" \
-    --workers "$WORKERS" --gpu --cpus-per-worker "$CPUS_PER_WORKER" \
+    --workers "$WORKERS" --device cuda --cpus-per-worker "$CPUS_PER_WORKER" \
     --checkpoint-every 500 --eval-every 500 --grid-every 500

@@ -74,8 +74,10 @@ class UNet(nn.Module):
 
 @torch.no_grad()
 def predict(student: UNet, images: np.ndarray | torch.Tensor, *, batch_size: int = 256,
-            device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 images (N, H, W, 3) → foreground probability (N, H, W) on the CPU."""
+            device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) → foreground probability (N, H, W) on the CPU, computed on
+    `device` (default: the student's)."""
+    device = next(student.parameters()).device if device is None else device
     x_all = images_to_tensor(images)
     student.eval()
     out = [torch.sigmoid(student(x_all[lo:lo + batch_size].to(device)))[:, 0].float().cpu()
@@ -86,10 +88,12 @@ def predict(student: UNet, images: np.ndarray | torch.Tensor, *, batch_size: int
 @torch.no_grad()
 def chain_pairs(model: DRCModel, images: np.ndarray, z: torch.Tensor, *, batch_size: int = 256,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images (as [-1, 1] tensors) and the π_f their persistent chains decode to."""
+    """Training images (as [-1, 1] tensors) and the π_f their persistent chains decode to (on the
+    CPU; decoded on the model's device)."""
     x_all = images_to_tensor(images)
     model.eval()
-    probs = [decode(model, x_all[lo:lo + batch_size], z[lo:lo + batch_size].float()).prob
+    dev = next(model.parameters()).device
+    probs = [decode(model, x_all[lo:lo + batch_size].to(dev), z[lo:lo + batch_size].float().to(dev)).prob.cpu()
              for lo in range(0, x_all.shape[0], batch_size)]
     return x_all, torch.cat(probs)
 
@@ -97,38 +101,40 @@ def chain_pairs(model: DRCModel, images: np.ndarray, z: torch.Tensor, *, batch_s
 def prior_pairs(model: DRCModel, cfg: DRCConfig, n: int, *, generator: torch.Generator,
                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """n images synthesised from the teacher's prior (z from prior Langevin, started at N(0, I))
-    and their π_f."""
+    and their π_f, on the CPU. The chains run on the model's device, which `generator` must be on."""
     model.eval()
+    dev = next(model.parameters()).device
     xs, probs = [], []
     for lo in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - lo), model.latent_dim, generator=generator)
+        z = torch.randn(min(batch_size, n - lo), model.latent_dim, generator=generator, device=dev)
         z = sample_prior(model, z, cfg, generator=generator)
         with torch.no_grad():
             comp = model.compose(z)
-        xs.append(comp.recon.clamp(-1, 1))
-        probs.append(comp.pi_f[:, 0])
+        xs.append(comp.recon.clamp(-1, 1).float().cpu())
+        probs.append(comp.pi_f[:, 0].float().cpu())
     return torch.cat(xs), torch.cat(probs)
 
 
 def distill(pairs: list[tuple[torch.Tensor, torch.Tensor]], student_cfg: StudentConfig, *, steps: int,
-            batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+            batch_size: int = 64, lr: float = 2e-3, seed: int = 0, device: str | torch.device = "cpu",
             on_step: Callable[[int, float], None] | None = None) -> UNet:
     """Train a student on the union of (image, π_f) pair sets with BCE against the soft π_f,
-    random horizontal flips, Adam with a cosine schedule."""
+    random horizontal flips, Adam with a cosine schedule. The pairs stay where they are (the CPU);
+    each batch is drawn there and moved to `device`, where the student trains and is returned."""
     x = torch.cat([p[0] for p in pairs])
     y = torch.cat([p[1] for p in pairs])[:, None]
     if x.shape[0] == 0:
         raise ValueError("distill: no training pairs")
     torch.manual_seed(seed)
-    student = UNet(student_cfg)
+    student = UNet(student_cfg).to(device)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     gen = torch.Generator().manual_seed(seed)
     student.train()
     for step in range(steps):
         idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
-        xb, yb = x[idx], y[idx]
-        flip = torch.rand(idx.shape[0], generator=gen) < 0.5
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        flip = (torch.rand(idx.shape[0], generator=gen) < 0.5).to(device)
         xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
         yb = torch.where(flip[:, None, None, None], yb.flip(-1), yb)
         loss = F.binary_cross_entropy_with_logits(student(xb), yb)

@@ -46,6 +46,8 @@ class LangevinConfig:
     prior_steps: int = 60                      # K₀
     prior_step_size: float = 0.4               # δ₀
     test_steps: int = 5000                     # fresh posterior chains at test time
+    test_average: int = 0                      # >0: π_f averaged over the last N test steps (a posterior
+                                               # mean of π_f instead of one sample; beyond the paper)
     prior_pool_size: int = 0                   # 0: one prior chain per image (paper); >0: shared pool
     persistent: bool = True                    # False: short-run chains from N(0, I) (ablation)
     bf16: bool = True                          # bf16 autocast of the generators inside Langevin (z stays fp32),
@@ -124,7 +126,7 @@ class DRCConfig:
         for name in ("posterior_step_size", "prior_step_size"):
             if not getattr(lv, name) > 0:
                 raise ConfigError(f"langevin.{name} must be > 0, got {getattr(lv, name)}")
-        for name in ("posterior_steps", "prior_steps", "test_steps", "prior_pool_size"):
+        for name in ("posterior_steps", "prior_steps", "test_steps", "test_average", "prior_pool_size"):
             if getattr(lv, name) < 0:
                 raise ConfigError(f"langevin.{name} must be >= 0, got {getattr(lv, name)}")
         if not ls.sigma > 0:

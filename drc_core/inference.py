@@ -49,9 +49,11 @@ def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, 
     preset's test steps). `z_init` continues from given chains (e.g. the training chains)
     instead of N(0, I). Same model + images + seed → same masks; with `sample_ids` each image's
     chain depends only on (seed, its id), not on the batch it is in. `device`: where the
-    chains run (default: the model's device)."""
+    chains run (default: the model's device). With `langevin.test_average` = N > 0, π_f is the
+    mean over the chain's last N steps (of the `steps`) rather than its value at the last one."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     steps = cfg.langevin.test_steps if steps is None else steps
+    average = min(cfg.langevin.test_average, steps)
     x_all = images_to_tensor(images)
     if sample_ids is not None and len(sample_ids) != x_all.shape[0]:
         raise ValueError(f"{len(sample_ids)} sample ids for {x_all.shape[0]} images")
@@ -66,9 +68,18 @@ def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, 
             z = randn((x.shape[0], model.latent_dim), gen, device)
         else:
             z = z_init[lo:lo + batch_size].to(device)
-        z = sample_posterior(model, x, z, cfg, steps=steps, generator=gen)
+        z = sample_posterior(model, x, z, cfg, steps=steps - average, generator=gen)
+        prob_sum = None
+        for _ in range(average):
+            z = sample_posterior(model, x, z, cfg, steps=1, generator=gen)
+            pi = decode(model, x, z).prob
+            prob_sum = pi if prob_sum is None else prob_sum + pi
         z, _ = reset_diverged(z, cfg.langevin.divergence_threshold, gen)
-        parts.append(decode(model, x, z))
+        seg = decode(model, x, z)
+        if average:
+            seg.prob = prob_sum / average
+            seg.mask = seg.prob > 0.5
+        parts.append(seg)
     return Segmentation(*(torch.cat([getattr(p, f).cpu() for p in parts]) for f in
                           ("prob", "mask", "z", "recon_l1")))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import tracking
+from pipelines import devices, tracking
 from pipelines.models import LANGEVIN, ModelError, load, save_student
 
 PAIR_KINDS = ("chains", "posterior", "prior")
@@ -61,7 +61,7 @@ def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, tor
             out.append((images_to_tensor(train["images"]), seg.prob))
         else:
             out.append(prior_pairs(model, cfg, args.prior_images,
-                                   generator=torch.Generator().manual_seed(args.seed + 1)))
+                                   generator=torch.Generator(teacher.device).manual_seed(args.seed + 1)))
         log(f"{kind} pairs: {out[-1][0].shape[0]} in {time.perf_counter() - t0:.1f} s, "
             f"mean π_f {float(out[-1][1].mean()):.3f}")
     return out
@@ -84,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levels", type=int, default=2, help="student U-Net resolution halvings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    devices.add_argument(p, what="the teacher's sampling and the student's training")
     p.add_argument("--out", default=None, help="output folder (default: runs/distill/<name>)")
     p.add_argument("--eval-images", type=int, default=1000, help="held-out images for IoU (when masked)")
     p.add_argument("--tracking-uri", default=None)
@@ -97,11 +98,12 @@ def run(args) -> dict:
     from drc_core.metrics import mean_iou_dice
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = devices.resolve(args.device, "distill")
     uri = tracking.tracking_uri(args.tracking_uri)
     if args.teacher.startswith(("runs:/", "models:/")):
         import mlflow
         mlflow.set_tracking_uri(uri)
-    teacher = load(args.teacher)
+    teacher = load(args.teacher, device)
     if teacher.kind != LANGEVIN:
         raise ModelError(f"--teacher {args.teacher} is already a distilled student, not a DRC model")
     from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
@@ -118,7 +120,7 @@ def run(args) -> dict:
     out = Path(args.out or f"runs/distill/{name}")
     out.mkdir(parents=True, exist_ok=True)
     scfg = StudentConfig(resolution=teacher.resolution, width=args.width, levels=args.levels).validate()
-    params = {"teacher": args.teacher, "data": args.data, "pairs": ",".join(kinds),
+    params = {"teacher": args.teacher, "data": args.data, "device": str(device), "pairs": ",".join(kinds),
               "targets": "soft" if targets is None else targets.name, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "prior_images": args.prior_images,
               "train_images": args.train_images, "seed": args.seed, **{f"student.{k}": v for k, v in scfg.to_dict().items()},
@@ -142,13 +144,13 @@ def run(args) -> dict:
 
         t1 = time.perf_counter()
         student = distill(pairs, scfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          on_step=on_step)
+                          device=device, on_step=on_step)
         summary = {"name": name, "mlflow_run_id": run_id, "tracking_uri": uri, "out": str(out), "pairs": kinds,
                    "pair_seconds": pair_seconds, "train_seconds": time.perf_counter() - t1,
                    "final_loss": float(np.mean(losses[-50:]))}
         x, y = pairs[0]
         with torch.no_grad():
-            agree = torch.sigmoid(student(x[:512]))[:, 0] > 0.5
+            agree = torch.sigmoid(student(x[:512].to(device)))[:, 0].cpu() > 0.5
         summary["train_agreement_iou"] = mean_iou_dice(agree, y[:512] > 0.5)["iou"]
         if args.data:
             from pipelines.parquet_store import load_arrays
@@ -187,6 +189,8 @@ def run(args) -> dict:
 def main(argv=None) -> dict:
     try:
         summary = run(parse_args(argv))
+    except devices.DeviceError as exc:           # names the stage itself
+        sys.exit(str(exc))
     except ModelError as exc:
         sys.exit(f"distill: {exc}")
     print("done:", json.dumps({k: v for k, v in summary.items()}), flush=True)

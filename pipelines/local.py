@@ -25,6 +25,7 @@ from drc_core.metrics import trivial_baselines
 from drc_core.presets import get_config, preset_names
 from drc_core.tmds import render_many
 from drc_core.viz import composition_grid
+from pipelines import devices
 from pipelines.models import save_drc
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--from-chains", action="store_true",
                    help="with --data and no --eval-split (the scored images are training images): segment by "
                         "continuing their persistent chains for --eval-steps (default 10) instead of fresh chains")
-    p.add_argument("--device", default="cpu", help="torch device to train and evaluate on (cpu, cuda)")
+    devices.add_argument(p, what="training and evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--out", default="runs", help="output folder")
     p.add_argument("--name", default=None)
@@ -97,10 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="skip training: evaluate a saved runs/<name>/model.pt on --final-eval-images")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
+    try:
+        device = devices.resolve(args.device, "local")
+    except devices.DeviceError as exc:
+        raise SystemExit(str(exc)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.evaluate_only:
-        return evaluate_saved(args)
+        return evaluate_saved(args, device)
     cfg = get_config(args.preset, parse_override_args(args.overrides))
     d, size = cfg.data, cfg.model.resolution
     name = args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             next_eval += args.eval_every
         return train_time >= budget
 
-    state = fit(cfg, train, iterations=args.iterations or 10**9, on_iteration=on_iteration, device=args.device)
+    state = fit(cfg, train, iterations=args.iterations or 10**9, on_iteration=on_iteration, device=device)
     save_drc(out / "model.pt", cfg, state.model.state_dict())
     if n_final != len(test):
         if curve[-1]["iteration"] != state.iteration:     # close the curve on its own image set
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def evaluate_saved(args) -> dict:
+def evaluate_saved(args, device) -> dict:
     """Evaluate a saved model (runs/<name>/model.pt) on the first N test images."""
     from drc_core.config import DRCConfig, apply_overrides
     from drc_core.model import DRCModel
@@ -187,6 +192,7 @@ def evaluate_saved(args) -> dict:
     cfg = apply_overrides(DRCConfig.from_dict(saved["config"]), parse_override_args(args.overrides))
     model = DRCModel(cfg.model, cfg.ablation)
     model.load_state_dict(saved["model"])
+    model.to(device)
     test, masks = render_test(cfg, args.final_eval_images or cfg.data.test_size)
     res = final_evaluation(model, cfg, test, masks, args.eval_steps)
     print("evaluation:", json.dumps(res))

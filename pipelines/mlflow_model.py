@@ -88,8 +88,10 @@ class DRCSegmenter(PythonModel):
     """Either kind of model (DRC with Langevin inference, or the distilled student)."""
 
     def load_context(self, context):
+        """Loads on the GPU when the serving process has one (pipelines.devices, `auto`)."""
+        from pipelines.devices import resolve
         from pipelines.models import load
-        self.segmenter = load(context.artifacts["weights"])
+        self.segmenter = load(context.artifacts["weights"], resolve("auto", "pyfunc model"))
 
     def predict(self, context, model_input, params=None):
         from drc_core.threshold import DEFAULT, ThresholdPolicy

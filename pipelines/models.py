@@ -41,6 +41,14 @@ class Segmenter:
     def resolution(self) -> int:
         return self.cfg.model.resolution
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device) -> "Segmenter":
+        self.net.to(device)
+        return self
+
     def segment(self, images: np.ndarray, sample_ids: np.ndarray, *, steps: int | None = None, seed: int = 0,
                 z_init: torch.Tensor | None = None, batch_size: int = 64) -> dict[str, np.ndarray]:
         """uint8 images (N, H, W, 3) → {"prob": (N, H, W) float32 π_f, "recon_l1": (N,) or None}."""
@@ -55,7 +63,7 @@ class Segmenter:
 
 def save_student(path: str | Path, cfg: DRCConfig, student) -> Path:
     torch.save({"kind": AMORTIZED, "config": cfg.to_dict(), "student": student.cfg.to_dict(),
-                "state": student.state_dict()}, path)
+                "state": {k: v.detach().cpu() for k, v in student.state_dict().items()}}, path)
     return Path(path)
 
 
@@ -109,8 +117,13 @@ def _weights_in(folder: Path, source: str) -> Path:
     return found[0]
 
 
-def load(ref: str) -> Segmenter:
-    """Resolve a checkpoint folder, a weights file or an MLflow model URI into a Segmenter."""
+def load(ref: str, device="cpu") -> Segmenter:
+    """Resolve a checkpoint folder, a weights file or an MLflow model URI into a Segmenter whose
+    network lives on `device` (pipelines.devices.resolve)."""
+    return _load(ref).to(device)
+
+
+def _load(ref: str) -> Segmenter:
     path = Path(ref)
     if "://" not in ref and not ref.startswith(("runs:/", "models:/")):
         if not path.exists():

@@ -13,6 +13,11 @@ _DEFAULT_ENV = {
 }
 
 
+def joins_cluster(address: str | None = None) -> bool:
+    """Whether init_ray(address) joins a running cluster rather than starting a local instance."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join `address` (or RAY_ADDRESS, as under `ray job submit`) or start a local instance
     whose dashboard binds to 127.0.0.1."""
@@ -22,7 +27,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return ray
-    if address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(address):
         ray.init(address=address, **kwargs)
     else:
         # workers of a local instance import drc_core/pipelines from this checkout wherever the

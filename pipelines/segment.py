@@ -10,7 +10,8 @@ N(0, I) for `--steps` (default: the preset's test steps) on a DRC model; `amorti
 distilled feed-forward segmenter (pipelines.distill) in one pass. `--from-chains` (a training
 checkpoint, training split) starts from each image's persistent chain instead of noise and runs
 only a few refinement steps. The input is a Parquet dataset (pipelines.preprocess) or any image
-folder; an actor pool loads the model once per actor (a GPU per actor with --gpu).
+folder; an actor pool loads the model once per actor, on `--device` (auto: one GPU per actor
+when the cluster has GPUs; pipelines/devices.py).
 
 Output (spec/architecture.md): `part-XXXXX.parquet` with sample_id, key, split, mask (PNG bytes,
 0/255: π_f above the image's threshold under `--threshold`, default Otsu per image; `0.5` is the
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines import sources
+from pipelines import devices, sources
 from pipelines.checkpoints import CheckpointError
 from pipelines.errors import find_cause, os_reason
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
@@ -74,13 +75,13 @@ class SegmentBatch:
 
     def __init__(self, model: str, *, steps: int | None, seed: int, from_chains: bool, png: str | None,
                  threads: int, batch_size: int, tracking_uri: str | None = None, max_pixels: int = MAX_PIXELS,
-                 threshold: str = DEFAULT.name):
+                 threshold: str = DEFAULT.name, device: str = "auto"):
         import torch
         torch.set_num_threads(max(1, threads))
         if tracking_uri:
             import mlflow
             mlflow.set_tracking_uri(tracking_uri)
-        self.seg = load(model)
+        self.seg = load(model, devices.resolve(device, "segment"))
         self.steps, self.seed, self.batch_size = steps, seed, batch_size
         self.chains = None
         if from_chains:
@@ -219,7 +220,7 @@ def input_dataset(args, resolution: int):
 
 def run(args) -> dict:
     import ray
-    from pipelines.ray_env import init_ray
+    from pipelines.ray_env import init_ray, joins_cluster
 
     if args.tracking_uri:
         import mlflow
@@ -240,6 +241,7 @@ def run(args) -> dict:
         raise ModelError(f"--threshold {args.threshold}: segment thresholds each image as it streams; a corpus "
                          f"policy is applied afterwards from the stored π_f (pipelines.evaluate --threshold "
                          f"{policy.name})")
+    devices.check(args.device, "segment")
     steps = args.steps
     if mode == LANGEVIN and steps is None:
         steps = args.refine_steps if args.from_chains else segmenter.cfg.langevin.test_steps
@@ -250,6 +252,7 @@ def run(args) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = not args.quiet
+    gpu = devices.reserves_gpu(args.device, "segment", joined=joins_cluster(args.address))
     ds, n_inputs, quarantine, source, paths = input_dataset(args, segmenter.resolution)
     if args.limit:
         ds = ds.limit(args.limit)
@@ -260,8 +263,8 @@ def run(args) -> dict:
                                    png=str(Path(args.png).resolve()) if args.png else None,
                                    threads=max(1, int(cpus)), batch_size=args.batch_size,
                                    tracking_uri=args.tracking_uri, max_pixels=args.max_pixels,
-                                   threshold=policy.name),
-        compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if args.gpu else 0,
+                                   threshold=policy.name, device=args.device),
+        compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
     ).materialize()
     status = processed.select_columns(["sample_id", "key", "split", "status", "reason"]).to_pandas()
     for r in status[status["status"] != "ok"].itertuples():
@@ -274,7 +277,7 @@ def run(args) -> dict:
     manifest = {
         "schema_version": SCHEMA_VERSION, "kind": "segmentation", "created_unix": time.time(),
         "mode": mode, "from_chains": bool(args.from_chains), "steps": steps if mode == LANGEVIN else 0,
-        "seed": args.seed, "model": args.model, "resolution": segmenter.resolution, "source": source,
+        "seed": args.seed, "model": args.model, "device": args.device, "gpus_per_actor": int(gpu), "resolution": segmenter.resolution, "source": source,
         "preset": segmenter.cfg.preset,
         "threshold_policy": policy.name,
         "mask_encoding": f"PNG, 8-bit grey, 255 = foreground (π_f > the image's threshold under policy {policy.name})",
@@ -308,7 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--actors", type=int, default=1, help="model replicas (each loads the model once)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    devices.add_argument(p)
     p.add_argument("--png", default=None, metavar="DIR", help="also write DIR/masks/*.png and DIR/overlays/*.png")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="decompression-bomb limit (image folders)")
     p.add_argument("--limit", type=int, default=None, help="segment only the first N rows")
@@ -322,7 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # errors whose message says everything: printed in one line, also when an actor raised them
-CLEAR_ERRORS = (ModelError, DatasetExists, DatasetError, CheckpointError)
+CLEAR_ERRORS = (ModelError, DatasetExists, DatasetError, CheckpointError, devices.DeviceError)
 
 
 def main(argv=None) -> dict:
@@ -334,7 +337,7 @@ def main(argv=None) -> dict:
         clear = find_cause(exc, CLEAR_ERRORS)
         if clear is None:
             raise
-        failed = f"segment: {clear}"
+        failed = str(clear) if isinstance(clear, devices.DeviceError) else f"segment: {clear}"
     if failed is not None:
         # exit outside the handler and collect: the failed pipeline's traceback holds Ray Data's
         # actor pool (and its CPUs) until the reference cycle is broken

@@ -2,7 +2,7 @@
 
     python -m pipelines.train --data data/tmds-32 --preset cpu-32 --workers 2 [section.key=value ...]
     python -m pipelines.train --data … --resume NAME [--workers 1]      # continue (re-shards)
-    ray job submit --working-dir . -- python -m pipelines.train --data s3://… --storage s3://… --gpu
+    ray job submit --working-dir . -- python -m pipelines.train --data s3://… --storage s3://… --device cuda
 
 Runs locally on an embedded Ray instance, or joins the cluster of a `ray job submit` (RAY_ADDRESS).
 One MLflow run per job: params = the resolved config; metrics per iteration from rank 0;
@@ -23,10 +23,10 @@ from pathlib import Path
 from drc_core.config import ConfigError, parse_override_args
 from drc_core.presets import get_config, preset_names
 from pipelines import checkpoints as ckpt
-from pipelines import tracking
+from pipelines import devices, tracking
 from pipelines.errors import find_cause
 from pipelines.parquet_store import DatasetError, Store
-from pipelines.ray_env import init_ray
+from pipelines.ray_env import init_ray, joins_cluster
 from pipelines.train_worker import DivergenceError, TrainJob, train_loop
 
 RUN_FILE = "drc_run.json"
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="N, or MIN-MAX for elastic training (continues on fewer workers after a node loss)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs per worker)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    devices.add_argument(p, what="each worker")
     p.add_argument("--iterations", type=int, default=None, help="total EM iterations (default: optim.iterations)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -148,11 +148,12 @@ def run(args: argparse.Namespace) -> dict:
     previous = check_resumable(run_dir, name, storage, cfg) if args.resume else None
     check_dataset(args.data, cfg, args.preset)
     iterations = args.iterations or cfg.optim.iterations
+    devices.check(args.device, "train")
 
     job = TrainJob(data=args.data, config=cfg.to_dict(), iterations=iterations,
                    checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                    eval_images=args.eval_images, eval_steps=args.eval_steps, grid_every=args.grid_every,
-                   threads=args.threads or max(1, int(args.cpus_per_worker)), gpu=args.gpu,
+                   threads=args.threads or max(1, int(args.cpus_per_worker)),
                    tracking_uri=uri)
     if previous is not None:
         job.mlflow_run_id = previous["mlflow_run_id"]
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         if run_dir is not None and run_dir.exists():
             raise SystemExit(f"run {name} already exists under {storage}: pick another --name or --resume it")
         params = {**cfg.flat(), "job.workers": args.workers, "job.data": args.data,
-                  "job.iterations": iterations, "job.gpu": args.gpu}
+                  "job.iterations": iterations, "job.device": args.device}
         job.mlflow_run_id = tracking.start_run(uri, name, params, experiment=args.experiment,
                                                tags={"drc.stage": "train", "drc.preset": cfg.preset})
     if run_dir is not None:
@@ -176,11 +177,12 @@ def run(args: argparse.Namespace) -> dict:
         job.fault = {"kind": kind, "iteration": int(it), "rank": int(rank[0]) if rank else 0, "marker": marker}
 
     init_ray(args.address, num_cpus=args.num_cpus)
-    print(f"training {name}: {args.workers} worker(s), {iterations} iterations, MLflow run "
+    job.gpu = devices.reserves_gpu(args.device, "train", joined=joins_cluster(args.address))
+    print(f"training {name}: {args.workers} worker(s){' with a GPU each' if job.gpu else ''}, {iterations} iterations, MLflow run "
           f"{job.mlflow_run_id} at {uri}", flush=True)
     t0 = time.perf_counter()
     trainer = build_trainer(job, workers=args.workers, name=name, storage=storage,
-                            cpus_per_worker=args.cpus_per_worker, gpu=args.gpu,
+                            cpus_per_worker=args.cpus_per_worker, gpu=job.gpu,
                             max_failures=args.max_failures, keep=args.keep)
     try:
         result = trainer.fit()
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # errors whose message says everything: the CLI prints it in one line, also when a worker raised it
-CLEAR_ERRORS = (ConfigError, DatasetError, ckpt.CheckpointError, DivergenceError)
+CLEAR_ERRORS = (ConfigError, DatasetError, ckpt.CheckpointError, DivergenceError, devices.DeviceError)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         clear = find_cause(exc, CLEAR_ERRORS)
         if clear is None:
             raise
-        failed = f"train: {clear}"
+        failed = str(clear) if isinstance(clear, devices.DeviceError) else f"train: {clear}"
     raise SystemExit(failed)              # outside the handler: the Ray error is not kept alive
 
 

@@ -1,7 +1,7 @@
 """Ray Tune studies over DRC's step sizes and regulariser weights, each trial a Ray Train job.
 
     python -m pipelines.tune --space tune_spaces/quick.yaml --data data/tmds-32 --trials 8
-    python -m pipelines.tune --space tune_spaces/langevin.yaml --data … --trials 64 --workers-per-trial 4 --gpu
+    python -m pipelines.tune --space tune_spaces/langevin.yaml --data … --trials 64 --workers-per-trial 4 --device cuda
     python -m pipelines.tune --resume <study> --space … --data …          # continue an interrupted study
 
 Each trial builds its trainer with `pipelines.train.build_trainer` (the same worker loop, the
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from drc_core.config import apply_overrides, parse_override_args
 from drc_core.presets import get_config, preset_names
-from pipelines import search_space, tracking
+from pipelines import devices, search_space, tracking
 from pipelines.parquet_store import load_rows, split_ids
-from pipelines.ray_env import init_ray
+from pipelines.ray_env import init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
 from pipelines.train_worker import TrainJob
 
@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--gpu", action="store_true")
+    devices.add_argument(p, what="each trial's workers")
     p.add_argument("--eval-images", type=int, default=64)
     p.add_argument("--eval-steps", type=int, default=None)
     p.add_argument("--metric", choices=["auto", "eval_iou", "eval_score"], default="auto")
@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
     base = get_config(args.preset, overrides)
     params = search_space.load(args.space, base)
     check_dataset(args.data, base, args.preset)
+    devices.check(args.device, "tune")
     metric = args.metric if args.metric != "auto" else ("eval_iou" if _has_masks(args.data, "test") else "eval_score")
     storage = str(Path(args.storage).resolve())
     uri = tracking.tracking_uri(args.tracking_uri)
@@ -195,7 +196,8 @@ def run(args: argparse.Namespace) -> dict:
         study = {"name": name, "preset": args.preset, "overrides": overrides,
                  "data": args.data, "iterations": args.iterations, "report_every": args.report_every,
                  "eval_images": args.eval_images, "eval_steps": args.eval_steps, "threads": args.threads,
-                 "gpu": args.gpu, "workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
+                 "gpu": devices.reserves_gpu(args.device, "tune", joined=joins_cluster(args.address)),
+                 "workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
                  "tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent,
                  "storage": storage, "train_storage": str(study_dir / "trials"), "metric": metric}
         study_dir.mkdir(parents=True)
@@ -293,7 +295,10 @@ def _print_table(rows, searched, out) -> None:
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv))
+    try:
+        return run(parse_args(argv))
+    except devices.DeviceError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def test_rayjob_trains_a_paper_preset_on_its_gpus(path, doc):
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "pipelines.train"]
     args = parser_of("pipelines.train").parse_args(argv[3:])
-    assert args.preset.startswith("paper-") and args.gpu
+    assert args.preset.startswith("paper-") and args.device == "cuda"
     assert args.data.startswith("s3://") and args.storage.startswith("s3://")
     spec = doc["spec"]["rayClusterSpec"]
     gpus, cpus = 0, []

@@ -78,3 +78,25 @@ def test_shard_bounds_partition_exactly():
         assert parts[0][0] == 0 and parts[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
         assert max(h - l for l, h in parts) - min(h - l for l, h in parts) <= 1
+
+
+def test_test_average_is_the_mean_of_pi_over_the_chains_last_steps(tiny_cfg):
+    """langevin.test_average = N: π_f is the mean over the last N of the test steps of the very same
+    chain (same noise, same final z) as without averaging."""
+    import numpy as np
+
+    from drc_core.config import apply_overrides
+    from drc_core.inference import segment
+    from drc_core.model import DRCModel
+    torch.manual_seed(0)
+    model = DRCModel(tiny_cfg.model, tiny_cfg.ablation)
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    ids = np.arange(3)
+    single = [segment(model, images, tiny_cfg, steps=s, sample_ids=ids) for s in (4, 5, 6)]
+    averaged = segment(model, images, apply_overrides(tiny_cfg, {"langevin.test_average": 3}), steps=6,
+                       sample_ids=ids)
+    assert torch.equal(averaged.z, single[-1].z)
+    expected = sum(s.prob for s in single) / 3
+    assert torch.allclose(averaged.prob, expected, atol=1e-6)
+    assert not torch.allclose(averaged.prob, single[-1].prob, atol=1e-4)
+    assert torch.equal(averaged.mask, averaged.prob > 0.5)
