@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipelines import devices, tracking
+from pipelines.ray_env import ScratchPathError
 from pipelines.models import LANGEVIN, ModelError, load, save_student
 
 PAIR_KINDS = ("chains", "posterior", "prior")
@@ -98,6 +99,9 @@ def run(args) -> dict:
     from drc_core.metrics import mean_iou_dice
     if args.threads:
         torch.set_num_threads(args.threads)
+    from pipelines.ray_env import check_job_outputs
+    check_job_outputs("distill", {"--out": args.out or "runs/distill",
+                                  "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
     device = devices.resolve(args.device, "distill")
     uri = tracking.tracking_uri(args.tracking_uri)
     if args.teacher.startswith(("runs:/", "models:/")):
@@ -189,7 +193,7 @@ def run(args) -> dict:
 def main(argv=None) -> dict:
     try:
         summary = run(parse_args(argv))
-    except devices.DeviceError as exc:           # names the stage itself
+    except (devices.DeviceError, ScratchPathError) as exc:       # each names the stage
         sys.exit(str(exc))
     except ModelError as exc:
         sys.exit(f"distill: {exc}")

@@ -274,6 +274,11 @@ def main(argv=None) -> dict:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
     args = p.parse_args(argv)
+    from pipelines.ray_env import ScratchPathError, check_job_outputs
+    try:
+        check_job_outputs("evaluate", {"--out": args.out, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
+    except ScratchPathError as exc:
+        sys.exit(str(exc))
     preds = dict(args.pred)
     if len(preds) != len(args.pred):
         sys.exit("evaluate: two --pred share a name")

@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--address", default=None, help="Ray address (default: local, or the job's cluster)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
     args = p.parse_args(argv)
+    from pipelines.ray_env import ScratchPathError, check_job_outputs
+    try:
+        check_job_outputs("preprocess", {"--out": args.out})
+    except ScratchPathError as exc:
+        sys.exit(str(exc))
 
     cfg = get_config(args.preset)
     size = args.resolution or cfg.model.resolution

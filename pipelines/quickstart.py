@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
     from pipelines.parquet_store import load_arrays
     from pipelines.ray_env import init_ray
 
+    from pipelines.ray_env import ScratchPathError, check_job_outputs
+    try:
+        check_job_outputs("quickstart", {"--out": args.out or "runs/quickstart"})
+    except ScratchPathError as exc:
+        raise SystemExit(str(exc)) from None
     size = SIZES["tiny" if args.tiny else "full"]
     iterations = args.iterations or size["iterations"]
     out = Path(args.out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}").resolve()

@@ -1,6 +1,7 @@
 """Starting or joining Ray the same way from every entry point."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -11,6 +12,57 @@ _DEFAULT_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DEDUP_LOGS": "0",
 }
+
+
+def submitted_job() -> str | None:
+    """The submission id when this process is the entrypoint of a `ray job submit` (Ray's job
+    supervisor hands it its job config in RAY_JOB_CONFIG_JSON_ENV_VAR), else None."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        meta = {}
+    return str(meta.get("job_submission_id") or "unknown")
+
+
+class ScratchPathError(ValueError):
+    """A job would write where Ray deletes it."""
+
+
+def _local_path(location: str) -> str | None:
+    """The filesystem path a --storage / --output / tracking URI writes to, or None for a remote URI."""
+    if location.startswith("sqlite:///"):
+        return location[len("sqlite:///"):]
+    if location.startswith("file://"):
+        return location[len("file://"):]
+    return None if "://" in location else location
+
+
+def check_job_outputs(stage: str, outputs: dict[str, str | None]) -> None:
+    """Inside a submitted Ray job, refuse every output location that would land in the job's
+    scratch copy of its working directory (`…/runtime_resources/working_dir_files/_ray_pkg_…`,
+    deleted by Ray when the job's cluster session ends): a relative path, or a path under the
+    job's current directory. One error names every offending flag. Outside a job: nothing."""
+    job = submitted_job()
+    if job is None:
+        return
+    cwd = Path.cwd().resolve()
+    bad = []
+    for flag, location in outputs.items():
+        path = None if location is None else _local_path(str(location))
+        if path is None:
+            continue
+        resolved = (cwd / path).resolve()
+        if not Path(path).is_absolute() or resolved == cwd or cwd in resolved.parents:
+            bad.append(f"{flag} {location}")
+    if bad:
+        raise ScratchPathError(
+            f"{stage}: inside Ray job {job}, {'; '.join(bad)} would be written into the job's temporary copy of "
+            f"its working directory ({cwd}), which Ray deletes: give each an absolute path on storage that outlives "
+            f"the job, or a URI (s3://…, gs://…; an MLflow server http://… or sqlite:////abs/path/mlflow.db for "
+            f"--tracking-uri / MLFLOW_TRACKING_URI)")
 
 
 def joins_cluster(address: str | None = None) -> bool:

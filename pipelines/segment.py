@@ -40,6 +40,7 @@ from pipelines.errors import find_cause, os_reason
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
 from pipelines.imaging import MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image
 from pipelines.models import AMORTIZED, LANGEVIN, ModelError, load
+from pipelines.ray_env import ScratchPathError
 from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, DatasetExists, Store, read_part
 
 OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
@@ -220,7 +221,7 @@ def input_dataset(args, resolution: int):
 
 def run(args) -> dict:
     import ray
-    from pipelines.ray_env import init_ray, joins_cluster
+    from pipelines.ray_env import check_job_outputs, init_ray, joins_cluster
 
     if args.tracking_uri:
         import mlflow
@@ -245,6 +246,7 @@ def run(args) -> dict:
     steps = args.steps
     if mode == LANGEVIN and steps is None:
         steps = args.refine_steps if args.from_chains else segmenter.cfg.langevin.test_steps
+    check_job_outputs("segment", {"--output": args.output, "--png": args.png})
     store = Store(args.output)
     store.check_writable(args.overwrite)
 
@@ -325,7 +327,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # errors whose message says everything: printed in one line, also when an actor raised them
-CLEAR_ERRORS = (ModelError, DatasetExists, DatasetError, CheckpointError, devices.DeviceError)
+CLEAR_ERRORS = (ModelError, DatasetExists, DatasetError, CheckpointError, devices.DeviceError, ScratchPathError)
 
 
 def main(argv=None) -> dict:
@@ -337,7 +339,7 @@ def main(argv=None) -> dict:
         clear = find_cause(exc, CLEAR_ERRORS)
         if clear is None:
             raise
-        failed = str(clear) if isinstance(clear, devices.DeviceError) else f"segment: {clear}"
+        failed = str(clear) if isinstance(clear, (devices.DeviceError, ScratchPathError)) else f"segment: {clear}"
     if failed is not None:
         # exit outside the handler and collect: the failed pipeline's traceback holds Ray Data's
         # actor pool (and its CPUs) until the reference cycle is broken

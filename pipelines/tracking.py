@@ -11,12 +11,17 @@ import time
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "drc"
+DEFAULT_STORE = "sqlite:///mlflow.db"
+
+
+def configured_uri(flag: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded store ./mlflow.db, as given."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
 
 
 def tracking_uri(flag: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded store ./mlflow.db, always as
-    an absolute URI (Ray workers run in other folders)."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """configured_uri(flag) as an absolute URI (Ray workers run in other folders)."""
+    uri = configured_uri(flag)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     elif "://" not in uri:                                       # a plain folder path

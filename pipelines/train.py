@@ -26,7 +26,7 @@ from pipelines import checkpoints as ckpt
 from pipelines import devices, tracking
 from pipelines.errors import find_cause
 from pipelines.parquet_store import DatasetError, Store
-from pipelines.ray_env import init_ray, joins_cluster
+from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train_worker import DivergenceError, TrainJob, train_loop
 
 RUN_FILE = "drc_run.json"
@@ -141,6 +141,7 @@ def check_resumable(run_dir: Path | None, name: str, storage: str, cfg) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Every check that can fail (config, resume compatibility, dataset) runs before Ray starts."""
     cfg = get_config(args.preset, parse_override_args(args.overrides))
+    check_job_outputs("train", {"--storage": args.storage, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
     storage = str(Path(args.storage).resolve()) if _is_local(args.storage) else args.storage
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -176,10 +177,12 @@ def run(args: argparse.Namespace) -> dict:
         marker = str((run_dir or Path(tempfile.gettempdir())) / f"fault-{kind}-{it}.fired")
         job.fault = {"kind": kind, "iteration": int(it), "rank": int(rank[0]) if rank else 0, "marker": marker}
 
+    print(f"train {name}: checkpoints → {storage.rstrip('/')}/{name}, MLflow → {uri} (experiment {args.experiment}, "
+          f"run {job.mlflow_run_id})", flush=True)
     init_ray(args.address, num_cpus=args.num_cpus)
     job.gpu = devices.reserves_gpu(args.device, "train", joined=joins_cluster(args.address))
-    print(f"training {name}: {args.workers} worker(s){' with a GPU each' if job.gpu else ''}, {iterations} iterations, MLflow run "
-          f"{job.mlflow_run_id} at {uri}", flush=True)
+    print(f"training {name}: {args.workers} worker(s){' with a GPU each' if job.gpu else ''}, {iterations} "
+          f"iterations", flush=True)
     t0 = time.perf_counter()
     trainer = build_trainer(job, workers=args.workers, name=name, storage=storage,
                             cpus_per_worker=args.cpus_per_worker, gpu=job.gpu,
@@ -212,7 +215,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # errors whose message says everything: the CLI prints it in one line, also when a worker raised it
-CLEAR_ERRORS = (ConfigError, DatasetError, ckpt.CheckpointError, DivergenceError, devices.DeviceError)
+CLEAR_ERRORS = (ConfigError, DatasetError, ckpt.CheckpointError, DivergenceError, devices.DeviceError,
+                ScratchPathError)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         clear = find_cause(exc, CLEAR_ERRORS)
         if clear is None:
             raise
-        failed = str(clear) if isinstance(clear, devices.DeviceError) else f"train: {clear}"
+        failed = str(clear) if isinstance(clear, (devices.DeviceError, ScratchPathError)) else f"train: {clear}"
     raise SystemExit(failed)              # outside the handler: the Ray error is not kept alive
 
 

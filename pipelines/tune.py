@@ -25,7 +25,7 @@ from drc_core.config import apply_overrides, parse_override_args
 from drc_core.presets import get_config, preset_names
 from pipelines import devices, search_space, tracking
 from pipelines.parquet_store import load_rows, split_ids
-from pipelines.ray_env import init_ray, joins_cluster
+from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
 from pipelines.train_worker import TrainJob
 
@@ -164,6 +164,7 @@ def build_tuner(args, study: dict, params: dict, base, metric: str):
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_job_outputs("tune", {"--storage": args.storage, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
     overrides = parse_override_args(args.overrides)
     base = get_config(args.preset, overrides)
     params = search_space.load(args.space, base)
@@ -174,6 +175,8 @@ def run(args: argparse.Namespace) -> dict:
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     study_dir = Path(storage) / name
+    print(f"tune {name}: study state and trial checkpoints → {study_dir}, MLflow → {uri} (experiment "
+          f"{args.experiment})", flush=True)
     # the dashboard's State API (pinned to this instance by init_ray) lets Ray Train free the
     # placement group of a trial ASHA stopped
     init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=True)
@@ -297,7 +300,7 @@ def _print_table(rows, searched, out) -> None:
 def main(argv=None) -> dict:
     try:
         return run(parse_args(argv))
-    except devices.DeviceError as exc:
+    except (devices.DeviceError, ScratchPathError) as exc:       # each names the stage
         raise SystemExit(str(exc)) from None
 
 

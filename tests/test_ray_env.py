@@ -27,3 +27,63 @@ def test_a_killed_train_run_frees_its_placement_group_beside_another_ray_instanc
     assert out["worker_started"] and out["worker_groups"] == 1 and out["ray_instances"] >= 2, out
     assert set(out["states"].values()) == {"REMOVED"} and out["cpus_free"] == 2.0, out
     assert out["api_server"].startswith("http://127.0.0.1:"), out
+
+
+# ---- inside `ray job submit`: nothing may be written into the job's scratch copy ---------------
+
+def _as_job(monkeypatch, cwd):
+    import json
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_test"}}))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(cwd)
+
+
+def test_outside_a_job_relative_outputs_are_fine(tmp_path, monkeypatch):
+    from pipelines.ray_env import check_job_outputs, submitted_job
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert submitted_job() is None
+    check_job_outputs("train", {"--storage": "runs/ray", "--tracking-uri": "sqlite:///mlflow.db"})
+
+
+def test_inside_a_job_relative_defaults_are_refused_naming_every_flag(tmp_path, monkeypatch):
+    from pipelines.ray_env import ScratchPathError, check_job_outputs, submitted_job
+    from pipelines.tracking import configured_uri
+    scratch = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    scratch.mkdir(parents=True)
+    _as_job(monkeypatch, scratch)
+    assert submitted_job() == "raysubmit_test"
+    with pytest.raises(ScratchPathError) as err:
+        check_job_outputs("train", {"--storage": "runs/ray", "--tracking-uri": configured_uri(None)})
+    msg = str(err.value)
+    assert msg.startswith("train: inside Ray job raysubmit_test") and str(scratch) in msg
+    assert "--storage runs/ray" in msg and "--tracking-uri sqlite:///mlflow.db" in msg
+    with pytest.raises(ScratchPathError, match="--output .*_ray_pkg_abc/out"):    # absolute, but inside the copy
+        check_job_outputs("segment", {"--output": str(scratch / "out"), "--png": None})
+    # persistent locations pass: absolute paths elsewhere, object storage, servers, absolute sqlite
+    check_job_outputs("train", {"--storage": str(tmp_path / "keep"), "--tracking-uri": f"sqlite:///{tmp_path}/m.db"})
+    check_job_outputs("train", {"--storage": "s3://bucket/runs", "--tracking-uri": "http://mlflow:5000"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    check_job_outputs("tune", {"--storage": "gs://b/t", "--tracking-uri": configured_uri(None)})
+
+
+def test_every_writing_stage_refuses_scratch_outputs_in_a_job_before_any_work(tmp_path, monkeypatch, no_ray):
+    from pipelines import distill, evaluate, preprocess, quickstart, segment, train, tune
+    _as_job(monkeypatch, tmp_path)
+    cases = [(train.main, ["--data", "d"], "train: inside Ray job.*--storage runs/ray.*--tracking-uri"),
+             (tune.main, ["--space", "s.yaml", "--data", "d"], "tune: inside Ray job.*--storage runs/tune"),
+             (distill.main, ["--teacher", "m.pt"], "distill: inside Ray job.*--out runs/distill"),
+             (preprocess.main, ["--source", "tm-dsprites", "--out", "data/x"], "preprocess: inside Ray job.*--out data/x"),
+             (evaluate.main, ["--data", "d", "--out", "rep"], "evaluate: inside Ray job.*--out rep"),
+             (quickstart.main, [], "quickstart: inside Ray job.*--out runs/quickstart")]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            main(argv)
+    model = tmp_path / "m.pt"
+    from drc_core.model import DRCModel
+    from pipelines.models import save_drc
+    from tests.conftest import tiny_config
+    cfg = tiny_config()
+    save_drc(model, cfg, DRCModel(cfg.model, cfg.ablation).state_dict())
+    with pytest.raises(SystemExit, match="segment: inside Ray job.*--output seg"):
+        segment.main(["--model", str(model), "--input", str(tmp_path), "--output", "seg"])

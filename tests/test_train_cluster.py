@@ -64,22 +64,37 @@ def test_ray_start_head_and_job_submit_run_pipelines_train(dataset, tracking_uri
     subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                    env=env, check=True, capture_output=True, timeout=180)
-    try:
-        storage = tmp_path / "ray"
-        cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-               "--", sys.executable, "-m", "pipelines.train", "--data", dataset, "--workers", "2",
-               "--iterations", "3", "--checkpoint-every", "3", "--eval-every", "0", "--grid-every", "0",
-               "--storage", str(storage), "--name", "submitted", "--tracking-uri", tracking_uri, *TINY]
+    env.pop("MLFLOW_TRACKING_URI", None)
+    submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+              "--", sys.executable, "-m", "pipelines.train", "--data", dataset, "--workers", "2",
+              "--iterations", "3", "--checkpoint-every", "3", "--eval-every", "0", "--grid-every", "0",
+              "--name", "submitted", *TINY]
+
+    def run_job(extra):
         for attempt in range(6):          # the job agent may need a few seconds after `ray start`
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(submit + extra, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in proc.stdout + proc.stderr:
-                break
+                return proc
             subprocess.run(["sleep", "5"])
+        return proc
+    storage = tmp_path / "ray"
+    try:
+        # the defaults (runs/ray, ./mlflow.db) would land in Ray's temporary copy of the working
+        # directory, which Ray deletes: the job fails at once, naming both
+        proc = run_job([])
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "inside Ray job" in out, out[-3000:]
+        assert "--storage runs/ray" in out and "--tracking-uri sqlite:///mlflow.db" in out, out[-3000:]
+        proc = run_job(["--storage", str(storage), "--tracking-uri", tracking_uri])
         assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-        meta, records = ckpt.verify(storage / "submitted" / "checkpoint_00000003")
-        assert meta["world_size"] == 2 and len(records) == 2
-        import mlflow
-        run = mlflow.tracking.MlflowClient(tracking_uri).get_run(meta["mlflow_run_id"])
-        assert run.info.status == "FINISHED" and run.info.run_name == "submitted"
+        first = next(x for x in proc.stdout.splitlines() if x.startswith("train submitted:"))
+        assert f"checkpoints → {storage}/submitted" in first and tracking_uri in first
     finally:
         kill_tree(temp)
+    # after the cluster is gone, what the job wrote is still there
+    meta, records = ckpt.verify(storage / "submitted" / "checkpoint_00000003")
+    assert meta["world_size"] == 2 and len(records) == 2
+    import mlflow
+    run = mlflow.tracking.MlflowClient(tracking_uri).get_run(meta["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "submitted"
+    assert run.data.metrics, "the job's metrics are in the store"
