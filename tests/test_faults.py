@@ -171,6 +171,14 @@ def test_segmenting_a_damaged_part_fails_naming_it_and_keeps_the_previous_output
 
 # ---- a full disk ---------------------------------------------------------------------------------
 
+def _cannot_mount(stderr: str) -> None:
+    """Skip where a tmpfs cannot be mounted; in CI (CI=true) that is a failure, never a silent skip."""
+    why = f"the full-disk cases mount a small tmpfs, which needs root: {stderr.strip()}"
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and {why}")
+    pytest.skip(why)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 6 MiB tmpfs: writes beyond it fail with ENOSPC (No space left on device)."""
@@ -179,7 +187,7 @@ def small_disk(tmp_path):
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"the full-disk cases mount a small tmpfs, which needs root: {proc.stderr.strip()}")
+        _cannot_mount(proc.stderr)
     yield disk
     if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
@@ -229,7 +237,7 @@ def test_training_whose_storage_fills_up_fails_clearly_and_keeps_the_last_checkp
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6)}", "tmpfs", str(disk)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"the full-disk cases mount a small tmpfs, which needs root: {mounted.stderr.strip()}")
+        _cannot_mount(mounted.stderr)
     try:
         with pytest.raises(SystemExit) as info:
             main(["--data", str(data), "--workers", "2", "--iterations", "6", "--checkpoint-every", "3",

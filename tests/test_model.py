@@ -195,3 +195,22 @@ def test_area_prior_adds_lambda_mean_pi_f_to_the_generator_loss(tiny_cfg):
         area = model.compose(z).pi_f.mean()
     torch.testing.assert_close(parts["area_prior"], area)
     torch.testing.assert_close(loss - base, 0.2 * area, rtol=1e-4, atol=1e-6)
+
+
+def test_em_steps_on_a_fixed_batch_lower_the_reconstruction_error(tiny_cfg):
+    """EM learns: repeated steps on one batch of images (chains carried over, as the persistent
+    buffer does) make the posterior reconstruction of that batch clearly better."""
+    torch.manual_seed(0)
+    model = _model(tiny_cfg)
+    opt = Optimizers.create(model, tiny_cfg)
+    gen = torch.Generator().manual_seed(0)
+    # smooth images (4×4 random colours upsampled): a target the small generators can paint
+    x = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4, generator=gen) * 2 - 1, size=32, mode="bilinear")
+    z_pos, z_neg = torch.randn(4, tiny_cfg.model.latent_dim), torch.randn(4, tiny_cfg.model.latent_dim)
+    errors = []
+    for _ in range(30):
+        z_pos, z_neg, metrics = em_step(model, opt, x, z_pos, z_neg, tiny_cfg, generator=gen)
+        with torch.no_grad():
+            errors.append(float((model.compose(z_pos).recon - x).abs().mean()))
+    # measured: 0.377 → 0.269 (first → last step; the last five average 0.78× the first five)
+    assert sum(errors[-5:]) / 5 < 0.85 * sum(errors[:5]) / 5, [round(e, 3) for e in errors]
