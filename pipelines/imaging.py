@@ -122,3 +122,40 @@ def crop_and_resize(image: np.ndarray, region: tuple[int, int, int, int], size: 
         m = Image.fromarray(mask * 255).crop(region).resize((size, size), Image.Resampling.NEAREST)
         out_mask = (np.asarray(m) >= 128).astype(np.uint8)
     return np.asarray(img, dtype=np.uint8), out_mask
+
+
+# ---- one model input per photo, and its mask back at the photo's size ------------------------
+# `segment` on image files and the MLflow pyfunc both go through `model_input`, so one photo
+# always gets one mask; `to_original` inverts its geometry.
+NOT_SEGMENTED = 128                       # full-size mask value outside the region the model saw
+
+
+def model_input(image: np.ndarray, size: int, crop: str = "resize") -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(H, W, 3) uint8 photo → (the size×size model input, the (left, top, right, bottom) region
+    of the photo it shows). `resize` stretches the whole photo (every pixel gets a mask);
+    `center` takes the largest centred square (pixels outside it are not segmented)."""
+    if crop not in ("resize", "center"):
+        raise ValueError(f"crop must be 'resize' or 'center' for photos, got {crop!r}")
+    region = crop_box(*image.shape[:2], crop)
+    return crop_and_resize(image, region, size)[0], region
+
+
+def to_original(prob: np.ndarray, region: tuple[int, int, int, int], height: int, width: int,
+                fill: float = np.nan) -> np.ndarray:
+    """π_f (S, S) at model resolution → (height, width) float32 on the photo: bilinear through the
+    inverse of `model_input`'s crop/resize; `fill` (NaN: not segmented) outside the region."""
+    left, top, right, bottom = region
+    up = Image.fromarray(np.asarray(prob, np.float32), mode="F").resize((right - left, bottom - top),
+                                                                         Image.Resampling.BILINEAR)
+    full = np.full((height, width), fill, np.float32)
+    full[top:bottom, left:right] = np.clip(np.asarray(up), 0.0, 1.0)
+    return full
+
+
+def full_size_mask(prob: np.ndarray, threshold: float, region, height: int, width: int) -> np.ndarray:
+    """(height, width) uint8: 255 where the upsampled π_f is above `threshold`, 0 below, and
+    NOT_SEGMENTED outside the region the model saw."""
+    full = to_original(prob, region, height, width)
+    out = np.where(full > threshold, 255, 0).astype(np.uint8)
+    out[np.isnan(full)] = NOT_SEGMENTED
+    return out

@@ -3,11 +3,12 @@
     model = mlflow.pyfunc.load_model("runs:/<run_id>/model")
     out = model.predict(pd.DataFrame({"image": [png_bytes, ...]}), params={"steps": 100})
 
-Input: a DataFrame with an `image` column of encoded images (PNG/JPEG bytes; resized to the
-model's resolution), or a uint8 array (N, H, W, 3) at the model's resolution. Output: one row
-per image with `fg_fraction`, `confidence`, `mask_png` (PNG bytes, 0/255, π_f above the
-threshold of the `threshold` policy param, default drc_core.threshold.DEFAULT), `threshold`,
-`prob_png` (π_f in 8 bits) and `recon_l1`. The
+Input: a DataFrame with an `image` column of encoded images (PNG/JPEG bytes of any size; each
+photo stretched to the model's square exactly as `pipelines.segment --crop resize` does), or a
+uint8 array (N, H, W, 3) at the model's resolution. Output: one row per image with
+`fg_fraction`, `confidence`, `mask_png` (PNG bytes, 0/255, π_f above the threshold of the
+`threshold` policy param, default drc_core.threshold.DEFAULT; at the photo's own size for encoded
+inputs), `threshold`, `prob_png` (π_f in 8 bits, model resolution) and `recon_l1`. The
 same class serves the DRC model (posterior Langevin, `steps`/`seed` params) and the distilled
 amortised segmenter (one forward pass; params ignored). The model is logged
 from code (pipelines/pyfunc_entry.py) and its weights load with `torch.load(weights_only=True)`:
@@ -26,26 +27,27 @@ except ImportError:                                              # drc_core user
     PythonModel = object
 
 
-def _as_images(model_input, size: int) -> np.ndarray:
-    from PIL import Image
-
-    from pipelines.imaging import decode_image
+def _as_images(model_input, size: int) -> tuple[np.ndarray, list[dict] | None]:
+    """(model inputs (N, size, size, 3), each photo's {height, width, region} or None for an array
+    input). Encoded photos go through pipelines.imaging.model_input, as in pipelines.segment."""
+    from pipelines.imaging import decode_image, model_input as prepare
+    geometry = None
     if isinstance(model_input, np.ndarray):
         arr = model_input
     else:
         if "image" not in getattr(model_input, "columns", []):
             raise ValueError("DRC model input needs an 'image' column of encoded image bytes")
-        arr = []
+        arr, geometry = [], []
         for i, data in enumerate(model_input["image"]):
-            img = decode_image(bytes(data), what=f"row {i}")
-            if img.shape[:2] != (size, size):
-                img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+            photo = decode_image(bytes(data), what=f"row {i}")
+            img, region = prepare(photo, size, "resize")
             arr.append(img)
+            geometry.append({"height": photo.shape[0], "width": photo.shape[1], "region": region})
         arr = np.stack(arr) if arr else np.zeros((0, size, size, 3), np.uint8)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
         raise ValueError(f"DRC model input array must be uint8 (N, {size}, {size}, 3), got "
                          f"{arr.dtype} {arr.shape}")
-    return arr
+    return arr, geometry
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -96,13 +98,18 @@ class DRCSegmenter(PythonModel):
     def predict(self, context, model_input, params=None):
         from drc_core.threshold import DEFAULT, ThresholdPolicy
         params = params or {}
-        images = _as_images(model_input, self.segmenter.resolution)
+        images, geometry = _as_images(model_input, self.segmenter.resolution)
         policy = ThresholdPolicy.parse(params.get("threshold") or DEFAULT.name)
         if len(images) == 0:
             return result_frame(np.zeros((0, 1, 1)), None, policy)[0]
         ids = np.arange(len(images))
         out = self.segmenter.segment(images, ids, steps=params.get("steps"), seed=int(params.get("seed", 0)))
-        return result_frame(out["prob"], out["recon_l1"], policy)[0]
+        frame = result_frame(out["prob"], out["recon_l1"], policy)[0]
+        if geometry is not None:                 # encoded photos: the mask at each photo's own size
+            from pipelines.imaging import full_size_mask
+            frame["mask_png"] = [mask_png(full_size_mask(p, t, g["region"], g["height"], g["width"]) == 255)
+                                 for p, t, g in zip(out["prob"], frame["threshold"], geometry)]
+        return frame
 
 
 def signature(test_steps: int):

@@ -17,10 +17,14 @@ Output (spec/architecture.md): `part-XXXXX.parquet` with sample_id, key, split, 
 0/255: π_f above the image's threshold under `--threshold`, default Otsu per image; `0.5` is the
 DRC protocol), threshold, prob (π_f as an 8-bit PNG, so another policy can be applied later
 without running the model: `pipelines.evaluate --threshold`), fg_fraction, confidence (mean
-|2π_f − 1|), recon_l1 (NaN for amortized), and
+|2π_f − 1|), recon_l1 (NaN for amortized), height / width / region (image files: the photo's
+size and the region the model saw; null for Parquet rows) and
 `_manifest.json` with counts, settings and the quarantined inputs with reasons; `--png DIR`
 also writes DIR/masks/ and DIR/overlays/ (file names derived from sample id + a sanitised key,
-so no key can escape DIR). Each image's chain depends only on (seed, sample_id): the same input,
+so no key can escape DIR). For image files those are at each photo's own size: π_f is mapped
+back through the exact crop/resize the model input went through (`--crop resize`, the default:
+the whole photo; `--crop center`: pixels outside the centred square are 128, "not segmented").
+The Parquet `mask` stays at model resolution. Each image's chain depends only on (seed, sample_id): the same input,
 model and seed give the same masks however the work is batched.
 """
 from __future__ import annotations
@@ -38,7 +42,8 @@ from pipelines import devices, sources
 from pipelines.checkpoints import CheckpointError
 from pipelines.errors import find_cause, os_reason
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
-from pipelines.imaging import MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image
+from pipelines.imaging import (MAX_PIXELS, NOT_SEGMENTED, BadInput, decode_image, full_size_mask,
+                               model_input)
 from pipelines.models import AMORTIZED, LANGEVIN, ModelError, load
 from pipelines.ray_env import ScratchPathError
 from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, DatasetExists, Store, read_part
@@ -46,7 +51,10 @@ from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, Data
 OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("mask", pa.binary()),
                            ("fg_fraction", pa.float64()), ("confidence", pa.float64()),
-                           ("recon_l1", pa.float64()), ("prob", pa.binary()), ("threshold", pa.float64())])
+                           ("recon_l1", pa.float64()), ("prob", pa.binary()), ("threshold", pa.float64()),
+                           # image files: the photo's size and the (left, top, right, bottom) region
+                           # the model saw (null for Parquet rows, which are at model resolution)
+                           ("height", pa.int32()), ("width", pa.int32()), ("region", pa.list_(pa.int32()))])
 
 
 def safe_name(sample_id: int, key: str) -> str:
@@ -63,8 +71,12 @@ def _inside(folder: Path, name: str) -> Path:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, min_size: int = 128) -> np.ndarray:
-    """The image with the foreground tinted red, upscaled (nearest) to at least `min_size`."""
+    """The image with the foreground tinted red (a bool mask, or a uint8 one: 255 foreground,
+    NOT_SEGMENTED darkened), upscaled (nearest) to at least `min_size`."""
     out = image.astype(np.float32)
+    if mask.dtype == np.uint8:
+        out[mask == NOT_SEGMENTED] *= 0.35
+        mask = mask == 255
     out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0], np.float32)
     scale = max(1, -(-min_size // image.shape[0]))
     return out.astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
@@ -76,7 +88,7 @@ class SegmentBatch:
 
     def __init__(self, model: str, *, steps: int | None, seed: int, from_chains: bool, png: str | None,
                  threads: int, batch_size: int, tracking_uri: str | None = None, max_pixels: int = MAX_PIXELS,
-                 threshold: str = DEFAULT.name, device: str = "auto"):
+                 threshold: str = DEFAULT.name, device: str = "auto", crop: str = "resize"):
         import torch
         torch.set_num_threads(max(1, threads))
         if tracking_uri:
@@ -91,33 +103,40 @@ class SegmentBatch:
         self.png = Path(png) if png else None
         self.max_pixels = max_pixels
         self.policy = ThresholdPolicy.parse(threshold)
+        self.crop = crop
 
-    def _decode(self, row: dict) -> np.ndarray:
+    def _read_photo(self, path: str) -> np.ndarray:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise BadInput(f"cannot read: {exc}") from None
+        return decode_image(data, what="image", max_pixels=self.max_pixels)
+
+    def _decode(self, row: dict) -> tuple[np.ndarray, dict | None]:
+        """(the model input, the photo's geometry {height, width, region} or None for a Parquet row)."""
         size = self.seg.resolution
         if row.get("image") is not None:                      # a Parquet dataset row: raw uint8
             raw = row["image"]
             if len(raw) != size * size * 3:
                 raise BadInput(f"image has {len(raw)} bytes, expected {size}×{size}×3")
-            return np.frombuffer(raw, np.uint8).reshape(size, size, 3)
-        try:
-            data = Path(row["path"]).read_bytes()
-        except OSError as exc:
-            raise BadInput(f"cannot read: {exc}") from None
-        image = decode_image(data, what="image", max_pixels=self.max_pixels)
-        image, _ = crop_and_resize(image, crop_box(*image.shape[:2], "center"), size)
-        return image
+            return np.frombuffer(raw, np.uint8).reshape(size, size, 3), None
+        photo = self._read_photo(row["path"])
+        image, region = model_input(photo, size, self.crop)
+        return image, {"height": photo.shape[0], "width": photo.shape[1], "region": list(region)}
 
     def __call__(self, batch) -> pa.Table:
         from pipelines.mlflow_model import result_frame
         rows = batch.to_dict("records")
         out = [{"sample_id": int(r["sample_id"]), "key": r["key"], "split": r["split"], "status": "ok",
                 "reason": "", "mask": None, "fg_fraction": None, "confidence": None, "recon_l1": None,
-                "prob": None, "threshold": None}
+                "prob": None, "threshold": None, "height": None, "width": None, "region": None}
                for r in rows]
         images, good = [], []
         for i, r in enumerate(rows):
             try:
-                images.append(self._decode(r))
+                image, geometry = self._decode(r)
+                images.append(image)
+                out[i].update(geometry or {})
                 good.append(i)
             except BadInput as exc:
                 out[i]["status"], out[i]["reason"] = "quarantined", str(exc)
@@ -132,17 +151,27 @@ class SegmentBatch:
                               confidence=float(frame["confidence"][j]), recon_l1=float(frame["recon_l1"][j]),
                               prob=frame["prob_png"][j], threshold=float(frame["threshold"][j]))
                 if self.png is not None:
-                    self._write_png(out[i], images[j], masks[j])
+                    self._write_png(out[i], rows[i], images[j], res["prob"][j], masks[j])
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
-    def _write_png(self, row: dict, image: np.ndarray, mask: np.ndarray) -> None:
+    def _write_png(self, row: dict, source: dict, image: np.ndarray, prob: np.ndarray, mask: np.ndarray) -> None:
+        """DIR/masks/<name>.png and DIR/overlays/<name>.png: at the photo's own size for image
+        files (π_f mapped back through the crop/resize, thresholded at the image's threshold;
+        NOT_SEGMENTED outside a centre crop), at model resolution for Parquet rows."""
         import io
 
         from PIL import Image
         name = safe_name(row["sample_id"], row["key"])
+        mask_png, min_size = row["mask"], 128          # model-resolution rows: overlays upscaled to be seen
+        if row["region"] is not None:
+            image = self._read_photo(source["path"])          # decoded again: batches hold no full-size photos
+            full = full_size_mask(prob, row["threshold"], row["region"], row["height"], row["width"])
+            buf = io.BytesIO()
+            Image.fromarray(full).save(buf, format="PNG")
+            mask_png, mask, min_size = buf.getvalue(), full, 1
         buf = io.BytesIO()
-        Image.fromarray(overlay(image, mask)).save(buf, format="PNG")
-        for sub, data in (("masks", row["mask"]), ("overlays", buf.getvalue())):
+        Image.fromarray(overlay(image, mask, min_size)).save(buf, format="PNG")
+        for sub, data in (("masks", mask_png), ("overlays", buf.getvalue())):
             path = _inside(self.png / sub, name)
             tmp = path.with_name(f".{name}.tmp")
             try:                                # a file is either complete or absent (disk full)
@@ -265,7 +294,7 @@ def run(args) -> dict:
                                    png=str(Path(args.png).resolve()) if args.png else None,
                                    threads=max(1, int(cpus)), batch_size=args.batch_size,
                                    tracking_uri=args.tracking_uri, max_pixels=args.max_pixels,
-                                   threshold=policy.name, device=args.device),
+                                   threshold=policy.name, device=args.device, crop=args.crop),
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
     ).materialize()
     status = processed.select_columns(["sample_id", "key", "split", "status", "reason"]).to_pandas()
@@ -280,7 +309,7 @@ def run(args) -> dict:
         "schema_version": SCHEMA_VERSION, "kind": "segmentation", "created_unix": time.time(),
         "mode": mode, "from_chains": bool(args.from_chains), "steps": steps if mode == LANGEVIN else 0,
         "seed": args.seed, "model": args.model, "device": args.device, "gpus_per_actor": int(gpu), "resolution": segmenter.resolution, "source": source,
-        "preset": segmenter.cfg.preset,
+        "preset": segmenter.cfg.preset, "crop": args.crop if source["kind"] == "folder" else None,
         "threshold_policy": policy.name,
         "mask_encoding": f"PNG, 8-bit grey, 255 = foreground (π_f > the image's threshold under policy {policy.name})",
         "prob_encoding": "PNG, 8-bit grey, round(255·π_f)",
@@ -314,7 +343,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=1, help="model replicas (each loads the model once)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     devices.add_argument(p)
-    p.add_argument("--png", default=None, metavar="DIR", help="also write DIR/masks/*.png and DIR/overlays/*.png")
+    p.add_argument("--png", default=None, metavar="DIR",
+                   help="also write DIR/masks/*.png and DIR/overlays/*.png (image files: at each photo's own size)")
+    p.add_argument("--crop", default="resize", choices=("resize", "center"),
+                   help="image files: what the model sees of a photo. resize (default): the whole photo stretched "
+                        "to the model's square, every pixel gets a mask; center: the largest centred square, "
+                        f"pixels outside it are {NOT_SEGMENTED} (not segmented) in the full-size masks")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="decompression-bomb limit (image folders)")
     p.add_argument("--limit", type=int, default=None, help="segment only the first N rows")
     p.add_argument("--rows-per-file", type=int, default=5000)

@@ -74,7 +74,8 @@ def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path)
         assert "duplicate key" in next(r for k, r in reasons.items() if k == "a_rgb")
         df = _read(out)
         assert len(df) == 14 and set(df.columns) == {"sample_id", "key", "split", "mask", "fg_fraction",
-                                                     "confidence", "recon_l1", "prob", "threshold"}
+                                                     "confidence", "recon_l1", "prob", "threshold",
+                                                     "height", "width", "region"}
         masks = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in df["mask"]])
         assert masks.shape == (14, 32, 32) and set(np.unique(masks)) <= {0, 255}
         # the stored π_f (8 bits) reproduces the mask under the recorded threshold, up to quantisation
@@ -89,6 +90,14 @@ def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path)
         names = sorted(p.name for p in (tmp_path / f"png-{mode}" / "overlays").iterdir())
         assert len(names) == 14 and all("/" not in n and not n.startswith(".") for n in names)
         assert any(n.endswith("-we_ird_name.png") for n in names)
+        # the PNG masks and overlays are at each photo's own size; the Parquet rows say which
+        for r in df.itertuples():
+            name = segment.safe_name(r.sample_id, r.key)
+            with Image.open(tmp_path / f"png-{mode}" / "masks" / name) as mask_img, \
+                    Image.open(tmp_path / f"png-{mode}" / "overlays" / name) as over_img:
+                assert mask_img.size == over_img.size == (r.width, r.height)
+            assert list(r.region) == [0, 0, r.width, r.height]             # --crop resize: the whole photo
+        assert len({(r.width, r.height) for r in df.itertuples()}) > 1
         assert json.loads((out / "_manifest.json").read_text())["counts"] == c
 
 
@@ -205,3 +214,70 @@ def test_safe_names_cannot_escape_the_output_folder():
         name = segment.safe_name(7, key)
         assert "/" not in name and "\\" not in name and not name.startswith(".") and name.endswith(".png")
 
+
+
+class _Oracle:
+    """Stands in for the model in the geometry test: π_f = 1 on bright pixels of exactly the
+    model input it receives, so any misplacement between photo, model input and full-size mask
+    shows up as a misaligned mask."""
+    resolution = 32
+    kind = "amortized"
+
+    def segment(self, images, ids, **kw):
+        return {"prob": (images.mean(-1) > 127).astype(np.float32), "recon_l1": None}
+
+
+@pytest.mark.parametrize("crop", ["resize", "center"])
+def test_full_size_masks_line_up_with_an_object_in_a_large_non_square_photo(tmp_path, crop):
+    from pipelines.segment import SegmentBatch
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 90, (600, 1000, 3), dtype=np.uint8)           # dark noise, 1000 wide, 600 high
+    photo[220:400, 560:760] = 230                                          # the object, inside the centre square
+    truth = np.zeros((600, 1000), bool)
+    truth[220:400, 560:760] = True
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo).save(folder / "wide.png")
+    Image.fromarray(photo.transpose(1, 0, 2).copy()).save(folder / "tall.png")
+    actor = SegmentBatch.__new__(SegmentBatch)
+    actor.seg, actor.steps, actor.seed, actor.batch_size, actor.chains = _Oracle(), 0, 0, 4, None
+    actor.png, actor.max_pixels, actor.crop = tmp_path / "png", 10 ** 8, crop
+    actor.policy = ThresholdPolicy.parse("0.5")
+    rows = pd.DataFrame([{"sample_id": i, "key": k, "split": "", "path": str(folder / f"{k}.png")}
+                         for i, k in enumerate(["tall", "wide"])])
+    table = actor(rows).to_pandas()
+    assert (table["status"] == "ok").all()
+    for r, want in zip(table.itertuples(), (truth.T, truth)):
+        assert (r.height, r.width) == want.shape
+        with Image.open(tmp_path / "png" / "masks" / segment.safe_name(r.sample_id, r.key)) as f:
+            mask = np.asarray(f)
+        assert mask.shape == want.shape
+        fg = mask == 255
+        iou = (fg & want).sum() / (fg | want).sum()
+        # a model pixel is 31 photo pixels along the long side: edges are that coarse, but the
+        # mask's centre must sit on the object's (a shift by one model pixel moves it 15-31 px)
+        assert iou > 0.85, (r.key, crop, iou)
+        centre = np.argwhere(fg).mean(0) - np.argwhere(want).mean(0)
+        assert np.abs(centre).max() < 4, (r.key, crop, centre)
+        outside = mask == 128
+        if crop == "resize":
+            assert not outside.any()
+        else:                                                               # outside the centred square
+            side = min(want.shape)
+            assert outside.sum() == want.size - side * side
+
+
+def test_the_pyfunc_and_segment_prepare_a_photo_identically_and_return_full_size_masks():
+    from pipelines.imaging import model_input
+    from pipelines.mlflow_model import DRCSegmenter, _as_images
+    photo = np.random.default_rng(1).integers(0, 255, (120, 200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="PNG")
+    arr, geometry = _as_images(pd.DataFrame({"image": [buf.getvalue()]}), 32)
+    expected, region = model_input(photo, 32, "resize")
+    assert np.array_equal(arr[0], expected) and geometry == [{"height": 120, "width": 200, "region": region}]
+    model = DRCSegmenter()
+    model.segmenter = _Oracle()
+    out = model.predict(None, pd.DataFrame({"image": [buf.getvalue()]}), params={"threshold": "0.5"})
+    with Image.open(io.BytesIO(out["mask_png"][0])) as f:
+        assert f.size == (200, 120)
