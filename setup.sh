@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the pinned requirements (idempotent: skips when nothing changed), and a
+# Creates .venv, installs the pinned requirements and the project (editable, with its `drc` command;
+# idempotent: skips when nothing changed), and a
 # headless Chromium for the report test (tests/test_quickstart.py) when none is on PATH.
 # torch==2.13.0 resolves to the CPU build; for CUDA clusters see cluster/README.md.
 set -euo pipefail
@@ -31,13 +32,16 @@ install_browser() {
 install_browser
 
 stamp=.venv/.requirements.sha256
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import torch, ray, mlflow" 2>/dev/null; then
+want=$(cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/drc ] \
+    && .venv/bin/python -c "import torch, ray, mlflow, pytest" 2>/dev/null; then
   exit 0
 fi
 echo "setup: installing requirements into .venv (first run takes ~2 minutes)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first, on its own, so that nothing else can pull in a different (CUDA) build
 .venv/bin/pip install -q --disable-pip-version-check "$(grep -E '^torch==' requirements.txt)" 2> >(grep -v "is ignored" >&2)
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored" >&2)
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt 2> >(grep -v "is ignored" >&2)
+# the project itself, editable: the `drc` command (nothing new to download: every dependency is in)
+.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored" >&2)
 echo "$want" > "$stamp"

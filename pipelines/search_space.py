@@ -27,12 +27,32 @@ class SpaceError(ValueError):
     pass
 
 
+def resolve(space: str | Path) -> Path:
+    """A study file: the path as given if it exists, else one of the shipped studies
+    (`tune_spaces/quick.yaml`, `quick.yaml` or `quick`), wherever the command runs from."""
+    path = Path(space)
+    if path.exists():
+        return path
+    from importlib.resources import files
+    shipped = files("tune_spaces")
+    for name in (path.name, f"{path.name}.yaml"):
+        candidate = shipped / name
+        if candidate.is_file():
+            return Path(str(candidate))
+    return path
+
+
+def shipped() -> list[str]:
+    from importlib.resources import files
+    return sorted(p.name for p in files("tune_spaces").iterdir() if p.name.endswith(".yaml"))
+
+
 def load(path: str | Path, base: DRCConfig) -> dict[str, dict]:
     """Read and check a study file; returns {param: spec}."""
     import yaml
-    path = Path(path)
+    path = resolve(path)
     if not path.exists():
-        raise SpaceError(f"{path}: no such search-space file")
+        raise SpaceError(f"{path}: no such search-space file (shipped studies: {', '.join(shipped())})")
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -1,0 +1,79 @@
+"""Foreground-extraction metrics (paper appendix E): per-image IoU and Dice, averaged over images."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_bool(masks) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
+    if t.dim() == 2:
+        t = t[None]
+    if t.dim() != 3:
+        raise ValueError(f"masks must be (H, W) or (N, H, W), got shape {tuple(t.shape)}")
+    return t.bool()
+
+
+def iou_dice(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image IoU and Dice of boolean masks (N, H, W). Empty prediction and empty target → 1."""
+    p, t = _as_bool(pred), _as_bool(target)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {tuple(p.shape)} != target shape {tuple(t.shape)}")
+    inter = (p & t).flatten(1).sum(1).double()
+    union = (p | t).flatten(1).sum(1).double()
+    total = p.flatten(1).sum(1).double() + t.flatten(1).sum(1).double()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return iou, dice
+
+
+def mean_iou_dice(pred, target) -> dict[str, float]:
+    """{"iou": %, "dice": %} averaged over images, as the DRC protocol reports them."""
+    iou, dice = iou_dice(pred, target)
+    return {"iou": 100.0 * float(iou.mean()), "dice": 100.0 * float(dice.mean())}
+
+
+def all_foreground_masks(n: int, size: int) -> torch.Tensor:
+    return torch.ones(n, size, size, dtype=torch.bool)
+
+
+def centre_ellipse_masks(n: int, size: int, fraction: float = 0.25) -> torch.Tensor:
+    """A centred disc (the ellipse of a square image) covering `fraction` of the image area."""
+    c = (size - 1) / 2.0
+    r = size * (fraction / np.pi) ** 0.5
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - c) ** 2 + (xx - c) ** 2) <= r ** 2
+    return disc[None].expand(n, size, size).clone()
+
+
+def separation(prob, target) -> dict[str, float]:
+    """How π_f separates foreground from background pixels, independent of the ½ threshold.
+
+    `pi_fg`/`pi_bg`: mean π_f over true foreground/background pixels, averaged over images
+    (images without foreground pixels skip `pi_fg`); `best_threshold_iou`: the IoU (%) the same
+    π_f maps would reach at the best of a few thresholds. That last one looks at the ground truth
+    to pick the threshold, so it is a diagnostic of learning, never a reported result.
+    """
+    p = torch.as_tensor(prob).float()
+    t = _as_bool(target)
+    if p.dim() == 2:
+        p = p[None]
+    fg_n = t.flatten(1).sum(1)
+    bg_n = (~t).flatten(1).sum(1)
+    pi_fg = (p * t).flatten(1).sum(1) / fg_n.clamp(min=1)
+    pi_bg = (p * ~t).flatten(1).sum(1) / bg_n.clamp(min=1)
+    best = max(mean_iou_dice(p > th, t)["iou"] for th in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8))
+    return {"pi_fg": float(pi_fg[fg_n > 0].mean()), "pi_bg": float(pi_bg[bg_n > 0].mean()),
+            "best_threshold_iou": best}
+
+
+DISC_AREAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8)
+
+
+def trivial_baselines(target) -> dict[str, dict[str, float]]:
+    """IoU/Dice of the all-foreground mask and of the best centred disc (area 5 %…80 %)."""
+    t = _as_bool(target)
+    n, size = t.shape[0], t.shape[-1]
+    discs = [mean_iou_dice(centre_ellipse_masks(n, size, f), t) for f in DISC_AREAS]
+    return {"all_foreground": mean_iou_dice(all_foreground_masks(n, size), t),
+            "centre_ellipse": max(discs, key=lambda d: d["iou"])}

@@ -1,0 +1,201 @@
+"""Quality benchmark (`python -m pipelines.bench quality`): train a preset for a wall-clock budget
+with several seeds, evaluate on held-out images under both threshold policies, and print one table
+beside GrabCut, the best centred disc and all-foreground on the same images.
+
+    python -m pipelines.bench quality --preset cpu-32 --minutes 20 --seeds 2
+    python -m pipelines.bench quality --preset cpu-32 --minutes 20 --seeds 2 loss.area_weight=0.05
+    python -m pipelines.bench quality --preset photo-64 --data data/pascal-s-64 --minutes 30 --seeds 2
+
+Each seed is one `pipelines.local` run (a subprocess; `--parallel` of them at a time, the cores
+split between them), so every figure here can be reproduced run by run. `--data tmds` (default)
+trains on the preset's TM-dSprites training split and scores its held-out test split; a Parquet
+dataset (pipelines.preprocess, with masks) is trained on whole, unsupervised, and scored on
+`--eval-split` (default: every image). Reported, mean ± spread (max − min over seeds): IoU / Dice
+under the default label-free threshold policy and at the DRC protocol's π_f > ½ (and the other
+policies), predicted vs true foreground area, mean π_f on true foreground / background pixels,
+the best-threshold IoU (a diagnostic that peeks at the labels, never a result), and the learning
+curve (`<out>/curve.png`, `<out>/quality.json`). Nothing but the scoring looks at the masks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser("quality", help="train with several seeds, IoU/Dice under both threshold policies vs GrabCut")
+    q.add_argument("--preset", default="cpu-32")
+    q.add_argument("--data", default="tmds", help="'tmds' (the preset's TM-dSprites) or a Parquet dataset with masks")
+    q.add_argument("--eval-split", default=None, choices=("train", "val", "test"), help="with a Parquet --data")
+    q.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per seed")
+    q.add_argument("--seeds", type=int, default=2, help="seeds 0..S−1")
+    q.add_argument("--parallel", type=int, default=None, help="seeds run at once (default: min(seeds, cores))")
+    q.add_argument("--eval-every", type=float, default=None, help="seconds of training between curve points "
+                   "(default: minutes·6, i.e. ten points)")
+    q.add_argument("--eval-images", type=int, default=200, help="images per curve point")
+    q.add_argument("--test-images", type=int, default=None, help="images of the final evaluation "
+                   "(default: the preset's test split, or every --data image)")
+    q.add_argument("--eval-steps", type=int, default=None, help="posterior steps at test time (default: preset)")
+    q.add_argument("--out", default=None, help="folder for the runs, quality.json, curve.png")
+    q.add_argument("--reuse", action="store_true", help="aggregate runs already in --out instead of training")
+    q.add_argument("overrides", nargs="*", help="section.key=value, applied to every seed")
+
+
+def _run_seed(args, seed: int, out: Path, threads: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipelines.local", "--preset", args.preset, "--minutes", str(args.minutes),
+           "--eval-every", str(args.eval_every or args.minutes * 6), "--eval-images", str(args.eval_images),
+           "--threads", str(threads), "--out", str(out), "--name", f"seed{seed}"]
+    if args.test_images:
+        cmd += ["--final-eval-images", str(args.test_images)]
+    if args.eval_steps:
+        cmd += ["--eval-steps", str(args.eval_steps)]
+    if args.data != "tmds":
+        cmd += ["--data", args.data] + (["--eval-split", args.eval_split] if args.eval_split else [])
+    cmd += [f"seed={seed}", *args.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log = open(out / f"seed{seed}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def _test_images(args, cfg):
+    """The images the final evaluations scored (the same for every seed)."""
+    from pipelines.local import dataset_images
+    n = args.test_images or (None if args.data != "tmds" else cfg.data.test_size)
+    _, images, masks = dataset_images(cfg, None if args.data == "tmds" else args.data, args.eval_split, n)
+    return images, masks
+
+
+def _stat(values) -> dict:
+    v = np.asarray([x for x in values if x is not None], float)
+    return {"mean": float(v.mean()), "spread": float(v.max() - v.min()), "values": v.tolist()} if v.size else {}
+
+
+def _cell(s: dict, digits: int = 1) -> str:
+    if not s:
+        return "–"
+    return f"{s['mean']:.{digits}f} ± {s['spread'] / 2:.{digits}f}" if len(s["values"]) > 1 else f"{s['mean']:.{digits}f}"
+
+
+def _plot(curves: dict[int, list[dict]], policy: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for seed, rows in curves.items():
+        t = [r["train_seconds"] / 60 for r in rows]
+        ax.plot(t, [r["policies"][policy]["iou"] if "policies" in r else np.nan for r in rows], marker="o",
+                color=f"C{seed}", label=f"seed {seed}, {policy}")
+        ax.plot(t, [r["iou"] for r in rows], linestyle="--", color=f"C{seed}", label=f"seed {seed}, π_f > ½")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("held-out IoU (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    from drc_core.config import parse_override_args
+    from drc_core.inference import POLICIES_REPORTED
+    from drc_core.metrics import mean_iou_dice, trivial_baselines
+    from drc_core.presets import get_config
+    from drc_core.threshold import DEFAULT
+    from pipelines.evaluate import grabcut_masks
+
+    cfg = get_config(args.preset, parse_override_args(args.overrides))       # fail fast on a bad override
+    if args.data != "tmds" and not Path(args.data).exists() and "://" not in args.data:
+        raise SystemExit(f"bench quality: --data {args.data}: no such dataset")
+    out = Path(args.out or f"runs/quality/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    parallel = max(1, min(args.parallel or min(args.seeds, cores), args.seeds))
+    threads = max(1, cores // parallel)
+    t0 = time.perf_counter()
+    if not args.reuse:
+        pending, running = list(range(args.seeds)), []
+        while pending or running:
+            while pending and len(running) < parallel:
+                seed = pending.pop(0)
+                print(f"bench quality: seed {seed} → {out / f'seed{seed}'} ({threads} threads)", flush=True)
+                running.append((seed, _run_seed(args, seed, out, threads)))
+            time.sleep(2)
+            for seed, proc in list(running):
+                if proc.poll() is not None:
+                    running.remove((seed, proc))
+                    if proc.returncode:
+                        raise SystemExit(f"bench quality: seed {seed} failed (exit {proc.returncode}); see "
+                                         f"{out / f'seed{seed}.log'}")
+    runs = {s: json.loads((out / f"seed{s}" / "curve.json").read_text()) for s in range(args.seeds)}
+
+    images, masks = _test_images(args, cfg)
+    truth = masks > 0
+    gc = grabcut_masks(images)
+    baselines = {"GrabCut": mean_iou_dice(gc, truth), **trivial_baselines(truth)}
+    finals = {s: r["final"] for s, r in runs.items()}
+    policies = [DEFAULT.name, "0.5", *[p for p in POLICIES_REPORTED if p != DEFAULT.name]]
+
+    def policy_stat(p, key):
+        if p == "0.5":
+            return _stat([f[key] if key != "area" else 100 * f["mask_area"] for f in finals.values()])
+        return _stat([f["policies"][p][key] for f in finals.values()])
+    rows = [{"method": f"DRC, {p}" + (" (default)" if p == DEFAULT.name else ", DRC protocol" if p == "0.5" else ""),
+             "iou": policy_stat(p, "iou"), "dice": policy_stat(p, "dice"), "area": policy_stat(p, "area")}
+            for p in policies]
+    true_area = 100 * float(truth.mean())
+    rows += [{"method": "GrabCut (OpenCV, 5 % margin box)", "iou": _stat([baselines["GrabCut"]["iou"]]),
+              "dice": _stat([baselines["GrabCut"]["dice"]]), "area": _stat([100 * gc.mean()])},
+             {"method": "best centred disc (area picked with labels)",
+              "iou": _stat([baselines["centre_ellipse"]["iou"]]), "dice": _stat([baselines["centre_ellipse"]["dice"]]),
+              "area": {}},
+             {"method": "all foreground", "iou": _stat([baselines["all_foreground"]["iou"]]),
+              "dice": _stat([baselines["all_foreground"]["dice"]]), "area": _stat([100.0])}]
+    diag = {"pi_fg": _stat([f["pi_fg"] for f in finals.values()]), "pi_bg": _stat([f["pi_bg"] for f in finals.values()]),
+            "best_threshold_iou": _stat([f["best_threshold_iou"] for f in finals.values()]),
+            "iterations": _stat([r["iterations"] for r in runs.values()]),
+            "train_minutes": _stat([r["train_seconds"] / 60 for r in runs.values()])}
+    _plot({s: r["curve"] for s, r in runs.items()}, DEFAULT.name, out / "curve.png")
+    cpu = _cpu_name()
+    result = {"preset": args.preset, "data": args.data, "overrides": args.overrides, "seeds": args.seeds,
+              "minutes": args.minutes, "test_images": int(len(images)), "true_area": true_area, "rows": rows,
+              "diagnostics": diag, "cpu": cpu, "threads_per_seed": None if args.reuse else threads,
+              "parallel": None if args.reuse else parallel,
+              "wall_seconds": time.perf_counter() - t0,
+              "curves": {s: r["curve"] for s, r in runs.items()}, "command": " ".join(sys.argv)}
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    print(format_result(result))
+    print(f"curve: {out / 'curve.png'}   json: {out / 'quality.json'}")
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_result(r: dict) -> str:
+    d = r["diagnostics"]
+    lines = [f"quality: {r['preset']} on {r['data']} {' '.join(r['overrides'])}".rstrip(),
+             f"  {r['seeds']} seed(s) × {r['minutes']:g} min ({_cell(d['iterations'], 0)} EM iterations, "
+             + (f"{r['threads_per_seed']} thread(s) each, {r['parallel']} at a time, " if r["parallel"] else
+                "runs reused from --out, ")
+             + f"{r['cpu']}); "
+             f"{r['test_images']} held-out images, true foreground area {r['true_area']:.1f} %",
+             f"{'method':<46}{'IoU':>14}{'Dice':>14}{'area %':>14}"]
+    for row in r["rows"]:
+        lines.append(f"{row['method']:<46}{_cell(row['iou']):>14}{_cell(row['dice']):>14}{_cell(row['area']):>14}")
+    lines.append(f"π_f on true foreground {_cell(d['pi_fg'], 2)}, on background {_cell(d['pi_bg'], 2)}; "
+                 f"best-threshold IoU (peeks at labels) {_cell(d['best_threshold_iou'])}")
+    return "\n".join(lines)

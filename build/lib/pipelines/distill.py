@@ -1,0 +1,205 @@
+"""Distil a trained DRC model into a fast feed-forward segmenter (the `amortized` mode).
+
+    python -m pipelines.distill --teacher runs/ray/<name>/checkpoint_000300 --data data/tmds-32
+    python -m pipelines.distill --teacher runs/<name>/model.pt --data data/tmds-32 --pairs prior,posterior
+    python -m pipelines.distill --teacher runs:/<run_id>/model --pairs prior --out runs/distill/mine
+
+Pairs (drc_core/amortized.py): `chains` — the training images with π_f decoded from the
+checkpoint's persistent chains (needs a checkpoint folder and --data); `posterior` — training
+images with π_f from fresh posterior Langevin at the preset's test steps (any DRC model, costs
+the teacher's inference time); `prior` — images the teacher synthesises from its prior.
+Default: chains + prior with a checkpoint, posterior + prior otherwise (prior alone without
+--data). The student learns the masks the default threshold policy makes of the teacher's π_f
+(`--targets`, drc_core/threshold.py), or the soft π_f itself with `--targets soft`. Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice
+when the data has masks, the student as a pyfunc model that segments images).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import devices, tracking
+from pipelines.ray_env import ScratchPathError
+from pipelines.models import LANGEVIN, ModelError, load, save_student
+
+PAIR_KINDS = ("chains", "posterior", "prior")
+
+
+def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from drc_core.amortized import chain_pairs, prior_pairs
+    from drc_core.inference import images_to_tensor, segment
+    from pipelines.parquet_store import load_arrays
+    cfg, model = teacher.cfg, teacher.net
+    train = None
+    if {"chains", "posterior"} & set(kinds):
+        if not args.data:
+            raise ModelError(f"--pairs {','.join(kinds)} needs --data (the training images)")
+        train = load_arrays(args.data, "train")
+        if train["images"].shape[1] != teacher.resolution:
+            raise ModelError(f"--data {args.data} has resolution {train['images'].shape[1]}, the teacher "
+                             f"{teacher.resolution}")
+        n = min(len(train["sample_id"]), args.train_images or len(train["sample_id"]))
+        train = {k: v[:n] for k, v in train.items()}
+    out = []
+    for kind in kinds:
+        t0 = time.perf_counter()
+        if kind == "chains":
+            if teacher.checkpoint is None:
+                raise ModelError("--pairs chains needs a training checkpoint folder as --teacher")
+            from pipelines.checkpoints import ChainReader
+            z = ChainReader(teacher.checkpoint).get(train["sample_id"])
+            out.append(chain_pairs(model, train["images"], z))
+        elif kind == "posterior":
+            seg = segment(model, train["images"], cfg, seed=args.seed, sample_ids=train["sample_id"])
+            out.append((images_to_tensor(train["images"]), seg.prob))
+        else:
+            out.append(prior_pairs(model, cfg, args.prior_images,
+                                   generator=torch.Generator(teacher.device).manual_seed(args.seed + 1)))
+        log(f"{kind} pairs: {out[-1][0].shape[0]} in {time.perf_counter() - t0:.1f} s, "
+            f"mean π_f {float(out[-1][1].mean()):.3f}")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="checkpoint folder, model.pt, or MLflow model URI of a DRC model")
+    p.add_argument("--data", default=None, help="Parquet dataset the teacher was trained on")
+    p.add_argument("--pairs", default=None, help=f"comma-separated of {', '.join(PAIR_KINDS)}")
+    p.add_argument("--train-images", type=int, default=None, help="use at most N training images")
+    p.add_argument("--prior-images", type=int, default=2000, help="images synthesised from the prior")
+    p.add_argument("--targets", default=None, metavar="POLICY",
+                   help="what the student learns: 'soft' (the teacher's π_f) or the masks a threshold policy "
+                        "makes of it (0.5, a number, otsu, gmm, …; default: drc_core.threshold.DEFAULT)")
+    p.add_argument("--steps", type=int, default=1500, help="student optimiser steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=8, help="student U-Net channels at full resolution")
+    p.add_argument("--levels", type=int, default=2, help="student U-Net resolution halvings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    devices.add_argument(p, what="the teacher's sampling and the student's training")
+    p.add_argument("--out", default=None, help="output folder (default: runs/distill/<name>)")
+    p.add_argument("--eval-images", type=int, default=1000, help="held-out images for IoU (when masked)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    p.add_argument("--no-model", action="store_true", help="do not log the pyfunc model")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    from drc_core.amortized import StudentConfig, distill, predict
+    from drc_core.metrics import mean_iou_dice
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pipelines.ray_env import check_job_outputs
+    check_job_outputs("distill", {"--out": args.out or "runs/distill",
+                                  "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
+    device = devices.resolve(args.device, "distill")
+    uri = tracking.tracking_uri(args.tracking_uri)
+    if args.teacher.startswith(("runs:/", "models:/")):
+        import mlflow
+        mlflow.set_tracking_uri(uri)
+    teacher = load(args.teacher, device)
+    if teacher.kind != LANGEVIN:
+        raise ModelError(f"--teacher {args.teacher} is already a distilled student, not a DRC model")
+    from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
+    try:
+        targets = None if args.targets == "soft" else ThresholdPolicy.parse(args.targets or DEFAULT.name)
+    except PolicyError as exc:
+        raise ModelError(f"--targets: {exc}") from None
+    default = ["chains" if teacher.checkpoint is not None else "posterior", "prior"] if args.data else ["prior"]
+    kinds = args.pairs.split(",") if args.pairs else default
+    bad = [k for k in kinds if k not in PAIR_KINDS]
+    if bad:
+        raise ModelError(f"--pairs: unknown kind(s) {bad}; choose from {', '.join(PAIR_KINDS)}")
+    name = f"distill-{teacher.cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    out = Path(args.out or f"runs/distill/{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    scfg = StudentConfig(resolution=teacher.resolution, width=args.width, levels=args.levels).validate()
+    params = {"teacher": args.teacher, "data": args.data, "device": str(device), "pairs": ",".join(kinds),
+              "targets": "soft" if targets is None else targets.name, "steps": args.steps,
+              "batch_size": args.batch_size, "lr": args.lr, "prior_images": args.prior_images,
+              "train_images": args.train_images, "seed": args.seed, **{f"student.{k}": v for k, v in scfg.to_dict().items()},
+              **{f"teacher.{k}": v for k, v in teacher.cfg.flat().items()}}
+    run_id = tracking.start_run(uri, name, params, experiment=args.experiment,
+                                tags={"drc.stage": "distill", "drc.preset": teacher.cfg.preset})
+    try:
+        t0 = time.perf_counter()
+        pairs = _pairs(kinds, teacher, args, lambda m: print(f"distill: {m}", flush=True))
+        if targets is not None:          # hard targets: the teacher's π_f through the threshold policy
+            pairs = [(x, targets.masks(y).float()) for x, y in pairs]
+        pair_seconds = time.perf_counter() - t0
+        losses: list[float] = []
+
+        def on_step(step: int, loss: float) -> None:
+            losses.append(loss)
+            if (step + 1) % 50 == 0 or step + 1 == args.steps:
+                tracking.log_metrics(uri, run_id, {"loss": float(np.mean(losses[-50:]))}, step + 1)
+            if (step + 1) % 500 == 0:
+                print(f"distill: step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f}", flush=True)
+
+        t1 = time.perf_counter()
+        student = distill(pairs, scfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          device=device, on_step=on_step)
+        summary = {"name": name, "mlflow_run_id": run_id, "tracking_uri": uri, "out": str(out), "pairs": kinds,
+                   "pair_seconds": pair_seconds, "train_seconds": time.perf_counter() - t1,
+                   "final_loss": float(np.mean(losses[-50:]))}
+        x, y = pairs[0]
+        with torch.no_grad():
+            agree = torch.sigmoid(student(x[:512].to(device)))[:, 0].cpu() > 0.5
+        summary["train_agreement_iou"] = mean_iou_dice(agree, y[:512] > 0.5)["iou"]
+        if args.data:
+            from pipelines.parquet_store import load_arrays
+            test = load_arrays(args.data, "test")
+            if "masks" in test and len(test["sample_id"]):
+                n = min(args.eval_images, len(test["sample_id"]))
+                prob = predict(student, test["images"][:n])
+                truth = test["masks"][:n] > 0
+                summary["eval"] = {"images": n, "threshold": DEFAULT.name,
+                                   **mean_iou_dice(DEFAULT.masks(prob), truth),
+                                   "protocol": mean_iou_dice(prob > 0.5, truth)}
+        path = save_student(out / "student.pt", teacher.cfg, student)
+        metrics = {"train_agreement_iou": summary["train_agreement_iou"], "pair_seconds": pair_seconds,
+                   "train_seconds": summary["train_seconds"]}
+        if "eval" in summary:
+            metrics.update(eval_iou=summary["eval"]["iou"], eval_dice=summary["eval"]["dice"])
+        tracking.log_metrics(uri, run_id, metrics, args.steps)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        c = tracking.client(uri)
+        c.log_artifact(run_id, str(path))
+        c.log_artifact(run_id, str(out / "summary.json"))
+        if not args.no_model:
+            from pipelines.mlflow_model import log_pyfunc
+            with tempfile.TemporaryDirectory() as tmp:
+                weights = Path(tmp) / "student.pt"
+                weights.write_bytes(path.read_bytes())
+                summary["model_uri"] = log_pyfunc(uri, run_id, weights, teacher.cfg.langevin.test_steps)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id)
+    return summary
+
+
+def main(argv=None) -> dict:
+    try:
+        summary = run(parse_args(argv))
+    except (devices.DeviceError, ScratchPathError) as exc:       # each names the stage
+        sys.exit(str(exc))
+    except ModelError as exc:
+        sys.exit(f"distill: {exc}")
+    print("done:", json.dumps({k: v for k, v in summary.items()}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

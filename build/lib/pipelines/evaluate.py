@@ -1,0 +1,303 @@
+"""Honest evaluation of segmentations against ground-truth masks, with baselines side by side.
+
+    python -m pipelines.evaluate --data data/tmds-32 --pred langevin=out/seg-l --pred amortized=out/seg-a --out out/eval
+
+Per-image IoU and Dice averaged over images (the DRC protocol), per split, for every
+segmentation output given (pipelines.segment) and for baselines computed on the same images:
+GrabCut (OpenCV, initialised with the image minus a margin as the box), the all-foreground mask
+and the best centred disc (its area chosen with the ground truth, so an optimistic baseline).
+Methods are compared on the images every method covers; coverage is reported. Writes
+<out>/report.html (table, IoU histograms, worst-case gallery with overlays), metrics.json and
+per_image.csv, and logs them to an MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import tracking
+from pipelines.parquet_store import DatasetError, Store, load_arrays, read_part
+
+
+def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5) -> np.ndarray:
+    """GrabCut (OpenCV) per image, initialised with the box = image minus `margin` on each side;
+    deterministic (OpenCV's RNG is seeded with the image's index in `images`)."""
+    import cv2
+    n, h, w = images.shape[:3]
+    m = max(1, int(round(margin * min(h, w))))
+    rect = (m, m, w - 2 * m, h - 2 * m)
+    out = np.zeros((n, h, w), bool)
+    for i in range(n):
+        cv2.setRNGSeed(i)                  # GrabCut's k-means draws from OpenCV's global RNG: seed per
+        mask = np.zeros((h, w), np.uint8)  # image, so an image's mask is the same in any run or batch
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        try:
+            cv2.grabCut(np.ascontiguousarray(images[i][..., ::-1]), mask, rect, bgd, fgd, iterations,
+                        cv2.GC_INIT_WITH_RECT)
+        except cv2.error:                  # degenerate image (e.g. one colour): keep the box
+            mask[m:h - m, m:w - m] = cv2.GC_PR_FGD
+        out[i] = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+    return out
+
+
+def read_predictions(uri: str) -> dict:
+    """A segmentation output → {"manifest", "sample_id" (N,), "masks" (N, H, W) bool, "prob" (N, H, W)
+    float32 π_f or None (outputs written before π_f was stored)}."""
+    from PIL import Image
+    store = Store(uri)
+    manifest = store.read_manifest()
+    if manifest.get("kind") != "segmentation":
+        raise DatasetError(f"{uri} is not a pipelines.segment output (manifest kind {manifest.get('kind')!r})")
+    has_prob = "prob_encoding" in manifest
+    cols = ["sample_id", "mask"] + (["prob"] if has_prob else [])
+    tables = [read_part(store, name, cols) for name in manifest["file_names"]]
+    ids = np.concatenate([t["sample_id"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
+    size = manifest["resolution"]
+    order = np.argsort(ids, kind="stable")
+
+    def stack(column, convert, dtype):
+        arrs = [convert(np.asarray(Image.open(io.BytesIO(b)))) for t in tables for b in t[column].to_pylist()]
+        return (np.stack(arrs) if arrs else np.zeros((0, size, size), dtype))[order]
+    return {"manifest": manifest, "sample_id": ids[order], "masks": stack("mask", lambda a: a > 127, bool),
+            "prob": stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32) if has_prob else None}
+
+
+PROTOCOL_LABEL = "π_f > ½, DRC protocol"
+
+
+def policy_label(name: str) -> str:
+    from drc_core.threshold import ThresholdPolicy
+    return PROTOCOL_LABEL if ThresholdPolicy.parse(name).is_protocol else f"threshold {name}"
+
+
+def _png_b64(arr: np.ndarray) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _histogram(per_image: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(0, 100, 21)
+    for name, iou in per_image.items():
+        ax.hist(100 * iou, bins=bins, histtype="step", linewidth=1.8, label=f"{name} (mean {100 * iou.mean():.1f})")
+    ax.set_xlabel("per-image IoU (%)")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tile(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: int) -> np.ndarray:
+    """image | ground truth | prediction over the image (red = predicted fg, green edge = truth)."""
+    from pipelines.segment import overlay
+    over = overlay(image, pred, min_size=1)
+    gt_rgb = np.repeat((gt * 255).astype(np.uint8)[..., None], 3, 2)
+    strip = np.concatenate([image, np.full((image.shape[0], 2, 3), 255, np.uint8), gt_rgb,
+                            np.full((image.shape[0], 2, 3), 255, np.uint8), over], 1)
+    return strip.repeat(scale, 0).repeat(scale, 1)
+
+
+def img_tag(png_path: Path, css: str = "") -> str:
+    data = base64.b64encode(Path(png_path).read_bytes()).decode()
+    return f"<img {css} src='data:image/png;base64,{data}'>"
+
+
+def write_report(path: Path, *, title: str, table: list[dict], coverage: dict, hist_png: Path,
+                 gallery: list[dict], notes: list[str], sections: list[tuple[str, str]] = ()) -> None:
+    """A self-contained HTML page; `sections` are extra (heading, HTML body) blocks shown first."""
+    splits = sorted({r["split"] for r in table})
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    cell = {(r["method"], r["split"]): r for r in table}
+    head = "".join(f"<th colspan=2>{html.escape(s)}</th>" for s in splits)
+    sub = "".join("<th>IoU</th><th>Dice</th>" for _ in splits)
+    rows = []
+    for m in methods:
+        tds = "".join(f"<td>{cell[(m, s)]['iou']:.1f}</td><td>{cell[(m, s)]['dice']:.1f}</td>" if (m, s) in cell
+                      else "<td>–</td><td>–</td>" for s in splits)
+        rows.append(f"<tr><th>{html.escape(m)}</th>{tds}</tr>")
+    cov = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in coverage.items())
+    gal = "".join(f"<figure><img class=px src='data:image/png;base64,{g['png']}'><figcaption>"
+                  f"{html.escape(str(g['key']))} — IoU {g['iou']:.1f}</figcaption></figure>" for g in gallery)
+    extra = "".join(f"<h2>{html.escape(h)}</h2>{body}" for h, body in sections)
+    note = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}
+img.px{{image-rendering:pixelated}} figure{{display:inline-block;margin:6px}}
+figcaption{{font-size:12px}}</style></head><body>
+<h1>{html.escape(title)}</h1>{extra}
+<h2>IoU / Dice (%), per-image mean</h2>
+<table id="results"><tr><th rowspan=2>method</th>{head}</tr><tr>{sub}</tr>{''.join(rows)}</table>
+<h3>Coverage</h3><ul>{cov}</ul><ul>{note}</ul>
+<h2>Per-image IoU</h2>{img_tag(hist_png)}
+<h2>Worst cases ({html.escape(methods[0]) if methods else ''}): image | ground truth | prediction</h2>{gal}
+</body></html>""")
+
+
+def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
+             margin: float = 0.05, gallery: int = 12, title: str | None = None,
+             sections: list[tuple[str, str]] = (), thresholds: tuple[str, ...] = ("0.5",)) -> dict:
+    """Score each segmentation output's masks (row `name`, the policy it was segmented with) and,
+    from its stored π_f, the same π_f under each policy of `thresholds` (row `name, <policy>`; the
+    DRC protocol's ½ is always among them), beside GrabCut and trivial masks on the same images."""
+    from drc_core.threshold import ThresholdPolicy
+    from drc_core.metrics import DISC_AREAS, centre_ellipse_masks, iou_dice
+    gt = load_arrays(data, split)
+    if "masks" not in gt:
+        raise DatasetError(f"--data {data}: not every image has a ground-truth mask; nothing to evaluate against")
+    loaded = {name: read_predictions(uri) for name, uri in preds.items()}
+    common = gt["sample_id"]
+    for name, p in loaded.items():
+        if p["masks"].shape[1:] != gt["images"].shape[1:3]:
+            raise DatasetError(f"--pred {name}: masks are {p['masks'].shape[1:]}, the data {gt['images'].shape[1:3]}")
+        common = np.intersect1d(common, p["sample_id"])
+    if common.size == 0:
+        raise DatasetError("no image is covered by every prediction and the ground truth (check --split)")
+    coverage = {"ground-truth images": int(gt["sample_id"].size), "evaluated (covered by every method)": int(common.size)}
+    rows = np.searchsorted(gt["sample_id"], common)
+    images, masks, splits, keys = gt["images"][rows], gt["masks"][rows] > 0, gt["split"][rows], gt["key"][rows]
+    methods: dict[str, np.ndarray] = {}
+    extra = list(dict.fromkeys(["0.5", *thresholds]))
+    for name, p in loaded.items():
+        coverage[f"{name}: predicted"] = int(p["sample_id"].size)
+        sel = np.searchsorted(p["sample_id"], common)
+        methods[name] = p["masks"][sel]
+        if p["prob"] is None:
+            continue
+        written = p["manifest"].get("threshold_policy")
+        for policy in map(ThresholdPolicy.parse, extra):
+            if policy.name != written:
+                methods[f"{name}, {policy_label(policy.name)}"] = policy.masks(p["prob"][sel]).numpy()
+    seconds = {}
+    if grabcut:
+        t0 = time.perf_counter()
+        methods["GrabCut"] = grabcut_masks(images, margin)
+        seconds["grabcut_images_per_s"] = len(images) / (time.perf_counter() - t0)
+    methods["all foreground"] = np.ones_like(masks)
+    disc = max(DISC_AREAS, key=lambda f: iou_dice(centre_ellipse_masks(len(masks), masks.shape[-1], f), masks)[0].mean())
+    methods[f"centred disc (best area {disc:.0%})"] = centre_ellipse_masks(len(masks), masks.shape[-1], disc).numpy()
+    per_image, table = {}, []
+    for name, pred in methods.items():
+        iou, dice = (t.numpy() for t in iou_dice(pred, masks))
+        per_image[name] = iou
+        present = sorted(set(splits.tolist()))
+        for s in present + (["all"] if len(present) > 1 else []):
+            sel = np.ones(len(iou), bool) if s == "all" else splits == s
+            table.append({"method": name, "split": s, "images": int(sel.sum()),
+                          "iou": 100 * float(iou[sel].mean()), "dice": 100 * float(dice[sel].mean())})
+    out.mkdir(parents=True, exist_ok=True)
+    _histogram({k: v for k, v in per_image.items() if k in loaded or k == "GrabCut"} or per_image, out / "iou_hist.png")
+    first = next(iter(loaded), next(iter(methods)))
+    worst = np.argsort(per_image[first], kind="stable")[:gallery]
+    scale = max(1, 96 // images.shape[1])
+    tiles = [{"key": keys[i], "iou": 100 * float(per_image[first][i]),
+              "png": _png_b64(_tile(images[i], masks[i], methods[first][i], scale))} for i in worst]
+    import pandas as pd
+    frame = pd.DataFrame({"sample_id": common, "key": keys, "split": splits,
+                          **{f"iou[{k}]": 100 * v for k, v in per_image.items()}})
+    frame.to_csv(out / "per_image.csv", index=False)
+    notes = [f"{k}: {v.get('mode', '?')} mode, {v.get('steps', 0)} steps, model {v.get('model')}, masks by "
+             f"threshold policy {v.get('threshold_policy', '0.5')}"
+             for k, v in ((n, p["manifest"]) for n, p in loaded.items())]
+    notes.append(f"'{PROTOCOL_LABEL}': the same π_f thresholded at ½ as in the DRC paper; no threshold policy "
+                 f"looks at the ground truth")
+    notes.append(f"GrabCut box: the image minus {margin:.0%} on each side, 5 iterations")
+    write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
+                 coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
+    result = {"data": data, "preds": preds, "table": table, "coverage": coverage, **seconds,
+              "report": str(out / "report.html")}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def metric_name(method: str, split: str, metric: str) -> str:
+    """An MLflow metric name for a table cell (MLflow allows letters, digits, _ - . / : and spaces):
+    `GrabCut.test.iou`, `langevin_threshold_0.5_DRC_protocol.test.iou`, `centred_disc_best_area_40pct…`."""
+    m = method.replace(PROTOCOL_LABEL, "threshold 0.5 DRC protocol").replace("%", "pct").replace("−", "-")
+    m = re.sub(r"_+", "_", re.sub(r"[^0-9A-Za-z_.\-]", "_", m)).strip("_")
+    return f"{m}.{split}.{metric}"
+
+
+def track(result: dict, out: Path, uri: str, experiment: str, params: dict) -> str:
+    """One MLflow run: <method>.<split>.iou/dice metrics and the report folder as artifacts."""
+    run_id = tracking.start_run(uri, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
+                                {**params, **{f"pred.{k}": v for k, v in result["preds"].items()}},
+                                experiment=experiment, tags={"drc.stage": "evaluate"})
+    tracking.log_metrics(uri, run_id, {metric_name(r["method"], r["split"], m): r[m]
+                                       for r in result["table"] for m in ("iou", "dice")}, 0)
+    tracking.client(uri).log_artifacts(run_id, str(out), "evaluation")
+    tracking.end_run(uri, run_id)
+    return run_id
+
+
+def format_table(table: list[dict]) -> str:
+    lines = [f"{'method':<34}{'split':<8}{'images':>8}{'IoU':>8}{'Dice':>8}"]
+    lines += [f"{r['method']:<34}{r['split']:<8}{r['images']:>8}{r['iou']:>8.1f}{r['dice']:>8.1f}" for r in table]
+    return "\n".join(lines)
+
+
+def _pred(text: str) -> tuple[str, str]:
+    name, sep, uri = text.partition("=")
+    if not sep or not name or not uri:
+        raise argparse.ArgumentTypeError(f"--pred must be NAME=PATH, got {text!r}")
+    return name, uri
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="Parquet dataset with ground-truth masks")
+    p.add_argument("--pred", type=_pred, action="append", default=[], metavar="NAME=PATH",
+                   help="a pipelines.segment output (repeatable)")
+    p.add_argument("--split", default=None, choices=("train", "val", "test"))
+    p.add_argument("--out", required=True, help="folder for report.html, metrics.json, per_image.csv")
+    p.add_argument("--threshold", action="append", default=[], metavar="POLICY",
+                   help="also score the stored π_f under this policy (repeatable; 0.5, a number, otsu, "
+                        "otsu-corpus, gmm, gmm-corpus); the ½ protocol is always scored")
+    p.add_argument("--no-grabcut", action="store_true")
+    p.add_argument("--grabcut-margin", type=float, default=0.05)
+    p.add_argument("--gallery", type=int, default=12, help="worst cases shown")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    args = p.parse_args(argv)
+    from pipelines.ray_env import ScratchPathError, check_job_outputs
+    try:
+        check_job_outputs("evaluate", {"--out": args.out, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
+    except ScratchPathError as exc:
+        sys.exit(str(exc))
+    preds = dict(args.pred)
+    if len(preds) != len(args.pred):
+        sys.exit("evaluate: two --pred share a name")
+    from drc_core.threshold import PolicyError, ThresholdPolicy
+    try:
+        thresholds = tuple(ThresholdPolicy.parse(t).name for t in args.threshold)
+    except PolicyError as exc:
+        sys.exit(f"evaluate: --threshold: {exc}")
+    try:
+        result = evaluate(args.data, preds, Path(args.out), split=args.split, grabcut=not args.no_grabcut,
+                          margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds)
+    except DatasetError as exc:
+        sys.exit(f"evaluate: {exc}")
+    result["mlflow_run_id"] = track(result, Path(args.out), tracking.tracking_uri(args.tracking_uri), args.experiment,
+                                    {"data": args.data, "split": args.split})
+    print(format_table(result["table"]))
+    print(f"report: {result['report']}  (MLflow run {result['mlflow_run_id']})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

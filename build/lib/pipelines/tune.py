@@ -1,0 +1,308 @@
+"""Ray Tune studies over DRC's step sizes and regulariser weights, each trial a Ray Train job.
+
+    python -m pipelines.tune --space tune_spaces/quick.yaml --data data/tmds-32 --trials 8
+    python -m pipelines.tune --space tune_spaces/langevin.yaml --data … --trials 64 --workers-per-trial 4 --device cuda
+    python -m pipelines.tune --resume <study> --space … --data …          # continue an interrupted study
+
+Each trial builds its trainer with `pipelines.train.build_trainer` (the same worker loop, the
+same checkpoints) and reports every `--report-every` iterations; ASHA stops the weak trials
+early; Optuna's TPE proposes the next ones (`--search random` for random/grid search). The
+first trial runs the preset's own values (the reference). The metric is the held-out IoU when
+the data has masks and the unsupervised `eval_score` otherwise (pipelines/train_worker.py says
+what it is); both are recorded, and a study on masked data prints their rank correlation.
+MLflow: a parent run per study, a child run per trial, the best config and checkpoint on the parent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from pathlib import Path
+
+
+from drc_core.config import apply_overrides, parse_override_args
+from drc_core.presets import get_config, preset_names
+from pipelines import devices, search_space, tracking
+from pipelines.parquet_store import load_rows, split_ids
+from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
+from pipelines.train import build_trainer, check_dataset, run_name
+from pipelines.train_worker import TrainJob
+
+STUDY_FILE = "drc_study.json"
+# What a trial actor itself reserves. It only starts the trial's Ray Train run and waits for its
+# reports; the Train workers reserve their own CPUs in their own placement group. No CPU, so
+# that N trials with W workers of C CPUs fit on exactly N*W*C CPUs (0.01 CPU per trial left
+# 1.98 of 2 CPUs: two 1-CPU trials could not run at once). Tune needs some non-zero resource
+# in the bundle: a nominal share of memory.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 1024 ** 2}
+
+
+def make_trainable(study: dict):
+    """The Tune function trainable: one Ray Train job per trial, logged as an MLflow child run."""
+    def trial(params: dict) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+        ctx = tune.get_context()
+        name = ctx.get_trial_name()
+        cfg = apply_overrides(get_config(study["preset"]), {**study["overrides"], **params})
+        uri = study["tracking_uri"]
+        run_id = tracking.start_run(uri, name, {**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}},
+                                    experiment=study["experiment"], parent_run_id=study["parent_run_id"],
+                                    tags={"drc.stage": "tune-trial", "drc.study": study["name"],
+                                          "drc.trial_id": ctx.get_trial_id()})
+        job = TrainJob(data=study["data"], config=cfg.to_dict(), iterations=study["iterations"],
+                       checkpoint_every=study["report_every"], eval_every=study["report_every"],
+                       eval_images=study["eval_images"], eval_steps=study["eval_steps"], grid_every=0,
+                       threads=study["threads"], gpu=study["gpu"], tracking_uri=uri, mlflow_run_id=run_id)
+        trainer = build_trainer(job, workers=study["workers"], name=name, storage=study["train_storage"],
+                                cpus_per_worker=study["cpus_per_worker"], gpu=study["gpu"], max_failures=0,
+                                keep=1, callbacks=[TuneReportCallback()])
+        try:
+            result = trainer.fit()
+            if result.error is not None:
+                raise result.error
+        except BaseException as e:
+            import ray.exceptions
+            c = tracking.client(uri)
+            if isinstance(e, (ray.exceptions.RayActorError, KeyboardInterrupt)):
+                # the scheduler stopped this trial (ASHA) and its Ray Train controller went with it
+                c.set_tag(run_id, "stopped_early", "true")
+                tracking.end_run(uri, run_id, "KILLED")
+            else:                      # diverged or crashed: the reason goes on the child run
+                c.set_tag(run_id, "failure_reason", str(e)[:5000])
+                tracking.end_run(uri, run_id, "FAILED")
+            raise
+        tracking.end_run(uri, run_id)
+    return trial
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
+def _reason(error: BaseException) -> str:
+    """The line of a trial's (Ray-wrapped) error that says what went wrong."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    return next((x for x in reversed(lines) if "Error:" in x), lines[-1] if lines else repr(error))[:300]
+
+
+def _has_masks(data: str, split: str) -> bool:
+    ids = split_ids(data, split)
+    return bool(len(ids)) and "masks" in load_rows(data, ids[:1])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", required=True, help="tune_spaces/<study>.yaml")
+    p.add_argument("--data", required=True, help="Parquet dataset from pipelines.preprocess")
+    p.add_argument("--preset", default="cpu-32", choices=preset_names())
+    p.add_argument("--trials", type=int, default=8, help="number of trials (grid values multiply it)")
+    p.add_argument("--iterations", type=int, default=200, help="EM iterations of a trial that is not stopped")
+    p.add_argument("--report-every", type=int, default=20, help="evaluate + report (an ASHA rung step) every N iterations")
+    p.add_argument("--grace", type=int, default=2, help="ASHA: reports every trial gets before it can be stopped")
+    p.add_argument("--reduction-factor", type=int, default=3)
+    p.add_argument("--no-early-stopping", action="store_true", help="FIFO instead of ASHA")
+    p.add_argument("--search", choices=["optuna", "random"], default="optuna")
+    p.add_argument("--no-default-trial", action="store_true", help="do not run the preset's own values first")
+    p.add_argument("--concurrency", type=int, default=2, help="trials running at once")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    devices.add_argument(p, what="each trial's workers")
+    p.add_argument("--eval-images", type=int, default=64)
+    p.add_argument("--eval-steps", type=int, default=None)
+    p.add_argument("--metric", choices=["auto", "eval_iou", "eval_score"], default="auto")
+    p.add_argument("--name", type=run_name, default=None)
+    p.add_argument("--resume", type=run_name, metavar="NAME", default=None, help="continue an interrupted study")
+    p.add_argument("--storage", default="runs/tune")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default="drc-tune")
+    p.add_argument("--address", default=None)
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="search algorithm seed")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
+    return p.parse_args(argv)
+
+
+def _search(args, params: dict, base, metric: str):
+    from ray import tune
+    points = [] if args.no_default_trial else [search_space.defaults(params, base)]
+    if args.search == "optuna":
+        if any(s["type"] == "grid" for s in params.values()):
+            raise SystemExit(f"{args.space}: 'grid' parameters need --search random")
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+        algo = OptunaSearch(metric=metric, mode="max", points_to_evaluate=points or None, seed=args.seed)
+        return ConcurrencyLimiter(algo, max_concurrent=args.concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=args.seed,
+                                 max_concurrent=args.concurrency)
+
+
+def build_tuner(args, study: dict, params: dict, base, metric: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    rungs = max(1, args.iterations // args.report_every)
+    # max_t one past the last report: a trial that survives every rung ends by itself
+    # (finished in MLflow) instead of being stopped by the scheduler at its final report
+    scheduler = (FIFOScheduler() if args.no_early_stopping else
+                 ASHAScheduler(time_attr="training_iteration", max_t=rungs + 1,
+                               grace_period=min(args.grace, rungs), reduction_factor=args.reduction_factor))
+    trainable = tune.with_resources(make_trainable(study), TRIAL_RESOURCES)
+    return tune.Tuner(
+        trainable, param_space=search_space.to_tune(params),
+        tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=args.trials, scheduler=scheduler,
+                                    search_alg=_search(args, params, base, metric),
+                                    # a fresh trial actor per trial: killing the one of a trial that
+                                    # ASHA stopped also ends its Ray Train controller and workers
+                                    reuse_actors=False),
+        run_config=tune.RunConfig(name=study["name"], storage_path=study["storage"],
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_job_outputs("tune", {"--storage": args.storage, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
+    overrides = parse_override_args(args.overrides)
+    base = get_config(args.preset, overrides)
+    params = search_space.load(args.space, base)
+    check_dataset(args.data, base, args.preset)
+    devices.check(args.device, "tune")
+    metric = args.metric if args.metric != "auto" else ("eval_iou" if _has_masks(args.data, "test") else "eval_score")
+    storage = str(Path(args.storage).resolve())
+    uri = tracking.tracking_uri(args.tracking_uri)
+    name = args.resume or args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    study_dir = Path(storage) / name
+    print(f"tune {name}: study state and trial checkpoints → {study_dir}, MLflow → {uri} (experiment "
+          f"{args.experiment})", flush=True)
+    # the dashboard's State API (pinned to this instance by init_ray) lets Ray Train free the
+    # placement group of a trial ASHA stopped
+    init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=True)
+    from ray import tune
+    if args.resume:
+        if not (study_dir / STUDY_FILE).exists():
+            raise SystemExit(f"--resume {name}: no study of that name under {storage}")
+        study = json.loads((study_dir / STUDY_FILE).read_text())
+        tracking.client(uri).update_run(study["parent_run_id"], status="RUNNING")
+        tuner = tune.Tuner.restore(str(study_dir), trainable=tune.with_resources(make_trainable(study), TRIAL_RESOURCES),
+                                   resume_errored=False, restart_errored=False)
+    else:
+        if study_dir.exists():
+            raise SystemExit(f"study {name} already exists under {storage}: use --resume {name} or another --name")
+        parent = tracking.start_run(uri, name, {"space": args.space, "preset": args.preset, "data": args.data,
+                                                "trials": args.trials, "iterations": args.iterations,
+                                                "metric": metric, "search": args.search,
+                                                **{f"space.{k}": json.dumps(v) for k, v in params.items()}},
+                                    experiment=args.experiment, tags={"drc.stage": "tune"})
+        study = {"name": name, "preset": args.preset, "overrides": overrides,
+                 "data": args.data, "iterations": args.iterations, "report_every": args.report_every,
+                 "eval_images": args.eval_images, "eval_steps": args.eval_steps, "threads": args.threads,
+                 "gpu": devices.reserves_gpu(args.device, "tune", joined=joins_cluster(args.address)),
+                 "workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
+                 "tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent,
+                 "storage": storage, "train_storage": str(study_dir / "trials"), "metric": metric}
+        study_dir.mkdir(parents=True)
+        (study_dir / STUDY_FILE).write_text(json.dumps(study, indent=1))
+        tuner = build_tuner(args, study, params, base, metric)
+    print(f"study {name}: {args.trials} trials of {args.space} on {args.data}, metric {study['metric']}, "
+          f"MLflow parent run {study['parent_run_id']}", flush=True)
+    import ray
+    before = set(ray.util.placement_group_table())
+    grid = tuner.fit()
+    return summarize(grid, study, list(params), released_resources(before))
+
+
+def released_resources(before: set[str], timeout: float = 60.0) -> dict:
+    """Wait until the placement groups created during the study (trial actors', Train worker
+    groups') are removed; report those still reserved after `timeout` and the free CPUs.
+
+    Ray Train frees the group of a trial that the scheduler stopped a second or two after the
+    trial's controller died (see pipelines.ray_env._pin_state_api); a group still reserved here
+    is a leak that would have starved later trials."""
+    import ray
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted(k for k, v in ray.util.placement_group_table().items()
+                      if k not in before and v["state"] != "REMOVED")
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    out = {"placement_groups_left": left, "cpus_free": ray.available_resources().get("CPU", 0.0),
+           "cpus_total": ray.cluster_resources().get("CPU", 0.0)}
+    if left:
+        print(f"WARNING: {len(left)} placement group(s) of this study still reserved {timeout:.0f} s after "
+              f"it ended: {left}", flush=True)
+    return out
+
+
+def summarize(grid, study: dict, searched: list[str], resources: dict | None = None) -> dict:
+    """Trial table, best trial (recorded on the parent run) and the score ↔ IoU rank correlation."""
+    uri, parent, metric = study["tracking_uri"], study["parent_run_id"], study["metric"]
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        rows.append({"trial": Path(r.path).name, **{k: r.config.get(k) for k in searched},
+                     "iterations": m.get("iteration"), "eval_iou": m.get("eval_iou"),
+                     "eval_score": m.get("eval_score"), "status": "error" if r.error else "ok",
+                     "error": _reason(r.error) if r.error else None,
+                     "checkpoint": m.get("checkpoint_path")})
+    done = [x for x in rows if x["status"] == "ok" and x[metric] is not None]
+    out = {"name": study["name"], "parent_run_id": parent, "metric": metric, "trials": rows}
+    c = tracking.client(uri)
+    if done:
+        best = max(done, key=lambda x: x[metric])
+        out["best"] = best
+        c.set_tag(parent, "best_trial", best["trial"])
+        for k in searched:                       # tags, not params: a resumed study may find a better one
+            c.set_tag(parent, f"best.{k}", best[k])
+        tracking.log_metrics(uri, parent, {f"best_{metric}": best[metric]}, step=0)
+        if best["checkpoint"] and Path(best["checkpoint"]).exists():
+            c.set_tag(parent, "best_checkpoint", best["checkpoint"])
+            c.log_artifacts(parent, best["checkpoint"], "best_checkpoint")
+        paired = [x for x in done if x["eval_iou"] is not None and x["eval_score"] is not None]
+        if len(paired) >= 3:
+            out["spearman_score_vs_iou"] = spearman([x["eval_score"] for x in paired], [x["eval_iou"] for x in paired])
+            tracking.log_metrics(uri, parent, {"spearman_score_vs_iou": out["spearman_score_vs_iou"]}, step=0)
+    # trials that ASHA stopped were killed mid-fit: close their child runs as such
+    for run in c.search_runs([c.get_run(parent).info.experiment_id],
+                             f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+        c.set_tag(run.info.run_id, "stopped_early", "true")
+        tracking.end_run(uri, run.info.run_id, "KILLED")
+    c.log_text(parent, json.dumps(rows, indent=1, default=str), "trials.json")
+    unfinished = len(rows) - grid.num_terminated - grid.num_errors
+    if unfinished:                               # interrupted (Ctrl-C): resumable, not finished
+        c.set_tag(parent, "interrupted", f"{unfinished} trial(s) unfinished")
+        tracking.end_run(uri, parent, "KILLED")
+        print(f"study interrupted with {unfinished} unfinished trial(s): continue with --resume {study['name']}")
+    else:
+        tracking.end_run(uri, parent)
+    out["unfinished"] = unfinished
+    out["resources_after"] = resources
+    _print_table(rows, searched, out)
+    (Path(study["storage"]) / study["name"] / "summary.json").write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+def _print_table(rows, searched, out) -> None:
+    cols = ["trial", *searched, "iterations", "eval_iou", "eval_score", "status"]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)   # noqa: E731
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(fmt(r.get(c)) for c in cols) + (f"  ({r['error']})" if r["error"] else ""))
+    if "best" in out:
+        print(f"best: {out['best']['trial']} {out['metric']}={out['best'][out['metric']]:.4g}")
+    if "spearman_score_vs_iou" in out:
+        print(f"Spearman rank correlation, unsupervised score vs IoU: {out['spearman_score_vs_iou']:.3f}")
+
+
+def main(argv=None) -> dict:
+    try:
+        return run(parse_args(argv))
+    except (devices.DeviceError, ScratchPathError) as exc:       # each names the stage
+        raise SystemExit(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The `drc` command and the installable distribution (pyproject.toml)."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pipelines import cli, search_space
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_drc_lists_every_stage_and_refuses_an_unknown_one(capsys):
+    cli.main([])
+    listed = capsys.readouterr().out
+    assert all(f"  {stage}" in listed for stage in cli.STAGES)
+    with pytest.raises(SystemExit, match="drc: unknown stage 'trian'"):
+        cli.main(["trian"])
+
+
+@pytest.mark.parametrize("stage", sorted(cli.STAGES))
+def test_each_stage_is_its_module_command_line(stage, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([stage, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: drc {stage}")
+
+
+def test_shipped_search_spaces_are_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ref in ("tune_spaces/quick.yaml", "quick.yaml", "quick"):
+        path = search_space.resolve(ref)
+        assert path.is_file() and path.name == "quick.yaml", ref
+    assert {"quick.yaml", "langevin.yaml", "regularizers.yaml"} <= set(search_space.shipped())
+
+
+def test_the_wheel_installs_the_drc_command_with_its_packages_and_data(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("drc_on_ray-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"pipelines/cli.py", "drc_core/model.py", "tune_spaces/quick.yaml"} <= set(names)
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "drc = pipelines.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "Requires-Dist: torch==2.13.0" in meta and "Requires-Dist: ray[data,default,train,tune]==2.60.0" in meta
