@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     common = ["--tracking-uri", uri, "--experiment", EXPERIMENT]
-    total = 7 if args.tune else 6
+    total = 6 if args.tune else 5
     timings: dict[str, float] = {}
     start = time.perf_counter()
     init_ray(num_cpus=2, include_dashboard=args.tune)   # Tune frees stopped trials through the dashboard

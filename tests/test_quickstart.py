@@ -5,6 +5,7 @@ import binascii
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,9 @@ SHOT = (1280, 3000)   # CSS px: the whole tiny report (tables, figures, the wors
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.quickstart", "--tiny", "--iterations", "10",
-                           "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    drc = Path(sys.executable).parent / "drc"                # the README's command (setup.sh installs it)
+    proc = subprocess.run([str(drc), "quickstart", "--tiny", "--iterations", "10", "--out", str(out)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     return proc, out
 
 
@@ -47,6 +49,23 @@ def test_quickstart_tiny_runs_every_stage_and_writes_the_report(quickstart):
         manifest = json.loads((out / f"seg-{mode}" / "_manifest.json").read_text())
         assert manifest["mode"] == mode and manifest["counts"]["ok"] == 64
     assert "mlflow ui --backend-store-uri" in proc.stdout
+
+
+NOISE = {  # what a successful run must not print (issue 19): alarms that are not problems
+    "Ray E-level line": re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]"),
+    "MLflow type-hint warning": re.compile(r"Add type hints to the `predict` method"),
+    "MLflow input-example warning": re.compile(r"An input example was not provided"),
+    "Ray Data progress-bar warning": re.compile(r"Progress bars disabled"),
+}
+
+
+def test_a_successful_quickstart_prints_progress_not_alarms(quickstart):
+    proc, _ = _succeeded(quickstart)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    found = {name: [x[:200] for x in lines if pattern.search(x)] for name, pattern in NOISE.items()}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+    stages = [tuple(map(int, m.groups())) for x in lines if (m := re.match(r"\[(\d+)/(\d+)\] ", x))]
+    assert stages == [(i, 5) for i in range(1, 6)], stages          # every stage announces itself, counted right
 
 
 @pytest.fixture(scope="module")
