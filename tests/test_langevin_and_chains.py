@@ -92,7 +92,8 @@ def test_test_average_is_the_mean_of_pi_over_the_chains_last_steps(tiny_cfg):
     model = DRCModel(tiny_cfg.model, tiny_cfg.ablation)
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     ids = np.arange(3)
-    single = [segment(model, images, tiny_cfg, steps=s, sample_ids=ids) for s in (4, 5, 6)]
+    plain = apply_overrides(tiny_cfg, {"langevin.test_average": 0})
+    single = [segment(model, images, plain, steps=s, sample_ids=ids) for s in (4, 5, 6)]
     averaged = segment(model, images, apply_overrides(tiny_cfg, {"langevin.test_average": 3}), steps=6,
                        sample_ids=ids)
     assert torch.equal(averaged.z, single[-1].z)

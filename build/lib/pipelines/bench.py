@@ -225,7 +225,8 @@ def preprocess(args) -> dict:
         loop_mb = peak_rss_mb(include_ray_workers=False)
         init_ray(num_cpus=2)
         import ray
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        from pipelines.ray_env import set_progress_bars
+        set_progress_bars(ray.data.DataContext.get_current(), False)
         t0 = time.perf_counter()
         manifest = pp.run(records, opt, str(work / "ray"), rows_per_file=args.rows_per_file, progress=False)
         t_ray = time.perf_counter() - t0

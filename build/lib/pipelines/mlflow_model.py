@@ -20,6 +20,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 try:
     from mlflow.pyfunc import PythonModel
@@ -95,7 +96,9 @@ class DRCSegmenter(PythonModel):
         from pipelines.models import load
         self.segmenter = load(context.artifacts["weights"], resolve("auto", "pyfunc model"))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """`model_input`: a DataFrame with an `image` column (or a uint8 array; the hint tells MLflow
+        to validate against the logged signature rather than infer one)."""
         from drc_core.threshold import DEFAULT, ThresholdPolicy
         params = params or {}
         images, geometry = _as_images(model_input, self.segmenter.resolution)
@@ -126,10 +129,15 @@ def signature(test_steps: int):
 
 def log_pyfunc(uri: str, run_id: str, weights_path: str | Path, test_steps: int) -> str:
     """Log the model into run `run_id`; returns its model URI."""
+    import warnings
+
     import mlflow
     root = Path(__file__).resolve().parent.parent
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the signature is explicit; an input example would only make MLflow run the model (for a
+        # DRC model, Langevin at the preset's test steps) to infer what the signature already says
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(root / "pipelines" / "pyfunc_entry.py"), artifacts={"weights": str(weights_path)},
             code_paths=[str(root / "drc_core"), str(root / "pipelines")], signature=signature(test_steps),

@@ -161,7 +161,8 @@ def run(records: list[dict], opt: Options, out: str, *, rows_per_file: int = 200
     store.check_writable(overwrite)
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    from pipelines.ray_env import set_progress_bars
+    set_progress_bars(ctx, progress)
     # rows stay in (split, key) order end to end, so ids are contiguous per file without a shuffle
     ctx.execution_options.preserve_order = True
 

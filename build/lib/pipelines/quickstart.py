@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     common = ["--tracking-uri", uri, "--experiment", EXPERIMENT]
-    total = 7 if args.tune else 6
+    total = 6 if args.tune else 5
     timings: dict[str, float] = {}
     start = time.perf_counter()
     init_ray(num_cpus=2, include_dashboard=args.tune)   # Tune frees stopped trials through the dashboard
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = _stage(n, total, f"Ray Train: {iterations} EM iterations on 2 workers (chains sharded per worker)")
     summary = train.main(["--data", data, "--preset", "cpu-32", "--workers", "2", "--iterations", str(iterations),
                           "--checkpoint-every", str(max(10, iterations // 4)), "--eval-every", str(size["eval_every"]),
+                          "--eval-steps", "100",        # the curve's points; the final table uses the preset's
                           "--grid-every", str(iterations), "--storage", str(out / "ray"), "--name", "drc", *common])
     checkpoint = summary["checkpoint"]
     timings["train"] = time.perf_counter() - t
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = _stage(n, total, "Ray Data: segmenting the test split with posterior Langevin and with the distilled net")
     seg = {}
     for mode, model in (("langevin", checkpoint), ("amortized", str(out / "student" / "student.pt"))):
-        seg[mode] = segment.main(["--model", model, "--input", data, "--split", "test",
+        seg[mode] = segment.main(["--model", model, "--input", data, "--split", "test", "--actors", "2",
                                   "--output", str(out / f"seg-{mode}"), "--overwrite", "--quiet"])
     timings["segment"] = time.perf_counter() - t
     n += 1

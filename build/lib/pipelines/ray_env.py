@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -88,6 +89,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if root not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+        # Ray Train's preemption watcher serves cloud nodes that can be taken away; on a local
+        # instance it only logs an E-level line about its constructor arguments
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         kwargs.setdefault("include_dashboard", False)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
         if kwargs["include_dashboard"]:
@@ -98,6 +102,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
             kwargs["runtime_env"] = env
         ray.init(num_cpus=num_cpus, **kwargs)
     return ray
+
+
+def actor_restarts(address: str | None = None) -> int:
+    """max_restarts for a stage's Ray Data actor pool. On a cluster, -1 (Ray Data's default): an
+    actor on a lost node comes back. On a local instance there is no node to lose, a dead actor
+    is a crash that would recur, and with restarts on Ray logs an E-level line for every pool
+    ("constructor arguments in the object store and max_restarts > 0"): 0."""
+    return -1 if joins_cluster(address) else 0
+
+
+class _DropProgressBarsDisabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Progress bars disabled" not in record.getMessage()
+
+
+def set_progress_bars(ctx, enabled: bool) -> None:
+    """Ray Data progress bars on or off; off (a --quiet run) without Ray Data's warning saying so."""
+    ctx.enable_progress_bars = enabled
+    log = logging.getLogger("ray.data._internal.progress")
+    if not enabled and not any(isinstance(f, _DropProgressBarsDisabled) for f in log.filters):
+        log.addFilter(_DropProgressBarsDisabled())
 
 
 def quiet_state_api_warnings() -> None:

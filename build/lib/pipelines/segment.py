@@ -250,7 +250,7 @@ def input_dataset(args, resolution: int):
 
 def run(args) -> dict:
     import ray
-    from pipelines.ray_env import check_job_outputs, init_ray, joins_cluster
+    from pipelines.ray_env import actor_restarts, check_job_outputs, init_ray, joins_cluster, set_progress_bars
 
     if args.tracking_uri:
         import mlflow
@@ -282,7 +282,7 @@ def run(args) -> dict:
     init_ray(args.address, num_cpus=args.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = not args.quiet
+    set_progress_bars(ctx, not args.quiet)
     gpu = devices.reserves_gpu(args.device, "segment", joined=joins_cluster(args.address))
     ds, n_inputs, quarantine, source, paths = input_dataset(args, segmenter.resolution)
     if args.limit:
@@ -296,6 +296,7 @@ def run(args) -> dict:
                                    tracking_uri=args.tracking_uri, max_pixels=args.max_pixels,
                                    threshold=policy.name, device=args.device, crop=args.crop),
         compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
+        max_restarts=actor_restarts(args.address),
     ).materialize()
     status = processed.select_columns(["sample_id", "key", "split", "status", "reason"]).to_pandas()
     for r in status[status["status"] != "ok"].itertuples():

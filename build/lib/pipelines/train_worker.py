@@ -260,7 +260,7 @@ def train_loop(config: dict) -> None:
         raise ValueError(f"{job.data}: {len(train_ids)} training images cannot be shared by {world} workers")
     lo, hi = shard_bounds(len(train_ids), world, rank)
     rows = load_rows(job.data, train_ids[lo:hi])
-    ids = torch.from_numpy(rows["sample_id"])
+    ids = torch.tensor(rows["sample_id"])                  # a copy: Parquet's arrays are read-only
     x_all = images_to_tensor(rows["images"])
     masks_all = rows.get("masks")
     batch = min(cfg.optim.batch_size, len(train_ids) // world)
