@@ -195,6 +195,11 @@ def test_cli_prints_the_table_and_json(capsys):
         assert row in out, row
     assert "10 TFLOP/s (stated peak) × 30% utilisation" in out
     assert "1,000 × 100 × 4 B" in out
+    main(["--preset", "paper-birds", "--images", "10_000_000", "--gpus", "64"])
+    out = capsys.readouterr().out                    # the default rate is the measured one, at face value
+    assert "23 TFLOP/s (default: achieved by paper-birds on one H100, measured) × 100% utilisation" in out
+    iteration = next(x for x in out.splitlines() if x.strip().startswith("compute per iteration"))
+    assert abs(float(iteration.split()[3]) - 5.13) < 0.2, iteration      # the H100's measured 5.13 s
     import json
     main(["--preset", "cpu-32", "--images", "2000", "--gpus", "2", "--json", "langevin.chain_fp16=true"])
     r = json.loads(capsys.readouterr().out)
