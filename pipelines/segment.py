@@ -33,6 +33,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,8 +229,12 @@ def input_dataset(args, resolution: int):
         # (Ray Data's Parquet reader does not), so damaged data pages fail naming the part
         # instead of yielding wrong pixels
         parts = manifest["file_names"]
+        # the read tasks reserve no CPU: the segmenting actors (a separate operator, since their
+        # restart settings differ) may hold every CPU of the instance, and a read task waiting for
+        # one would then wait forever
         ds = ray.data.from_items([{"part": name} for name in parts], override_num_blocks=max(1, len(parts))) \
-            .map_batches(_read_parts, fn_kwargs={"uri": src, "split": args.split}, batch_size=1, batch_format="pyarrow")
+            .map_batches(_read_parts, fn_kwargs={"uri": src, "split": args.split}, batch_size=1, batch_format="pyarrow",
+                         num_cpus=0)
         n = per_split.get(args.split, 0) if args.split else sum(per_split.values())
         return ds, n, [], {"kind": "parquet", "input": src, "split": args.split}, {}
     if args.from_chains:
@@ -288,16 +293,20 @@ def run(args) -> dict:
     if args.limit:
         ds = ds.limit(args.limit)
     cpus = args.cpus_per_actor
-    processed = ds.map_batches(
-        SegmentBatch, batch_size=args.batch_size, batch_format="pandas",
-        fn_constructor_kwargs=dict(model=args.model, steps=steps, seed=args.seed, from_chains=args.from_chains,
-                                   png=str(Path(args.png).resolve()) if args.png else None,
-                                   threads=max(1, int(cpus)), batch_size=args.batch_size,
-                                   tracking_uri=args.tracking_uri, max_pixels=args.max_pixels,
-                                   threshold=policy.name, device=args.device, crop=args.crop),
-        compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
-        max_restarts=actor_restarts(args.address),
-    ).materialize()
+    with warnings.catch_warnings():
+        # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
+        # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        processed = ds.map_batches(
+            SegmentBatch, batch_size=args.batch_size, batch_format="pandas",
+            fn_constructor_kwargs=dict(model=args.model, steps=steps, seed=args.seed, from_chains=args.from_chains,
+                                       png=str(Path(args.png).resolve()) if args.png else None,
+                                       threads=max(1, int(cpus)), batch_size=args.batch_size,
+                                       tracking_uri=args.tracking_uri, max_pixels=args.max_pixels,
+                                       threshold=policy.name, device=args.device, crop=args.crop),
+            compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
+            max_restarts=actor_restarts(args.address),
+        ).materialize()
     status = processed.select_columns(["sample_id", "key", "split", "status", "reason"]).to_pandas()
     for r in status[status["status"] != "ok"].itertuples():
         quarantine.append({"input": paths.get(r.key, r.key), "key": r.key, "sample_id": int(r.sample_id),

@@ -103,8 +103,9 @@ def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path)
 
 def test_langevin_masks_are_deterministic_and_independent_of_batching(world, tmp_path):
     a = _segment(world, tmp_path / "a", "--model", world["ckpt"], "--split", "test", "--steps", "4")
+    # two actors fill both CPUs of the session's instance: the Parquet reads must still run
     b = _segment(world, tmp_path / "b", "--model", world["ckpt"], "--split", "test", "--steps", "4",
-                 "--batch-size", "24")
+                 "--batch-size", "24", "--actors", "2")
     c = _segment(world, tmp_path / "c", "--model", world["ckpt"], "--split", "test", "--steps", "4", "--seed", "1")
     assert a["counts"]["ok"] == 24 and a["steps"] == 4
     da, db, dc = _read(tmp_path / "a"), _read(tmp_path / "b"), _read(tmp_path / "c")
