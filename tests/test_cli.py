@@ -36,8 +36,15 @@ def test_shipped_search_spaces_are_found_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_the_wheel_installs_the_drc_command_with_its_packages_and_data(tmp_path):
+    import shutil
+    src = tmp_path / "src"                      # a copy: setuptools builds in the source tree (build/)
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "requirements.txt", "requirements-test.txt"):
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("drc_core", "pipelines", "tune_spaces"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("drc_on_ray-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"pipelines/cli.py", "drc_core/model.py", "tune_spaces/quick.yaml"} <= set(names)

@@ -1,1 +1,0 @@
-"""The shipped search spaces (YAML), found by pipelines.search_space.resolve wherever `drc tune` runs."""
