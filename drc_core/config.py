@@ -222,6 +222,40 @@ def apply_overrides(cfg: DRCConfig, overrides: Mapping[str, Any], *, nested: boo
     return cfg.validate()
 
 
+def read_override_file(path) -> dict:
+    """A run file (`--config run.yaml`): a YAML mapping of dotted keys (`langevin.posterior_steps: 20`)
+    or of sections (`langevin: {posterior_steps: 20}`) → dict of dotted keys. Values keep their YAML
+    types; apply_overrides checks them like any other override."""
+    import yaml
+    from pathlib import Path
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of section.key: value, got {type(doc).__name__}")
+    out: dict = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                walk(name, value)
+            else:
+                out[name] = tuple(value) if isinstance(value, list) else value
+    walk("", doc)
+    return out
+
+
+def merged_overrides(config_file, args: list[str]) -> dict:
+    """`--config FILE` first, then the command line's section.key=value, which win."""
+    return {**(read_override_file(config_file) if config_file else {}), **parse_override_args(args)}
+
+
 def parse_override_args(args: list[str]) -> dict[str, str]:
     """`["langevin.posterior_steps=20", "--loss.sigma=0.3"]` -> dict of dotted keys."""
     out: dict[str, str] = {}

@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     q.add_argument("--test-images", type=int, default=None, help="images of the final evaluation "
                    "(default: the preset's test split, or every --data image)")
     q.add_argument("--eval-steps", type=int, default=None, help="posterior steps at test time (default: preset)")
-    q.add_argument("--out", default=None, help="folder for the runs, quality.json, curve.png")
+    q.add_argument("--out", "--output", dest="out", default=None, help="folder for the runs, quality.json, curve.png")
     q.add_argument("--reuse", action="store_true", help="aggregate runs already in --out instead of training")
     q.add_argument("overrides", nargs="*", help="section.key=value, applied to every seed")
 

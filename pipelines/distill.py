@@ -86,10 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     devices.add_argument(p, what="the teacher's sampling and the student's training")
-    p.add_argument("--out", default=None, help="output folder (default: runs/distill/<name>)")
+    p.add_argument("--out", "--output", dest="out", default=None, help="output folder (default: runs/distill/<name>)")
     p.add_argument("--eval-images", type=int, default=1000, help="held-out images for IoU (when masked)")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    p.add_argument("--experiment", default=tracking.default_experiment(),
+                   help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
     p.add_argument("--no-model", action="store_true", help="do not log the pyfunc model")
     return p.parse_args(argv)
 

@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pred", type=_pred, action="append", default=[], metavar="NAME=PATH",
                    help="a pipelines.segment output (repeatable)")
     p.add_argument("--split", default=None, choices=("train", "val", "test"))
-    p.add_argument("--out", required=True, help="folder for report.html, metrics.json, per_image.csv")
+    p.add_argument("--out", "--output", dest="out", required=True, help="folder for report.html, metrics.json, per_image.csv")
     p.add_argument("--threshold", action="append", default=[], metavar="POLICY",
                    help="also score the stored π_f under this policy (repeatable; 0.5, a number, otsu, "
                         "otsu-corpus, gmm, gmm-corpus); the ½ protocol is always scored")
@@ -272,7 +272,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grabcut-margin", type=float, default=0.05)
     p.add_argument("--gallery", type=int, default=12, help="worst cases shown")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    p.add_argument("--experiment", default=tracking.default_experiment(),
+                   help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
     args = p.parse_args(argv)
     from pipelines.ray_env import ScratchPathError, check_job_outputs
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from drc_core.config import parse_override_args
+from drc_core.config import merged_overrides, parse_override_args
 from drc_core.fit import fit
 from drc_core.inference import evaluate, images_to_tensor, segment
 from drc_core.metrics import trivial_baselines
@@ -92,10 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "continuing their persistent chains for --eval-steps (default 10) instead of fresh chains")
     devices.add_argument(p, what="training and evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--out", default="runs", help="output folder")
+    p.add_argument("--out", "--output", dest="out", default="runs", help="output folder")
     p.add_argument("--name", default=None)
     p.add_argument("--evaluate-only", metavar="MODEL_PT", default=None,
                    help="skip training: evaluate a saved runs/<name>/model.pt on --final-eval-images")
+    p.add_argument("--config", default=None, metavar="RUN_YAML",
+                   help="a YAML file of section.key: value overrides (the command line's overrides win)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
     try:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.evaluate_only:
         return evaluate_saved(args, device)
-    cfg = get_config(args.preset, parse_override_args(args.overrides))
+    cfg = get_config(args.preset, merged_overrides(args.config, args.overrides))
     d, size = cfg.data, cfg.model.resolution
     name = args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out) / name

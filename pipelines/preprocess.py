@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--source", required=True, choices=sources.SOURCES)
     p.add_argument("--input", help="dataset root (not for tm-dsprites)")
     p.add_argument("--masks", help="mask folder matched by relative path/stem (folder, dogs, cars)")
-    p.add_argument("--out", required=True, help="output folder or URI (file://, s3://, gs://, …)")
+    p.add_argument("--out", "--output", dest="out", required=True, help="output folder or URI (file://, s3://, gs://, …)")
     p.add_argument("--preset", default="cpu-32", choices=preset_names(), help="resolution and TM-dSprites settings")
     p.add_argument("--resolution", type=int, default=None, help="override the preset's resolution")
     p.add_argument("--crop", default=None, choices=CROPS, help="default: box where boxes exist, else center")

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a ~3-minute run of every stage")
     p.add_argument("--tune", action="store_true", help="also run a tiny Ray Tune study (tune_spaces/quick.yaml)")
     p.add_argument("--iterations", type=int, default=None, help="EM iterations (default: 200, --tiny 30)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/quickstart-<time>)")
+    p.add_argument("--out", "--output", dest="out", default=None, help="output folder (default: runs/quickstart-<time>)")
     args = p.parse_args(argv)
 
     from pipelines import distill, evaluate, preprocess, segment, train, tracking

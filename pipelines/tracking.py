@@ -11,6 +11,11 @@ import time
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "drc"
+
+
+def default_experiment(fallback: str = DEFAULT_EXPERIMENT) -> str:
+    """$MLFLOW_EXPERIMENT_NAME (MLflow's own variable) when set, else `fallback`."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or fallback
 DEFAULT_STORE = "sqlite:///mlflow.db"
 
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from drc_core.config import ConfigError, parse_override_args
+from drc_core.config import ConfigError, merged_overrides
 from drc_core.presets import get_config, preset_names
 from pipelines import checkpoints as ckpt
 from pipelines import devices, tracking
@@ -105,14 +105,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", type=run_name, default=None, help="run name (default: <preset>-<time>-<random>)")
     p.add_argument("--resume", type=run_name, metavar="NAME", default=None,
                    help="continue run NAME from its last checkpoint")
-    p.add_argument("--storage", default="runs/ray", help="checkpoint storage (folder or URI)")
+    p.add_argument("--storage", "--output", dest="storage", default="runs/ray", help="checkpoint storage (folder or URI)")
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    p.add_argument("--experiment", default=tracking.default_experiment(),
+                   help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
     p.add_argument("--no-model", action="store_true", help="do not log the pyfunc model")
     p.add_argument("--address", default=None, help="Ray address (default: local, or the job's cluster)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
     p.add_argument("--inject-fault", default=None, metavar="KIND:ITER[:RANK]",
                    help="fault drill: raise | kill | kill-in-checkpoint, once, at iteration ITER")
+    p.add_argument("--config", default=None, metavar="RUN_YAML",
+                   help="a YAML file of section.key: value overrides (the command line's overrides win)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
 
@@ -140,7 +143,7 @@ def check_resumable(run_dir: Path | None, name: str, storage: str, cfg) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Every check that can fail (config, resume compatibility, dataset) runs before Ray starts."""
-    cfg = get_config(args.preset, parse_override_args(args.overrides))
+    cfg = get_config(args.preset, merged_overrides(args.config, args.overrides))
     check_job_outputs("train", {"--storage": args.storage, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
     storage = str(Path(args.storage).resolve()) if _is_local(args.storage) else args.storage
     uri = tracking.tracking_uri(args.tracking_uri)

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 
-from drc_core.config import apply_overrides, parse_override_args
+from drc_core.config import apply_overrides, merged_overrides
 from drc_core.presets import get_config, preset_names
 from pipelines import devices, search_space, tracking
 from pipelines.parquet_store import load_rows, split_ids
@@ -117,12 +117,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--metric", choices=["auto", "eval_iou", "eval_score"], default="auto")
     p.add_argument("--name", type=run_name, default=None)
     p.add_argument("--resume", type=run_name, metavar="NAME", default=None, help="continue an interrupted study")
-    p.add_argument("--storage", default="runs/tune")
+    p.add_argument("--storage", "--output", dest="storage", default="runs/tune",
+                   help="study state and trial checkpoints (folder)")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--experiment", default="drc-tune")
+    p.add_argument("--experiment", default=tracking.default_experiment("drc-tune"),
+                   help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
     p.add_argument("--address", default=None)
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="search algorithm seed")
+    p.add_argument("--config", default=None, metavar="RUN_YAML",
+                   help="a YAML file of section.key: value overrides (the command line's overrides win)")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
     return p.parse_args(argv)
 
@@ -165,7 +169,7 @@ def build_tuner(args, study: dict, params: dict, base, metric: str):
 
 def run(args: argparse.Namespace) -> dict:
     check_job_outputs("tune", {"--storage": args.storage, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
-    overrides = parse_override_args(args.overrides)
+    overrides = merged_overrides(args.config, args.overrides)
     base = get_config(args.preset, overrides)
     params = search_space.load(args.space, base)
     check_dataset(args.data, base, args.preset)

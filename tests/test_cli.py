@@ -52,3 +52,35 @@ def test_the_wheel_installs_the_drc_command_with_its_packages_and_data(tmp_path)
     assert "drc = pipelines.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: torch==2.13.0" in meta and "Requires-Dist: ray[data,default,train,tune]==2.60.0" in meta
+
+
+@pytest.mark.parametrize("stage, required, dest", [
+    ("preprocess", ["--source", "tm-dsprites"], None), ("train", ["--data", "d"], "storage"),
+    ("tune", ["--space", "quick", "--data", "d"], "storage"), ("distill", ["--teacher", "m.pt"], "out"),
+    ("evaluate", ["--data", "d"], None), ("segment", ["--model", "m", "--input", "i"], "output"),
+    ("local", [], None), ("quickstart", [], None)])
+def test_every_stage_takes_output_for_where_it_writes(stage, required, dest, monkeypatch):
+    """`--output` on every stage (the old --out / --storage stay as aliases)."""
+    import argparse
+    import importlib
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, argv=None, namespace=None):
+        seen["args"] = real(self, argv, namespace)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"pipelines.{stage}").main([*required, "--output", "somewhere"])
+    args = vars(seen["args"])
+    assert args[dest or "out"] == "somewhere"
+
+
+def test_mlflow_experiment_name_is_honoured(monkeypatch):
+    from pipelines import train, tune
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-photos")       # read when the parser is built
+    assert train.parse_args(["--data", "d"]).experiment == "team-photos"
+    assert tune.parse_args(["--space", "quick", "--data", "d"]).experiment == "team-photos"
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    assert train.parse_args(["--data", "d"]).experiment == "drc"
+    assert tune.parse_args(["--space", "quick", "--data", "d"]).experiment == "drc-tune"

@@ -68,3 +68,20 @@ def test_flat_params_cover_every_field():
     sections = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     assert flat["langevin.posterior_steps"] == 10
     assert len(flat) == sum(len(dataclasses.fields(s)) for s in sections) + 2  # + preset + seed
+
+
+def test_a_run_file_gives_overrides_and_the_command_line_wins(tmp_path):
+    from drc_core.config import ConfigError, merged_overrides
+    run = tmp_path / "run.yaml"
+    run.write_text("langevin:\n  posterior_steps: 7\n  test_steps: 50\nmodel.up_widths: [32, 16, 8]\nloss.sigma: 0.4\n")
+    cfg = get_config("cpu-32", merged_overrides(run, ["loss.sigma=0.3"]))
+    assert cfg.langevin.posterior_steps == 7 and cfg.langevin.test_steps == 50
+    assert cfg.model.up_widths == (32, 16, 8) and cfg.loss.sigma == 0.3          # the command line wins
+    (tmp_path / "bad.yaml").write_text("langevin: {posterior_stepz: 3}\n")
+    with pytest.raises(ConfigError, match="langevin.posterior_stepz"):
+        get_config("cpu-32", merged_overrides(tmp_path / "bad.yaml", []))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"--config .*list.yaml: expected a mapping"):
+        merged_overrides(tmp_path / "list.yaml", [])
+    with pytest.raises(ConfigError, match=r"--config .*missing.yaml: cannot read"):
+        merged_overrides(tmp_path / "missing.yaml", [])
