@@ -240,6 +240,12 @@ def _eval_slice(job: TrainJob, rank: int, world: int) -> dict | None:
     return load_rows(job.data, ids[lo:hi]) if hi > lo else None
 
 
+def _clock(seconds: float) -> str:
+    """1h02m, 4m05s, 9s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class DivergenceError(FloatingPointError):
     pass
 
@@ -303,8 +309,10 @@ def train_loop(config: dict) -> None:
             m.update(evaluate_shard(state, eval_data, comms, job.eval_steps))
         if rank == 0 and (it % 10 == 0 or it == job.iterations):
             keys = ("gen_loss", "ebm_loss", "recon_l1", "mask_area", "images_per_s", "eval_iou")
+            per_it = seconds / timed if timed else dt
             print(f"[drc-train] iteration {it}/{job.iterations} "
-                  + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m), flush=True)
+                  + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+                  + f" it/s={1 / max(per_it, 1e-9):.3g} eta={_clock((job.iterations - it) * per_it)}", flush=True)
         if log:
             tracking.log_metrics(job.tracking_uri, job.mlflow_run_id, m, step=it)
             if job.grid_every and (it % job.grid_every == 0 or it == job.iterations):

@@ -67,6 +67,8 @@ def test_a_successful_quickstart_prints_progress_not_alarms(quickstart):
     assert not any(found.values()), {k: v for k, v in found.items() if v}
     stages = [tuple(map(int, m.groups())) for x in lines if (m := re.match(r"\[(\d+)/(\d+)\] ", x))]
     assert stages == [(i, 5) for i in range(1, 6)], stages          # every stage announces itself, counted right
+    progress = [x for x in lines if "[drc-train] iteration" in x]
+    assert progress and all(re.search(r"it/s=[\d.]+ eta=\d+(s|m\d\ds|h\d\dm)$", x) for x in progress), progress[-3:]
 
 
 @pytest.fixture(scope="module")
