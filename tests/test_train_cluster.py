@@ -61,10 +61,12 @@ def test_ray_start_head_and_job_submit_run_pipelines_train(dataset, tracking_uri
              f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
              f"--runtime-env-agent-port={_free_port()}"]
     env = _env()
+    # a job's entrypoint inherits the cluster's environment: without MLflow's variable (which an
+    # earlier test's mlflow.set_tracking_uri leaves in this process) the tracking store is the default
+    env.pop("MLFLOW_TRACKING_URI", None)
     subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                    env=env, check=True, capture_output=True, timeout=180)
-    env.pop("MLFLOW_TRACKING_URI", None)
     submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
               "--", sys.executable, "-m", "pipelines.train", "--data", dataset, "--workers", "2",
               "--iterations", "3", "--checkpoint-every", "3", "--eval-every", "0", "--grid-every", "0",
