@@ -104,7 +104,7 @@ def _histogram(per_image: dict[str, np.ndarray], path: Path) -> None:
 
 def _tile(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: int) -> np.ndarray:
     """image | ground truth | prediction over the image (red = predicted fg, green edge = truth)."""
-    from pipelines.segment import overlay
+    from pipelines.mask_files import overlay
     over = overlay(image, pred, min_size=1)
     gt_rgb = np.repeat((gt * 255).astype(np.uint8)[..., None], 3, 2)
     strip = np.concatenate([image, np.full((image.shape[0], 2, 3), 255, np.uint8), gt_rgb,

@@ -63,6 +63,16 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int = MAX_PIXELS)
     return to_rgb(open_image(data, what, max_pixels))
 
 
+def read_photo(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An image file as (H, W, 3) uint8; BadInput (with the reason) when it cannot be read or decoded."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BadInput(f"cannot read: {exc}") from None
+    return decode_image(data, what="image", max_pixels=max_pixels)
+
+
 def decode_mask(data: bytes, what: str = "mask", max_pixels: int = MAX_PIXELS,
                 background_value: int | None = None) -> np.ndarray:
     """(H, W) uint8 in {0, 1}. Grey/colour masks: foreground = any non-zero pixel (or, with

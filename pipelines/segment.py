@@ -30,7 +30,6 @@ model and seed give the same masks however the work is batched.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import warnings
@@ -41,10 +40,10 @@ import pyarrow as pa
 
 from pipelines import devices, sources
 from pipelines.checkpoints import CheckpointError
-from pipelines.errors import find_cause, os_reason
+from pipelines.errors import find_cause
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
-from pipelines.imaging import (MAX_PIXELS, NOT_SEGMENTED, BadInput, decode_image, full_size_mask,
-                               model_input)
+from pipelines.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, full_size_mask, model_input, read_photo
+from pipelines.mask_files import overlay, safe_name, write_pair
 from pipelines.models import AMORTIZED, LANGEVIN, ModelError, load
 from pipelines.ray_env import ScratchPathError
 from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, DatasetExists, Store, read_part
@@ -56,31 +55,6 @@ OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("sp
                            # image files: the photo's size and the (left, top, right, bottom) region
                            # the model saw (null for Parquet rows, which are at model resolution)
                            ("height", pa.int32()), ("width", pa.int32()), ("region", pa.list_(pa.int32()))])
-
-
-def safe_name(sample_id: int, key: str) -> str:
-    """A file name for a mask/overlay: only [A-Za-z0-9._-], no leading dot, no separator."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._")[:80] or "image"
-    return f"{int(sample_id):08d}-{stem}.png"
-
-
-def _inside(folder: Path, name: str) -> Path:
-    path = (folder / name).resolve()
-    if path.parent != folder.resolve():
-        raise ValueError(f"output name {name!r} escapes {folder}")
-    return path
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, min_size: int = 128) -> np.ndarray:
-    """The image with the foreground tinted red (a bool mask, or a uint8 one: 255 foreground,
-    NOT_SEGMENTED darkened), upscaled (nearest) to at least `min_size`."""
-    out = image.astype(np.float32)
-    if mask.dtype == np.uint8:
-        out[mask == NOT_SEGMENTED] *= 0.35
-        mask = mask == 255
-    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0], np.float32)
-    scale = max(1, -(-min_size // image.shape[0]))
-    return out.astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
 
 
 class SegmentBatch:
@@ -107,11 +81,7 @@ class SegmentBatch:
         self.crop = crop
 
     def _read_photo(self, path: str) -> np.ndarray:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise BadInput(f"cannot read: {exc}") from None
-        return decode_image(data, what="image", max_pixels=self.max_pixels)
+        return read_photo(path, self.max_pixels)
 
     def _decode(self, row: dict) -> tuple[np.ndarray, dict | None]:
         """(the model input, the photo's geometry {height, width, region} or None for a Parquet row)."""
@@ -170,18 +140,7 @@ class SegmentBatch:
             buf = io.BytesIO()
             Image.fromarray(full).save(buf, format="PNG")
             mask_png, mask, min_size = buf.getvalue(), full, 1
-        buf = io.BytesIO()
-        Image.fromarray(overlay(image, mask, min_size)).save(buf, format="PNG")
-        for sub, data in (("masks", mask_png), ("overlays", buf.getvalue())):
-            path = _inside(self.png / sub, name)
-            tmp = path.with_name(f".{name}.tmp")
-            try:                                # a file is either complete or absent (disk full)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(data)
-                tmp.replace(path)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise DatasetError(f"--png {self.png}: cannot write {sub}/{name} ({os_reason(exc)})") from None
+        write_pair(self.png, name, mask_png, overlay(image, mask, min_size))
 
 
 def _ok_rows(table: pa.Table) -> pa.Table:

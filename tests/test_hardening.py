@@ -242,7 +242,7 @@ def test_run_and_study_names_cannot_escape_the_storage_folder(name, no_ray, tmp_
 
 
 def test_png_names_from_hostile_keys_stay_inside_the_folder(tmp_path):
-    from pipelines.segment import _inside, safe_name
+    from pipelines.mask_files import _inside, safe_name
     keys = ["../../etc/passwd", "/abs/path", "..", "a/b\\c", "\x00odd", "", "..\\..\\win", "ümlaut/ß",
             "." * 300, "con", "a\nb"]
     names = {safe_name(i, k) for i, k in enumerate(keys)}

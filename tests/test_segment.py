@@ -14,7 +14,7 @@ from drc_core.fit import TrainState
 from drc_core.inference import decode, images_to_tensor
 from pipelines import checkpoints as ckpt
 from drc_core.threshold import DEFAULT, ThresholdPolicy
-from pipelines import distill, evaluate, preprocess, segment
+from pipelines import distill, evaluate, mask_files, preprocess, segment
 from pipelines.parquet_store import load_arrays
 from tests import corpora
 
@@ -92,7 +92,7 @@ def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path)
         assert any(n.endswith("-we_ird_name.png") for n in names)
         # the PNG masks and overlays are at each photo's own size; the Parquet rows say which
         for r in df.itertuples():
-            name = segment.safe_name(r.sample_id, r.key)
+            name = mask_files.safe_name(r.sample_id, r.key)
             with Image.open(tmp_path / f"png-{mode}" / "masks" / name) as mask_img, \
                     Image.open(tmp_path / f"png-{mode}" / "overlays" / name) as over_img:
                 assert mask_img.size == over_img.size == (r.width, r.height)
@@ -212,7 +212,7 @@ def test_bad_references_fail_with_clear_errors(world, tmp_path):
 
 def test_safe_names_cannot_escape_the_output_folder():
     for key in ("../../etc/passwd", "/abs/path", "..", "a/b\\c", "\x00odd", ""):
-        name = segment.safe_name(7, key)
+        name = mask_files.safe_name(7, key)
         assert "/" not in name and "\\" not in name and not name.startswith(".") and name.endswith(".png")
 
 
@@ -250,7 +250,7 @@ def test_full_size_masks_line_up_with_an_object_in_a_large_non_square_photo(tmp_
     assert (table["status"] == "ok").all()
     for r, want in zip(table.itertuples(), (truth.T, truth)):
         assert (r.height, r.width) == want.shape
-        with Image.open(tmp_path / "png" / "masks" / segment.safe_name(r.sample_id, r.key)) as f:
+        with Image.open(tmp_path / "png" / "masks" / mask_files.safe_name(r.sample_id, r.key)) as f:
             mask = np.asarray(f)
         assert mask.shape == want.shape
         fg = mask == 255

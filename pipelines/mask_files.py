@@ -1,0 +1,55 @@
+"""Mask and overlay PNG files: safe names, the red-tint overlay, and writes that are atomic per file."""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import os_reason
+from pipelines.imaging import NOT_SEGMENTED
+from pipelines.parquet_store import DatasetError
+
+
+def safe_name(sample_id: int, key: str) -> str:
+    """A file name for a mask/overlay: only [A-Za-z0-9._-], no leading dot, no separator."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._")[:80] or "image"
+    return f"{int(sample_id):08d}-{stem}.png"
+
+
+def _inside(folder: Path, name: str) -> Path:
+    path = (folder / name).resolve()
+    if path.parent != folder.resolve():
+        raise ValueError(f"output name {name!r} escapes {folder}")
+    return path
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, min_size: int = 128) -> np.ndarray:
+    """The image with the foreground tinted red (a bool mask, or a uint8 one: 255 foreground,
+    NOT_SEGMENTED darkened), upscaled (nearest) to at least `min_size`."""
+    out = image.astype(np.float32)
+    if mask.dtype == np.uint8:
+        out[mask == NOT_SEGMENTED] *= 0.35
+        mask = mask == 255
+    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0], np.float32)
+    scale = max(1, -(-min_size // image.shape[0]))
+    return out.astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+
+
+def write_pair(folder: Path, name: str, mask_png: bytes, overlay_image: np.ndarray) -> None:
+    """folder/masks/<name> (PNG bytes as given) and folder/overlays/<name> (the overlay encoded);
+    each file is either complete or absent (a full disk leaves no truncated PNG)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(overlay_image).save(buf, format="PNG")
+    for sub, data in (("masks", mask_png), ("overlays", buf.getvalue())):
+        path = _inside(folder / sub, name)
+        tmp = path.with_name(f".{name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DatasetError(f"--png {folder}: cannot write {sub}/{name} ({os_reason(exc)})") from None
