@@ -29,6 +29,10 @@ class ModelConfig:
     ebm_hidden: int = 200                      # fg/bg LEBM MLP width
     ebm_reassign_hidden: int = 200             # re-assignment LEBM MLP width (Table S2: 3×200)
     classifier_widths: tuple[int, ...] = (64, 128, 256, 512, 1024)  # auxiliary classifiers
+    center_prior: float = 0.0                  # s > 0 (beyond the paper): a fixed centre-bias prior on the
+                                               # mask, s·max(1 − (r/ρ)², −1) added to the foreground logit
+    center_radius: float = 0.6                 # ρ: where that prior is neutral (r: distance from the centre,
+                                               # 1 at the middle of each edge)
 
     @property
     def latent_dim(self) -> int:
@@ -123,6 +127,9 @@ class DRCConfig:
         for name in ("fg_dim", "bg_dim", "reassign_dim", "fg_classes", "bg_classes", "trunk_channels"):
             if getattr(m, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+        if m.center_prior < 0 or not m.center_radius > 0:
+            raise ConfigError(f"model.center_prior must be >= 0 and model.center_radius > 0, got "
+                              f"{m.center_prior} and {m.center_radius}")
         for name in ("posterior_step_size", "prior_step_size"):
             if not getattr(lv, name) > 0:
                 raise ConfigError(f"langevin.{name} must be > 0, got {getattr(lv, name)}")

@@ -47,6 +47,17 @@ def to_image_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=IMAGE_LAYOUT)
 
 
+def center_prior_logit(cfg: ModelConfig) -> torch.Tensor:
+    """(1, 1, H, W) s·max(1 − (r/ρ)², −1): a centre-bias prior in logit space (beyond the paper). Photographs
+    put their subject near the middle; this tilts the competition towards the foreground there and
+    towards the background at the border, and the generators' own logits can overrule it. Zero when
+    `center_prior` is 0."""
+    n = cfg.resolution
+    c = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1          # pixel centres in (−1, 1)
+    r2 = c[:, None] ** 2 + c[None, :] ** 2
+    return (cfg.center_prior * (1 - r2 / cfg.center_radius ** 2).clamp(min=-1.0))[None, None]
+
+
 class DRCModel(nn.Module):
     """Foreground/background generators, pixel re-assignment, LEBM and auxiliary classifiers."""
 
@@ -70,6 +81,8 @@ class DRCModel(nn.Module):
             self.fg_classifier = self.bg_classifier = None
         orthogonal_init(self)
         self.to(memory_format=IMAGE_LAYOUT)
+        # a fixed prior on the mask, not a parameter: saved with the model only through its config
+        self.register_buffer("center_logit", center_prior_logit(cfg), persistent=False)
 
     @property
     def latent_dim(self) -> int:
@@ -94,6 +107,8 @@ class DRCModel(nn.Module):
             bg_warped, bg_logit_warped = warped[:, :3], warped[:, 3:]
         else:
             bg_warped, bg_logit_warped = bg, bg_logit
+        if self.cfg.center_prior:
+            fg_logit = fg_logit + self.center_logit.to(fg_logit.dtype)
         log_pi = F.log_softmax(torch.cat([fg_logit, bg_logit_warped], 1).float(), dim=1)
         return Composition(fg=fg.float(), fg_logit=fg_logit.float(), bg=bg.float(),
                            bg_logit=bg_logit.float(), bg_warped=bg_warped.float(), log_pi=log_pi)

@@ -29,8 +29,9 @@ def test_paper_presets_carry_the_papers_numbers():
 
 @pytest.mark.parametrize("name", sorted(n for n in PRESETS if n.startswith("paper-")))
 def test_paper_presets_keep_every_switch_beyond_the_paper_off(name):
-    loss = get_config(name).loss
-    assert loss.area_weight == 0.0 and loss.competition_window == 1
+    cfg = get_config(name)
+    assert cfg.loss.area_weight == 0.0 and cfg.loss.competition_window == 1
+    assert cfg.model.center_prior == 0.0
 
 
 def test_cli_overrides_are_coerced_to_field_types():

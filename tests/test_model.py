@@ -184,6 +184,24 @@ def test_competition_window_removes_the_reward_of_a_shade_split():
     torch.testing.assert_close(region_competition(x, comp, sigma=0.5, window=1).gamma_f, per_pixel.gamma_f)
 
 
+def test_center_prior_shifts_the_foreground_logit_by_a_fixed_centre_bias(tiny_cfg):
+    plain = _model(tiny_cfg)
+    cfg = get_config("cpu-32", {**tiny_cfg.flat(), "model.center_prior": 2.0, "model.center_radius": 0.6})
+    biased = DRCModel(cfg.model, cfg.ablation)
+    biased.load_state_dict(plain.state_dict())          # the prior is no parameter: same weights load
+    z = torch.randn(2, tiny_cfg.model.latent_dim)
+    with torch.no_grad():
+        a, b = plain.compose(z), biased.compose(z)
+    shift = (b.log_pi[:, 0] - b.log_pi[:, 1]) - (a.log_pi[:, 0] - a.log_pi[:, 1])   # fg − bg log-odds
+    n = cfg.model.resolution
+    c = (torch.arange(n) + 0.5) / n * 2 - 1
+    r = (c[:, None] ** 2 + c[None, :] ** 2).sqrt()
+    expected = 2.0 * (1 - (r / 0.6) ** 2).clamp(min=-1)
+    torch.testing.assert_close(shift, expected.expand_as(shift), atol=1e-4, rtol=1e-4)
+    assert shift[:, n // 2, n // 2].min() > 1.9 and shift[:, 0, 0].max() < -1.9     # +s centre, −s corners
+    torch.testing.assert_close(b.fg, a.fg)                                       # appearance untouched
+
+
 def test_area_prior_adds_lambda_mean_pi_f_to_the_generator_loss(tiny_cfg):
     model = _model(tiny_cfg)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
