@@ -64,10 +64,11 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int = MAX_PIXELS)
 
 
 def read_photo(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An image file as (H, W, 3) uint8; BadInput (with the reason) when it cannot be read or decoded."""
+    """An image file (a local path or a URI: pipelines.locations) as (H, W, 3) uint8; BadInput
+    (with the reason) when it cannot be read or decoded."""
+    from pipelines.locations import read_bytes
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bytes(path)
     except OSError as exc:
         raise BadInput(f"cannot read: {exc}") from None
     return decode_image(data, what="image", max_pixels=max_pixels)

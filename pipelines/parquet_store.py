@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FilenameProvider
 
+from pipelines import locations
 from pipelines.errors import os_reason
 
 SCHEMA_VERSION = 1
@@ -40,10 +41,7 @@ class DatasetError(ValueError):
 class Store:
     def __init__(self, uri: str):
         self.uri = uri
-        if "://" in uri:
-            self.fs, self.path = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.path = pafs.LocalFileSystem(), str(Path(uri).resolve())
+        self.fs, self.path = locations.resolve(locations.absolute(uri))
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def _exists(self, path: str) -> bool:

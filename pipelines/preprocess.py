@@ -3,6 +3,10 @@
     python -m pipelines.preprocess --source tm-dsprites --preset cpu-32 --out data/tmds-32
     python -m pipelines.preprocess --source folder --input photos/ [--masks masks/] --resolution 64 --out data/photos
     python -m pipelines.preprocess --source cub --input CUB_200_2011/ --crop box --resolution 128 --out data/cub
+    python -m pipelines.preprocess --source folder --input s3://bucket/photos/ --resolution 64 --out s3://bucket/data/photos
+
+Inputs and outputs are folders or URIs (pipelines/locations.py: credentials and endpoint from
+the environment, e.g. AWS_* and AWS_ENDPOINT_URL for an S3-compatible store).
 
 Read, decode, crop/resize, validate and write all run as Ray Data tasks; the driver only lists
 inputs and assigns the dense `sample_id`s (sorted by split, then key) once validation is known.
@@ -18,11 +22,11 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipelines import sources
+from pipelines.locations import read_bytes
 from pipelines.imaging import (CROPS, MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image,
                                decode_mask, open_image)
 from pipelines.parquet_store import SCHEMA_VERSION, DatasetError, DatasetExists, Store
@@ -41,13 +45,6 @@ class Options:
     bank_seed: int = 0
     sprite_size: tuple[float, float] = (0.15, 0.30)
     clevr_objects: tuple[int, int] = (3, 6)
-
-
-def _read(path: str) -> bytes:
-    from pyarrow import fs as pafs
-    filesystem, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    with filesystem.open_input_stream(p) as f:
-        return f.read()
 
 
 def process_record(rec: dict, opt: Options) -> dict:
@@ -75,12 +72,12 @@ def process_record(rec: dict, opt: Options) -> dict:
 
 
 def _decode_and_crop(rec: dict, opt: Options):
-    image = decode_image(_read(rec["path"]), "image", opt.max_pixels)
+    image = decode_image(read_bytes(rec["path"]), "image", opt.max_pixels)
     h, w = image.shape[:2]
     mask = None
     if rec["mask_path"]:
         try:
-            raw = _read(rec["mask_path"])
+            raw = read_bytes(rec["mask_path"])
         except OSError as exc:
             raise BadInput(f"mask: cannot read {rec['mask_path']}: {exc}") from None
         if opt.source == "clevr-masks":
@@ -131,8 +128,8 @@ def _assign_ids(batch, id_of):
 
 
 def list_records(args) -> list[dict]:
-    root = Path(args.input) if args.input else None
-    masks = Path(args.masks) if getattr(args, "masks", None) else None
+    root = args.input or None                                  # a folder or a URI (s3://bucket/photos/)
+    masks = getattr(args, "masks", None) or None
     if args.source == "tm-dsprites":
         return sources.tm_dsprites(args.train, args.test)
     if root is None:
@@ -251,8 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     from drc_core.presets import get_config, preset_names
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, choices=sources.SOURCES)
-    p.add_argument("--input", help="dataset root (not for tm-dsprites)")
-    p.add_argument("--masks", help="mask folder matched by relative path/stem (folder, dogs, cars)")
+    p.add_argument("--input", help="dataset root, a folder or URI (s3://bucket/photos/, gs://…); not for tm-dsprites")
+    p.add_argument("--masks", help="mask folder or URI matched by relative path/stem (folder, dogs, cars)")
     p.add_argument("--out", "--output", dest="out", required=True, help="output folder or URI (file://, s3://, gs://, …)")
     p.add_argument("--preset", default="cpu-32", choices=preset_names(), help="resolution and TM-dSprites settings")
     p.add_argument("--resolution", type=int, default=None, help="override the preset's resolution")

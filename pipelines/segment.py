@@ -10,8 +10,9 @@ N(0, I) for `--steps` (default: the preset's test steps) on a DRC model; `amorti
 distilled feed-forward segmenter (pipelines.distill) in one pass. `--from-chains` (a training
 checkpoint, training split) starts from each image's persistent chain instead of noise and runs
 only a few refinement steps. The input is a Parquet dataset (pipelines.preprocess) or any image
-folder; an actor pool loads the model once per actor, on `--device` (auto: one GPU per actor
-when the cluster has GPUs; pipelines/devices.py).
+folder, local or a URI (s3://bucket/photos/; pipelines/locations.py); an actor pool loads the
+model once per actor, on `--device` (auto: one GPU per actor when the cluster has GPUs;
+pipelines/devices.py).
 
 Output (spec/architecture.md): `part-XXXXX.parquet` with sample_id, key, split, mask (PNG bytes,
 0/255: π_f above the image's threshold under `--threshold`, default Otsu per image; `0.5` is the
@@ -38,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines import devices, sources
+from pipelines import devices, locations, sources
 from pipelines.checkpoints import CheckpointError
-from pipelines.errors import find_cause
+from pipelines.errors import find_cause, os_reason
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
 from pipelines.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, full_size_mask, model_input, read_photo
 from pipelines.mask_files import overlay, safe_name, write_pair
@@ -155,9 +156,9 @@ def _read_parts(batch: pa.Table, uri: str, split: str | None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def folder_records(root: Path) -> tuple[list[dict], list[dict]]:
-    """Every file under `root`, keyed by relative path without extension (as preprocess does),
-    ids dense in key order; a second file with the same key is quarantined."""
+def folder_records(root: str) -> tuple[list[dict], list[dict]]:
+    """Every file under `root` (a folder or URI), keyed by relative path without extension (as
+    preprocess does), ids dense in key order; a second file with the same key is quarantined."""
     seen, records, quarantine = set(), [], []
     for rec in sources.folder(root):
         if rec["key"] in seen:
@@ -177,7 +178,11 @@ def input_dataset(args, resolution: int):
     import pandas as pd
     import ray
     src = args.input
-    if "://" in src or (Path(src) / MANIFEST).exists():
+    try:
+        is_dataset = locations.exists(locations.join(src, MANIFEST))
+    except OSError as exc:                           # an object store out of reach, no such bucket
+        raise ModelError(f"--input {src}: cannot read it ({os_reason(exc)})") from None
+    if is_dataset:
         store = Store(src)
         manifest = store.check_parts()               # a damaged part fails here, naming it
         if manifest.get("resolution") != resolution:
@@ -199,7 +204,7 @@ def input_dataset(args, resolution: int):
     if args.from_chains:
         raise ModelError("--from-chains needs a Parquet dataset as --input (the one the model was trained on)")
     try:
-        records, quarantine = folder_records(Path(src))
+        records, quarantine = folder_records(src)
     except sources.SourceError as exc:
         raise ModelError(f"--input {src}: {exc}") from None
     if args.split:
@@ -240,6 +245,9 @@ def run(args) -> dict:
     if mode == LANGEVIN and steps is None:
         steps = args.refine_steps if args.from_chains else segmenter.cfg.langevin.test_steps
     check_job_outputs("segment", {"--output": args.output, "--png": args.png})
+    if args.png and locations.is_uri(args.png):
+        raise ModelError(f"--png {args.png}: PNG masks and overlays are written to a local folder; the masks "
+                         f"themselves are in --output, which may be a URI")
     store = Store(args.output)
     store.check_writable(args.overwrite)
 
@@ -297,7 +305,7 @@ def run(args) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, model.pt / student.pt, or MLflow model URI")
-    p.add_argument("--input", required=True, help="Parquet dataset (folder or URI) or an image folder")
+    p.add_argument("--input", required=True, help="Parquet dataset or image folder (a folder or URI)")
     p.add_argument("--output", required=True, help="output dataset folder or URI")
     p.add_argument("--mode", default="auto", choices=("auto", LANGEVIN, AMORTIZED))
     p.add_argument("--split", default=None, choices=("train", "val", "test"), help="only this split")

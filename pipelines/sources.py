@@ -4,16 +4,22 @@
 Parsing metadata happens on the driver and touches only small text/annotation files; images are
 never read here. Keys are stable strings (relative path without extension, or a generator key);
 two inputs with the same key are both kept as records and the later one is quarantined.
+Every root is a location (pipelines.locations): a local folder or a URI such as
+`s3://bucket/photos/`; record paths are locations of the same kind.
 """
 from __future__ import annotations
 
-import os
+import io
 import xml.etree.ElementTree as ET
-from pathlib import Path
-from typing import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+from pipelines import locations
+from pipelines.errors import os_reason
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 SOURCES = ("tm-dsprites", "folder", "cub", "stanford-dogs", "stanford-cars", "clevr-masks")
+SPLITS = ("train", "val", "test")
 
 
 class SourceError(ValueError):
@@ -27,18 +33,36 @@ def _record(key: str, split: str, path: str | None = None, *, mask_path: str | N
             "box_x": bx, "box_y": by, "box_w": bw, "box_h": bh, "index": index}
 
 
-def _need(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise SourceError(f"{what} not found: {path}")
-    return path
+def _exists(location: str, what: str) -> bool:
+    try:
+        return locations.exists(location)
+    except OSError as exc:                  # an object store out of reach, no such bucket, no access
+        raise SourceError(f"{what}: cannot read {location} ({os_reason(exc)})") from None
 
 
-def _files(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+def _need(location: str | Path, what: str) -> str:
+    location = str(location)
+    if not _exists(location, what):
+        raise SourceError(f"{what} not found: {location}")
+    return location
+
+
+def _files(root: str) -> list[tuple[str, str]]:
+    """(relative path, location) of every file under `root` (pipelines.locations.list_files)."""
+    try:
+        return locations.list_files(root)
+    except OSError as exc:
+        raise SourceError(f"cannot list {root} ({os_reason(exc)})") from None
+
+
+def _stem(rel: str) -> str:
+    return str(PurePosixPath(rel).with_suffix(""))
+
+
+def _split_of(rel: str) -> str:
+    """Top-level folders named train/val/test set the split; anything else is 'train'."""
+    parts = rel.split("/")
+    return parts[0] if len(parts) > 1 and parts[0] in SPLITS else "train"
 
 
 def tm_dsprites(train: int, test: int) -> list[dict]:
@@ -46,130 +70,146 @@ def tm_dsprites(train: int, test: int) -> list[dict]:
             + [_record(f"test/{i:07d}", "test", index=i) for i in range(test)])
 
 
-def _mask_index(mask_root: Path | None) -> dict[str, Path]:
+def _mask_index(mask_root: str | Path | None) -> dict[str, str]:
     """Mask files by relative path without extension."""
     if mask_root is None:
         return {}
-    _need(mask_root, "mask folder")
-    return {str(p.relative_to(mask_root).with_suffix("")): p for p in _files(mask_root)}
+    mask_root = _need(mask_root, "mask folder")
+    return {_stem(rel): loc for rel, loc in _files(mask_root)}
 
 
-def folder(root: Path, masks: Path | None = None) -> list[dict]:
+def folder(root: str | Path, masks: str | Path | None = None) -> list[dict]:
     """Every file under `root` is an input (a non-image is quarantined, not silently dropped).
     Top-level folders named train/val/test set the split; anything else is 'train'."""
-    _need(root, "input folder")
+    root = _need(root, "input folder")
     mask_of = _mask_index(masks)
     out = []
-    for p in _files(root):
-        rel = p.relative_to(root)
-        split = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in ("train", "val", "test") else "train"
-        key = str(rel.with_suffix(""))
-        mp = mask_of.get(key)
-        out.append(_record(key, split, str(p), mask_path=str(mp) if mp else None))
+    for rel, loc in _files(root):
+        key = _stem(rel)
+        out.append(_record(key, _split_of(rel), loc, mask_path=mask_of.get(key)))
     return out
 
 
-def cub(root: Path) -> list[dict]:
+def _listed(root: str) -> set[str]:
+    """Relative paths of the files under `root` (empty when it does not exist): one listing
+    instead of an existence check per file, which on an object store is a request each."""
+    return {rel for rel, _ in _files(root)} if _exists(root, "folder") else set()
+
+
+def cub(root: str | Path) -> list[dict]:
     """CUB-200-2011: images.txt, bounding_boxes.txt (x y w h), train_test_split.txt,
     images/<path>, segmentations/<path>.png."""
-    paths = _read_table(_need(root / "images.txt", "CUB images.txt"))
-    boxes = _read_table(_need(root / "bounding_boxes.txt", "CUB bounding_boxes.txt"))
-    splits = _read_table(_need(root / "train_test_split.txt", "CUB train_test_split.txt"))
+    root = str(root)
+    paths = _read_table(_need(locations.join(root, "images.txt"), "CUB images.txt"))
+    boxes = _read_table(_need(locations.join(root, "bounding_boxes.txt"), "CUB bounding_boxes.txt"))
+    splits = _read_table(_need(locations.join(root, "train_test_split.txt"), "CUB train_test_split.txt"))
+    segmentations = locations.join(root, "segmentations")
+    have_seg = _listed(segmentations)
     out = []
     for image_id, (rel,) in paths.items():
-        rel_path = Path(rel)
-        seg = root / "segmentations" / rel_path.with_suffix(".png")
+        seg = str(PurePosixPath(rel).with_suffix(".png"))
         box = tuple(float(v) for v in boxes[image_id]) if image_id in boxes else None
         split = "train" if splits.get(image_id, ["1"])[0] == "1" else "test"
-        out.append(_record(str(rel_path.with_suffix("")), split, str(root / "images" / rel_path),
-                           mask_path=str(seg) if seg.exists() else None, box=box))
+        out.append(_record(_stem(rel), split, locations.join(root, "images", rel),
+                           mask_path=locations.join(segmentations, seg) if seg in have_seg else None, box=box))
     return out
 
 
-def _read_table(path: Path) -> dict[str, list[str]]:
+def _read(location: str) -> str:
+    try:
+        return locations.read_text(location)
+    except OSError as exc:
+        raise SourceError(f"cannot read {location} ({os_reason(exc)})") from None
+
+
+def _read_table(location: str) -> dict[str, list[str]]:
     rows = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(_read(location).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) < 2:
-            raise SourceError(f"{path}:{n}: expected '<id> <value…>', got {line!r}")
+            raise SourceError(f"{location}:{n}: expected '<id> <value…>', got {line!r}")
         rows[parts[0]] = parts[1:]
     return rows
 
 
-def _voc_box(xml_path: Path) -> tuple[float, float, float, float] | None:
+def _voc_box(xml_location: str) -> tuple[float, float, float, float] | None:
     """The first object's box from a PASCAL-VOC style annotation as (x, y, w, h)."""
     try:
-        bb = ET.parse(xml_path).getroot().find(".//object/bndbox")
+        bb = ET.fromstring(locations.read_bytes(xml_location)).find(".//object/bndbox")
         x1, y1, x2, y2 = (float(bb.find(t).text) for t in ("xmin", "ymin", "xmax", "ymax"))
-    except (ET.ParseError, AttributeError, TypeError, ValueError):
+    except (OSError, ET.ParseError, AttributeError, TypeError, ValueError):
         return None
     return x1, y1, x2 - x1, y2 - y1
 
 
-def stanford_dogs(root: Path, masks: Path | None = None) -> list[dict]:
+def stanford_dogs(root: str | Path, masks: str | Path | None = None) -> list[dict]:
     """Images/<breed>/<name>.jpg, Annotation/<breed>/<name> (VOC XML), optional
     train_list.txt / test_list.txt (one relative image path per line) for the split."""
-    images = _need(root / "Images", "Stanford Dogs Images/")
-    test_list = _list_file(root / "test_list.txt")
+    root = str(root)
+    images = _need(locations.join(root, "Images"), "Stanford Dogs Images/")
+    test_list = _list_file(locations.join(root, "test_list.txt"))
+    annotations = locations.join(root, "Annotation")
+    have_ann = _listed(annotations)
     mask_of = _mask_index(masks)
+    files = _files(images)
+    wanted = [locations.join(annotations, _stem(rel)) if _stem(rel) in have_ann else None for rel, _ in files]
+    with ThreadPoolExecutor(16) as pool:       # one small read each: in parallel on object stores
+        boxes = list(pool.map(lambda a: _voc_box(a) if a else None, wanted))
     out = []
-    for p in _files(images):
-        rel = p.relative_to(images)
-        ann = root / "Annotation" / rel.with_suffix("")
-        box = _voc_box(ann) if ann.exists() else None
-        key = str(rel.with_suffix(""))
-        mp = mask_of.get(key)
-        out.append(_record(key, "test" if str(rel) in test_list else "train", str(p),
-                           mask_path=str(mp) if mp else None, box=box))
+    for (rel, loc), box in zip(files, boxes):
+        key = _stem(rel)
+        out.append(_record(key, "test" if rel in test_list else "train", loc, mask_path=mask_of.get(key), box=box))
     return out
 
 
-def _list_file(path: Path) -> set[str]:
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
+def _list_file(location: str) -> set[str]:
+    if not _exists(location, "list file"):
+        return set()
+    return {line.strip() for line in _read(location).splitlines() if line.strip()}
 
 
-def stanford_cars(root: Path, masks: Path | None = None) -> list[dict]:
+def stanford_cars(root: str | Path, masks: str | Path | None = None) -> list[dict]:
     """cars_train/, cars_test/ and devkit/cars_{train,test}_annos.mat (bbox_x1, bbox_y1, bbox_x2,
     bbox_y2, …, fname), as in the original release; the .mat files are read with scipy."""
     from scipy.io import loadmat
 
+    root = str(root)
     mask_of = _mask_index(masks)
     out = []
     for split in ("train", "test"):
-        folder_ = root / f"cars_{split}"
-        annos = root / "devkit" / f"cars_{split}_annos.mat"
-        if not folder_.exists():
+        folder_ = locations.join(root, f"cars_{split}")
+        annos = locations.join(root, "devkit", f"cars_{split}_annos.mat")
+        if not _exists(folder_, "Stanford Cars"):
             continue
         boxes: dict[str, tuple[float, float, float, float]] = {}
-        if annos.exists():
+        if _exists(annos, "Stanford Cars annotations"):
             try:
-                table = loadmat(str(annos))["annotations"][0]
+                table = loadmat(io.BytesIO(locations.read_bytes(annos)))["annotations"][0]
             except Exception as exc:  # a corrupt annotation file fails the whole source
                 raise SourceError(f"cannot read {annos}: {exc}") from None
             for row in table:
                 x1, y1, x2, y2 = (float(row[f"bbox_{c}"].squeeze()) for c in ("x1", "y1", "x2", "y2"))
                 boxes[str(row["fname"].squeeze())] = (x1, y1, x2 - x1, y2 - y1)
-        for p in _files(folder_):
-            key = f"{split}/{p.stem}"
-            mp = mask_of.get(key) or mask_of.get(p.stem)
-            out.append(_record(key, split, str(p), mask_path=str(mp) if mp else None, box=boxes.get(p.name)))
+        for rel, loc in _files(folder_):
+            name = PurePosixPath(rel)
+            key = f"{split}/{name.stem}"
+            mp = mask_of.get(key) or mask_of.get(name.stem)
+            out.append(_record(key, split, loc, mask_path=mp, box=boxes.get(name.name)))
     if not out:
         raise SourceError(f"no cars_train/ or cars_test/ folder under {root}")
     return out
 
 
-def clevr_masks(root: Path) -> list[dict]:
+def clevr_masks(root: str | Path) -> list[dict]:
     """CLEVR-with-masks exported as images/<name>.png + masks/<name>.png, where each mask is a
     label map (0 = background, one value per object); split folders train/val/test optional."""
-    images = _need(root / "images", "CLEVR images/")
-    mask_of = _mask_index(_need(root / "masks", "CLEVR masks/"))
+    root = str(root)
+    images = _need(locations.join(root, "images"), "CLEVR images/")
+    mask_of = _mask_index(_need(locations.join(root, "masks"), "CLEVR masks/"))
     out = []
-    for p in _files(images):
-        rel = p.relative_to(images)
-        key = str(rel.with_suffix(""))
-        split = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in ("train", "val", "test") else "train"
-        mp = mask_of.get(key)
-        out.append(_record(key, split, str(p), mask_path=str(mp) if mp else None))
+    for rel, loc in _files(images):
+        key = _stem(rel)
+        out.append(_record(key, _split_of(rel), loc, mask_path=mask_of.get(key)))
     return out

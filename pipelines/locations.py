@@ -1,0 +1,131 @@
+"""Local folders and object-store URIs through one interface.
+
+A *location* is a local path (absolute or relative) or a URI that `pyarrow.fs` resolves
+(`s3://bucket/photos/`, `gs://…`, `file:///…`, …). Credentials and endpoints come from the
+environment, as for every pyarrow client: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a
+profile, or the instance's role), AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL (or
+AWS_ENDPOINT_URL_S3) for an S3-compatible store such as MinIO. Ray workers inherit the
+environment of the process that started Ray (or take it from a job's `runtime_env`), so every
+process that opens a location sees the same store. Nothing here knows a particular store.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def absolute(location: str | Path) -> str:
+    """A local path made absolute (Ray workers run in other folders; `file://` becomes a path);
+    any other URI as given."""
+    location = str(location)
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    return location if is_uri(location) else str(Path(location).resolve())
+
+
+def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it). A local path is kept as given."""
+    location = str(location)
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), location
+
+
+def join(location: str | Path, *parts: str) -> str:
+    if is_uri(location):
+        return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(location, *parts))
+
+
+def from_fs_path(base: str | Path, fs_path: str) -> str:
+    """The location of `fs_path`, a path on the filesystem of `base` (as Ray's checkpoint paths
+    are: `bucket/key` without the scheme), so that it resolves again from a string alone."""
+    if not is_uri(base) or is_uri(fs_path):
+        return fs_path
+    return f"{str(base).split('://', 1)[0]}://{fs_path}"
+
+
+def exists(location: str | Path) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(location: str | Path) -> bytes:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(location: str | Path) -> str:
+    return read_bytes(location).decode()
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """The whole file at once: locally through a temporary file renamed into place (creating the
+    folder), on an object store as one object (a reader sees the old object or the new one)."""
+    if not is_uri(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return
+    fs, path = resolve(location)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _walk_order(rel: str) -> tuple:
+    """Sort key that lists a folder's files before its subfolders, each by name (os.walk's order)."""
+    parts = rel.split("/")
+    return tuple((1, p) for p in parts[:-1]) + ((0, parts[-1]),)
+
+
+def list_files(root: str | Path) -> list[tuple[str, str]]:
+    """Every file under `root`, recursively, as (path relative to root with '/', location), in
+    os.walk order (a folder's files by name, then its subfolders by name); names starting with
+    '.' (files and folders) are skipped. A local folder is walked with os.walk, which also lists
+    broken symbolic links (their read fails later, naming them) and does not follow links to
+    folders; pyarrow's local listing would drop the former and follow the latter. FileNotFoundError
+    / OSError when the root cannot be listed."""
+    root = str(root)
+    if not is_uri(root):
+        out = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    path = Path(dirpath) / name
+                    out.append((path.relative_to(root).as_posix(), str(path)))
+        return out
+    fs, base = resolve(root)
+    base = base.rstrip("/")
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        rel = info.path[len(base) + 1:]
+        if info.type == pafs.FileType.File and rel and not any(p.startswith(".") for p in rel.split("/")):
+            found.append(rel)
+    return [(rel, join(root, rel)) for rel in sorted(found, key=_walk_order)]
+
+
+def subfolders(location: str | Path, prefix: str = "") -> list[str]:
+    """The locations of the folders directly under `location` whose names start with `prefix`,
+    sorted by name; [] when `location` does not exist."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return [join(location, i.base_name) for i in sorted(infos, key=lambda i: i.base_name)
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)]
+
+
+def download(location: str | Path, local_dir: str | Path) -> Path:
+    """Copy the folder at `location` into the local folder `local_dir`; returns it."""
+    fs, path = resolve(location)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return Path(local_dir)
