@@ -177,7 +177,9 @@ def latest(run_dir: str | Path | None) -> Path | None:
 
 
 def load_config(folder: str | Path) -> DRCConfig:
-    return DRCConfig.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+    """The resolved config saved with a checkpoint (a local folder or a URI: only config.json is read)."""
+    from pipelines import locations
+    return DRCConfig.from_dict(json.loads(locations.read_text(locations.join(folder, "config.json"))))
 
 
 def check_compatible(saved: DRCConfig, now: DRCConfig, where: str) -> None:

@@ -3,12 +3,15 @@
     python -m pipelines.train --data data/tmds-32 --preset cpu-32 --workers 2 [section.key=value ...]
     python -m pipelines.train --data … --resume NAME [--workers 1]      # continue (re-shards)
     ray job submit --working-dir . -- python -m pipelines.train --data s3://… --storage s3://… --device cuda
+    python -m pipelines.train --data s3://… --storage s3://… --resume NAME   # continue a run on object storage
 
 Runs locally on an embedded Ray instance, or joins the cluster of a `ray job submit` (RAY_ADDRESS).
 One MLflow run per job: params = the resolved config; metrics per iteration from rank 0;
 image grids; the final checkpoint; the model as a pyfunc that segments images. Checkpoints go
-to <storage>/<name>/checkpoint_<iteration>; a crashed worker restarts the group from the last
-one (--max-failures). See pipelines/train_worker.py for the sharding design.
+to <storage>/<name>/checkpoint_<iteration>, beside the run record drc_run.json (a local folder
+or a URI: pipelines/locations.py); a crashed worker restarts the group from the last one
+(--max-failures), and --resume NAME continues from it (Ray Train restores a run given the same
+name and storage). See pipelines/train_worker.py for the sharding design.
 """
 from __future__ import annotations
 
@@ -23,17 +26,13 @@ from pathlib import Path
 from drc_core.config import ConfigError, merged_overrides
 from drc_core.presets import get_config, preset_names
 from pipelines import checkpoints as ckpt
-from pipelines import devices, tracking
-from pipelines.errors import find_cause
+from pipelines import devices, locations, tracking
+from pipelines.errors import find_cause, os_reason
 from pipelines.parquet_store import DatasetError, Store
 from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train_worker import DivergenceError, TrainJob, train_loop
 
 RUN_FILE = "drc_run.json"
-
-
-def _is_local(storage: str) -> bool:
-    return "://" not in storage or storage.startswith("file://")
 
 
 def _workers(text: str) -> int | tuple[int, int]:
@@ -120,15 +119,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_resumable(run_dir: Path | None, name: str, storage: str, cfg) -> dict:
+def check_resumable(run_dir: str, name: str, storage: str, cfg) -> dict:
     """The saved run record of --resume NAME, after checking that the run exists and was trained
-    with this preset and architecture (ConfigError naming the field otherwise)."""
-    if run_dir is None or not (run_dir / RUN_FILE).exists():
+    with this preset and architecture (ConfigError naming the field otherwise). `run_dir` is a
+    local folder or a URI."""
+    record = locations.join(run_dir, RUN_FILE)
+    if not locations.exists(record):
         raise SystemExit(f"--resume {name}: no run of that name under {storage}")
-    previous = json.loads((run_dir / RUN_FILE).read_text())
+    previous = json.loads(locations.read_text(record))
     if previous.get("preset", cfg.preset) != cfg.preset:
         raise ConfigError(f"preset is {cfg.preset!r} but run {name} was started with preset "
                           f"{previous['preset']!r}: resume with --preset {previous['preset']}")
+    if locations.is_uri(run_dir):
+        # on an object store only the newest checkpoint's config is read here (verifying it would
+        # download every file); the workers verify the checkpoint they restore
+        for folder in reversed(locations.subfolders(run_dir, "checkpoint_")):
+            if locations.exists(locations.join(folder, "config.json")):
+                ckpt.check_compatible(ckpt.load_config(folder), cfg, folder)
+                break
+        return previous
+    run_dir = Path(run_dir)
     last = ckpt.latest(run_dir)
     if last is not None:
         ckpt.check_compatible(ckpt.load_config(last), cfg, str(last))
@@ -145,11 +155,16 @@ def run(args: argparse.Namespace) -> dict:
     """Every check that can fail (config, resume compatibility, dataset) runs before Ray starts."""
     cfg = get_config(args.preset, merged_overrides(args.config, args.overrides))
     check_job_outputs("train", {"--storage": args.storage, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
-    storage = str(Path(args.storage).resolve()) if _is_local(args.storage) else args.storage
+    storage = locations.absolute(args.storage)            # a local folder or a URI (s3://bucket/runs)
+    local = not locations.is_uri(storage)
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    run_dir = Path(storage) / name if _is_local(storage) else None
-    previous = check_resumable(run_dir, name, storage, cfg) if args.resume else None
+    run_dir = locations.join(storage, name)                # the run record lives beside its checkpoints
+    try:
+        previous = check_resumable(run_dir, name, storage, cfg) if args.resume else None
+        exists = previous is None and locations.exists(run_dir)
+    except OSError as exc:                                 # an object store out of reach, no such bucket
+        raise SystemExit(f"--storage {storage}: cannot read it ({os_reason(exc)})") from None
     check_dataset(args.data, cfg, args.preset)
     iterations = args.iterations or cfg.optim.iterations
     devices.check(args.device, "train")
@@ -163,21 +178,20 @@ def run(args: argparse.Namespace) -> dict:
         job.mlflow_run_id = previous["mlflow_run_id"]
         tracking.client(uri).update_run(job.mlflow_run_id, status="RUNNING")
     else:
-        if run_dir is not None and run_dir.exists():
+        if exists:
             raise SystemExit(f"run {name} already exists under {storage}: pick another --name or --resume it")
         params = {**cfg.flat(), "job.workers": args.workers, "job.data": args.data,
                   "job.iterations": iterations, "job.device": args.device}
         job.mlflow_run_id = tracking.start_run(uri, name, params, experiment=args.experiment,
                                                tags={"drc.stage": "train", "drc.preset": cfg.preset})
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_FILE).write_text(json.dumps({"mlflow_run_id": job.mlflow_run_id, "data": args.data,
-                                                    "preset": cfg.preset, "tracking_uri": uri}))
-        job.events_path = str(run_dir / "events.jsonl")
-        job.run_dir = str(run_dir)
+    locations.write_text(locations.join(run_dir, RUN_FILE), json.dumps(
+        {"mlflow_run_id": job.mlflow_run_id, "data": args.data, "preset": cfg.preset, "tracking_uri": uri}))
+    if local:              # workers append events and look for intact checkpoints in a local run folder
+        job.events_path = str(Path(run_dir) / "events.jsonl")
+        job.run_dir = run_dir
     if args.inject_fault:
         kind, it, *rank = args.inject_fault.split(":")
-        marker = str((run_dir or Path(tempfile.gettempdir())) / f"fault-{kind}-{it}.fired")
+        marker = str(Path(run_dir if local else tempfile.gettempdir()) / f"fault-{kind}-{it}.fired")
         job.fault = {"kind": kind, "iteration": int(it), "rank": int(rank[0]) if rank else 0, "marker": marker}
 
     print(f"train {name}: checkpoints → {storage.rstrip('/')}/{name}, MLflow → {uri} (experiment {args.experiment}, "
@@ -203,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
             ckpt.verify(folder)
-            summary["checkpoint"] = result.checkpoint.path
+            summary["checkpoint"] = locations.from_fs_path(storage, result.checkpoint.path)
             c = tracking.client(uri)
             c.log_artifacts(job.mlflow_run_id, folder, "checkpoint")
             if not args.no_model:
