@@ -3,6 +3,11 @@
     python -m pipelines.tune --space tune_spaces/quick.yaml --data data/tmds-32 --trials 8
     python -m pipelines.tune --space tune_spaces/langevin.yaml --data … --trials 64 --workers-per-trial 4 --device cuda
     python -m pipelines.tune --resume <study> --space … --data …          # continue an interrupted study
+    python -m pipelines.tune --space … --data s3://… --storage s3://bucket/tune [--resume <study>]
+
+The study lives under <storage>/<study>/ (a local folder or a URI): Ray Tune's experiment state,
+drc_study.json (what --resume needs), summary.json and trials/<trial>/checkpoint_* (each trial's
+Ray Train run).
 
 Each trial builds its trainer with `pipelines.train.build_trainer` (the same worker loop, the
 same checkpoints) and reports every `--report-every` iterations; ASHA stops the weak trials
@@ -23,7 +28,8 @@ from pathlib import Path
 
 from drc_core.config import apply_overrides, merged_overrides
 from drc_core.presets import get_config, preset_names
-from pipelines import devices, search_space, tracking
+from pipelines import devices, locations, search_space, tracking
+from pipelines.errors import os_reason
 from pipelines.parquet_store import load_rows, split_ids
 from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
@@ -118,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", type=run_name, default=None)
     p.add_argument("--resume", type=run_name, metavar="NAME", default=None, help="continue an interrupted study")
     p.add_argument("--storage", "--output", dest="storage", default="runs/tune",
-                   help="study state and trial checkpoints (folder)")
+                   help="study state and trial checkpoints (folder or URI, e.g. s3://bucket/tune)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default=tracking.default_experiment("drc-tune"),
                    help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
@@ -175,10 +181,15 @@ def run(args: argparse.Namespace) -> dict:
     check_dataset(args.data, base, args.preset)
     devices.check(args.device, "tune")
     metric = args.metric if args.metric != "auto" else ("eval_iou" if _has_masks(args.data, "test") else "eval_score")
-    storage = str(Path(args.storage).resolve())
+    storage = locations.absolute(args.storage)            # a local folder or a URI (s3://bucket/tune)
     uri = tracking.tracking_uri(args.tracking_uri)
     name = args.resume or args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    study_dir = Path(storage) / name
+    study_dir = locations.join(storage, name)              # Tune's experiment state, drc_study.json, trials/
+    study_file = locations.join(study_dir, STUDY_FILE)
+    try:
+        found = locations.exists(study_file if args.resume else study_dir)
+    except OSError as exc:                                 # an object store out of reach, no such bucket
+        raise SystemExit(f"--storage {storage}: cannot read it ({os_reason(exc)})") from None
     print(f"tune {name}: study state and trial checkpoints → {study_dir}, MLflow → {uri} (experiment "
           f"{args.experiment})", flush=True)
     # the dashboard's State API (pinned to this instance by init_ray) lets Ray Train free the
@@ -186,14 +197,14 @@ def run(args: argparse.Namespace) -> dict:
     init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=True)
     from ray import tune
     if args.resume:
-        if not (study_dir / STUDY_FILE).exists():
+        if not found:
             raise SystemExit(f"--resume {name}: no study of that name under {storage}")
-        study = json.loads((study_dir / STUDY_FILE).read_text())
+        study = json.loads(locations.read_text(study_file))
         tracking.client(uri).update_run(study["parent_run_id"], status="RUNNING")
-        tuner = tune.Tuner.restore(str(study_dir), trainable=tune.with_resources(make_trainable(study), TRIAL_RESOURCES),
+        tuner = tune.Tuner.restore(study_dir, trainable=tune.with_resources(make_trainable(study), TRIAL_RESOURCES),
                                    resume_errored=False, restart_errored=False)
     else:
-        if study_dir.exists():
+        if found:
             raise SystemExit(f"study {name} already exists under {storage}: use --resume {name} or another --name")
         parent = tracking.start_run(uri, name, {"space": args.space, "preset": args.preset, "data": args.data,
                                                 "trials": args.trials, "iterations": args.iterations,
@@ -206,9 +217,8 @@ def run(args: argparse.Namespace) -> dict:
                  "gpu": devices.reserves_gpu(args.device, "tune", joined=joins_cluster(args.address)),
                  "workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
                  "tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent,
-                 "storage": storage, "train_storage": str(study_dir / "trials"), "metric": metric}
-        study_dir.mkdir(parents=True)
-        (study_dir / STUDY_FILE).write_text(json.dumps(study, indent=1))
+                 "storage": storage, "train_storage": locations.join(study_dir, "trials"), "metric": metric}
+        locations.write_text(study_file, json.dumps(study, indent=1))
         tuner = build_tuner(args, study, params, base, metric)
     print(f"study {name}: {args.trials} trials of {args.space} on {args.data}, metric {study['metric']}, "
           f"MLflow parent run {study['parent_run_id']}", flush=True)
@@ -251,7 +261,9 @@ def summarize(grid, study: dict, searched: list[str], resources: dict | None = N
                      "iterations": m.get("iteration"), "eval_iou": m.get("eval_iou"),
                      "eval_score": m.get("eval_score"), "status": "error" if r.error else "ok",
                      "error": _reason(r.error) if r.error else None,
-                     "checkpoint": m.get("checkpoint_path")})
+                     # Ray gives the path on the storage's filesystem (no scheme on object stores)
+                     "checkpoint": locations.from_fs_path(study["train_storage"], m["checkpoint_path"])
+                     if m.get("checkpoint_path") else None})
     done = [x for x in rows if x["status"] == "ok" and x[metric] is not None]
     out = {"name": study["name"], "parent_run_id": parent, "metric": metric, "trials": rows}
     c = tracking.client(uri)
@@ -262,9 +274,9 @@ def summarize(grid, study: dict, searched: list[str], resources: dict | None = N
         for k in searched:                       # tags, not params: a resumed study may find a better one
             c.set_tag(parent, f"best.{k}", best[k])
         tracking.log_metrics(uri, parent, {f"best_{metric}": best[metric]}, step=0)
-        if best["checkpoint"] and Path(best["checkpoint"]).exists():
+        if best["checkpoint"] and locations.exists(best["checkpoint"]):
             c.set_tag(parent, "best_checkpoint", best["checkpoint"])
-            c.log_artifacts(parent, best["checkpoint"], "best_checkpoint")
+            _log_checkpoint(c, parent, best["checkpoint"])
         paired = [x for x in done if x["eval_iou"] is not None and x["eval_score"] is not None]
         if len(paired) >= 3:
             out["spearman_score_vs_iou"] = spearman([x["eval_score"] for x in paired], [x["eval_iou"] for x in paired])
@@ -285,8 +297,20 @@ def summarize(grid, study: dict, searched: list[str], resources: dict | None = N
     out["unfinished"] = unfinished
     out["resources_after"] = resources
     _print_table(rows, searched, out)
-    (Path(study["storage"]) / study["name"] / "summary.json").write_text(json.dumps(out, indent=1, default=str))
+    locations.write_text(locations.join(study["storage"], study["name"], "summary.json"),
+                         json.dumps(out, indent=1, default=str))
     return out
+
+
+def _log_checkpoint(c, run_id: str, checkpoint: str) -> None:
+    """The checkpoint's files as the run's best_checkpoint/ artifacts (copied from object storage
+    to a temporary folder first: MLflow logs local files)."""
+    if not locations.is_uri(checkpoint):
+        c.log_artifacts(run_id, checkpoint, "best_checkpoint")
+        return
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="drc-best-") as tmp:
+        c.log_artifacts(run_id, str(locations.download(checkpoint, tmp)), "best_checkpoint")
 
 
 def _print_table(rows, searched, out) -> None:
