@@ -38,12 +38,49 @@ def no_ray(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_server():
+    """A local S3 server (moto's, in a thread of this process) with one bucket, `drc-test`, for
+    the object-storage tests; returns its endpoint URL.
+
+    Its endpoint and dummy credentials go into this process's environment (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, …), where pyarrow's S3 client (so Ray Data, Ray Train, Ray Tune and
+    pipelines.locations) and boto3 read them, as on a real cluster they read the real ones.
+    Ray's worker processes inherit the environment of the process that starts Ray, so
+    `ray_local` starts this server first in every session that collected a test using it."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)          # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="drc-test")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(request):
     """One local Ray instance for the whole session: 2 CPUs, small object store, the dashboard on
     127.0.0.1: Ray Train's PlacementGroupCleaner needs its State API to free the placement group
     of a trainer whose controller was killed (a trial ASHA stopped); without it the group's CPUs
-    stay reserved and the next trials wait forever."""
+    stay reserved and the next trials wait forever. When the session runs object-storage tests,
+    the local S3 server starts first so that every Ray worker inherits its endpoint."""
     import os
+    if any("s3_server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("s3_server")
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                  "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
