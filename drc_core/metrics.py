@@ -37,13 +37,17 @@ def all_foreground_masks(n: int, size: int) -> torch.Tensor:
     return torch.ones(n, size, size, dtype=torch.bool)
 
 
+def centre_ellipse(height: int, width: int, fraction: float = 0.25) -> torch.Tensor:
+    """(height, width) bool: the centred ellipse with the image's aspect covering `fraction` of it."""
+    s = (4.0 * fraction / np.pi) ** 0.5                       # semi-axes s·w/2, s·h/2: area π s² hw/4
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    dy, dx = (yy - (height - 1) / 2.0) / (s * height / 2.0), (xx - (width - 1) / 2.0) / (s * width / 2.0)
+    return dy ** 2 + dx ** 2 <= 1.0
+
+
 def centre_ellipse_masks(n: int, size: int, fraction: float = 0.25) -> torch.Tensor:
     """A centred disc (the ellipse of a square image) covering `fraction` of the image area."""
-    c = (size - 1) / 2.0
-    r = size * (fraction / np.pi) ** 0.5
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    disc = ((yy - c) ** 2 + (xx - c) ** 2) <= r ** 2
-    return disc[None].expand(n, size, size).clone()
+    return centre_ellipse(size, size, fraction)[None].expand(n, size, size).clone()
 
 
 def separation(prob, target) -> dict[str, float]:

@@ -1,12 +1,15 @@
 """Honest evaluation of segmentations against ground-truth masks, with baselines side by side.
 
     python -m pipelines.evaluate --data data/tmds-32 --pred langevin=out/seg-l --pred amortized=out/seg-a --out out/eval
+    python -m pipelines.evaluate --data photos/ --masks photo-masks/ --pred student=out/photos --out out/eval-photos
 
 Per-image IoU and Dice averaged over images (the DRC protocol), per split, for every
 segmentation output given (pipelines.segment) and for baselines computed on the same images:
 GrabCut (OpenCV, initialised with the image minus a margin as the box), the all-foreground mask
 and the best centred disc (its area chosen with the ground truth, so an optimistic baseline).
-Methods are compared on the images every method covers; coverage is reported. Writes
+Methods are compared on the images every method covers; coverage is reported. A Parquet dataset
+is scored at the model's resolution; a photo folder with `--masks` at each photo's own size (the
+segmentation's π_f mapped back through the crop/resize it recorded, baselines on the full photo). Writes
 <out>/report.html (table, IoU histograms, worst-case gallery with overlays), metrics.json and
 per_image.csv, and logs them to an MLflow run.
 """
@@ -51,14 +54,15 @@ def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5)
 
 def read_predictions(uri: str) -> dict:
     """A segmentation output → {"manifest", "sample_id" (N,), "masks" (N, H, W) bool, "prob" (N, H, W)
-    float32 π_f or None (outputs written before π_f was stored)}."""
+    float32 π_f, "key", "geometry" (per row: the photo's (height, width, region, threshold) for image
+    files, None for Parquet rows); prob/key/geometry None for outputs written before π_f was stored}."""
     from PIL import Image
     store = Store(uri)
     manifest = store.read_manifest()
     if manifest.get("kind") != "segmentation":
         raise DatasetError(f"{uri} is not a pipelines.segment output (manifest kind {manifest.get('kind')!r})")
     has_prob = "prob_encoding" in manifest
-    cols = ["sample_id", "mask"] + (["prob"] if has_prob else [])
+    cols = ["sample_id", "mask"] + (["prob", "key", "threshold", "height", "width", "region"] if has_prob else [])
     tables = [read_part(store, name, cols) for name in manifest["file_names"]]
     ids = np.concatenate([t["sample_id"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     size = manifest["resolution"]
@@ -67,8 +71,15 @@ def read_predictions(uri: str) -> dict:
     def stack(column, convert, dtype):
         arrs = [convert(np.asarray(Image.open(io.BytesIO(b)))) for t in tables for b in t[column].to_pylist()]
         return (np.stack(arrs) if arrs else np.zeros((0, size, size), dtype))[order]
+    def column(name):
+        return [v for t in tables for v in t[name].to_pylist()] if has_prob else []
+    geometry = [None if r is None else (h, w, tuple(r), t) for h, w, r, t in
+                zip(column("height"), column("width"), column("region"), column("threshold"))]
     return {"manifest": manifest, "sample_id": ids[order], "masks": stack("mask", lambda a: a > 127, bool),
-            "prob": stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32) if has_prob else None}
+            "prob": stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32) if has_prob else None,
+            "key": [column("key")[i] for i in order] if has_prob else None,
+            # image-file rows: (height, width, region, threshold) of the photo; None for Parquet rows
+            "geometry": [geometry[i] for i in order] if has_prob else None}
 
 
 PROTOCOL_LABEL = "π_f > ½, DRC protocol"
@@ -149,18 +160,22 @@ figcaption{{font-size:12px}}</style></head><body>
 </body></html>""")
 
 
-def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
-             margin: float = 0.05, gallery: int = 12, title: str | None = None,
-             sections: list[tuple[str, str]] = (), thresholds: tuple[str, ...] = ("0.5",)) -> dict:
-    """Score each segmentation output's masks (row `name`, the policy it was segmented with) and,
-    from its stored π_f, the same π_f under each policy of `thresholds` (row `name, <policy>`; the
-    DRC protocol's ½ is always among them), beside GrabCut and trivial masks on the same images."""
+def _policy_masks(p: dict, sel: np.ndarray, extra: list[str]) -> dict[str, np.ndarray]:
+    """The stored π_f of prediction rows `sel` under each policy of `extra` other than the one the
+    output was written with, at model resolution: {"<policy label>": (N, S, S) bool}."""
     from drc_core.threshold import ThresholdPolicy
-    from drc_core.metrics import DISC_AREAS, centre_ellipse_masks, iou_dice
+    if p["prob"] is None:
+        return {}
+    written = p["manifest"].get("threshold_policy")
+    return {policy_label(policy.name): policy.masks(p["prob"][sel]).numpy()
+            for policy in map(ThresholdPolicy.parse, extra) if policy.name != written}
+
+
+def _model_size_inputs(data: str, split: str | None, loaded: dict, extra: list[str]) -> dict:
+    """Ground truth from a Parquet dataset; every method's masks at the model's resolution."""
     gt = load_arrays(data, split)
     if "masks" not in gt:
         raise DatasetError(f"--data {data}: not every image has a ground-truth mask; nothing to evaluate against")
-    loaded = {name: read_predictions(uri) for name, uri in preds.items()}
     common = gt["sample_id"]
     for name, p in loaded.items():
         if p["masks"].shape[1:] != gt["images"].shape[1:3]:
@@ -168,32 +183,109 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
         common = np.intersect1d(common, p["sample_id"])
     if common.size == 0:
         raise DatasetError("no image is covered by every prediction and the ground truth (check --split)")
-    coverage = {"ground-truth images": int(gt["sample_id"].size), "evaluated (covered by every method)": int(common.size)}
     rows = np.searchsorted(gt["sample_id"], common)
-    images, masks, splits, keys = gt["images"][rows], gt["masks"][rows] > 0, gt["split"][rows], gt["key"][rows]
-    methods: dict[str, np.ndarray] = {}
-    extra = list(dict.fromkeys(["0.5", *thresholds]))
+    methods = {}
     for name, p in loaded.items():
-        coverage[f"{name}: predicted"] = int(p["sample_id"].size)
         sel = np.searchsorted(p["sample_id"], common)
         methods[name] = p["masks"][sel]
-        if p["prob"] is None:
-            continue
+        methods.update({f"{name}, {label}": m for label, m in _policy_masks(p, sel, extra).items()})
+    return {"ids": common, "images": gt["images"][rows], "masks": gt["masks"][rows] > 0, "splits": gt["split"][rows],
+            "keys": gt["key"][rows], "methods": methods, "truth": f"{int(gt['sample_id'].size)} ground-truth images"}
+
+
+def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str], max_pixels: int) -> dict:
+    """Ground truth from the original mask files; π_f mapped back onto each photo (the crop/resize
+    segment recorded), thresholded per image as at model resolution. Pixels a centre crop left
+    unsegmented count as background."""
+    from pipelines import sources
+    from pipelines.imaging import BadInput, decode_image, full_size_mask, read_photo
+    from drc_core.threshold import ThresholdPolicy
+    from pipelines.locations import read_bytes
+    records = {r["key"]: r for r in sources.folder(photos, masks_dir) if r.get("mask_path")}
+    if not records:
+        raise DatasetError(f"--masks {masks_dir}: no mask file matches an image under --photos {photos}")
+    common = sorted(records)
+    for name, p in loaded.items():
+        if p["geometry"] is None or not any(g is not None for g in p["geometry"]):
+            raise DatasetError(f"--pred {name}: not a segmentation of image files (segment --input <folder>); "
+                               f"score it against a Parquet dataset with --data")
+        have = set(p["key"])
+        common = [k for k in common if k in have]
+    if not common:
+        raise DatasetError(f"no photo under {photos} with a mask under {masks_dir} is covered by every prediction")
+    images, masks, bad = [], [], []
+    for k in common:
+        try:
+            images.append(read_photo(records[k]["path"], max_pixels))
+            masks.append(decode_image(read_bytes(records[k]["mask_path"]), "mask", max_pixels).max(-1) > 127)
+        except (BadInput, OSError) as exc:
+            raise DatasetError(f"--photos/--masks: {k}: {exc}") from None
+        if masks[-1].shape != images[-1].shape[:2]:
+            raise DatasetError(f"--masks {masks_dir}: {k}: mask {masks[-1].shape} is not the photo's size "
+                               f"{images[-1].shape[:2]}")
+    methods = {}
+    for name, p in loaded.items():
+        sel = np.array([p["key"].index(k) for k in common])
+        geo = [p["geometry"][i] for i in sel]
+        if any(g is None for g in geo):
+            raise DatasetError(f"--pred {name}: some rows have no photo geometry")
+        def at_size(thresholds):          # the photo's mask as segment writes it; unsegmented = background
+            return [full_size_mask(p["prob"][i], t, g[2], g[0], g[1]) == 255 for i, g, t in zip(sel, geo, thresholds)]
+        methods[name] = at_size([g[3] for g in geo])
         written = p["manifest"].get("threshold_policy")
         for policy in map(ThresholdPolicy.parse, extra):
             if policy.name != written:
-                methods[f"{name}, {policy_label(policy.name)}"] = policy.masks(p["prob"][sel]).numpy()
+                methods[f"{name}, {policy_label(policy.name)}"] = at_size(policy.thresholds(p["prob"][sel]).numpy())
+    return {"ids": np.arange(len(common)), "images": images, "masks": masks,
+            "splits": np.array([records[k]["split"] for k in common]), "keys": np.array(common),
+            "methods": methods, "truth": f"{len(records)} photos with a mask, scored at their own size"}
+
+
+def _score(pred, truth) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image IoU and Dice of stacked (N, H, W) masks or of lists of masks of any sizes."""
+    from drc_core.metrics import iou_dice
+    if isinstance(truth, list):
+        pairs = [iou_dice(p, t) for p, t in zip(pred, truth)]
+        return np.array([float(i) for i, _ in pairs]), np.array([float(d) for _, d in pairs])
+    return tuple(t.numpy() for t in iou_dice(pred, truth))
+
+
+def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
+             margin: float = 0.05, gallery: int = 12, title: str | None = None,
+             sections: list[tuple[str, str]] = (), thresholds: tuple[str, ...] = ("0.5",),
+             masks_dir: str | None = None, max_pixels: int | None = None) -> dict:
+    """Score each segmentation output's masks (row `name`, the policy it was segmented with) and,
+    from its stored π_f, the same π_f under each policy of `thresholds` (row `name, <policy>`; the
+    DRC protocol's ½ is always among them), beside GrabCut and trivial masks on the same images.
+
+    `data` is a Parquet dataset with masks (scored at the model's resolution), or, with
+    `masks_dir`, the folder of photos that segment read (scored at each photo's own size against
+    the mask files there, keyed like the photos)."""
+    from drc_core.metrics import DISC_AREAS, centre_ellipse
+    from pipelines.imaging import MAX_PIXELS
+    loaded = {name: read_predictions(uri) for name, uri in preds.items()}
+    extra = list(dict.fromkeys(["0.5", *thresholds]))
+    got = (_model_size_inputs(data, split, loaded, extra) if masks_dir is None
+           else _full_size_inputs(data, masks_dir, loaded, extra, max_pixels or MAX_PIXELS))
+    images, masks, splits, keys, methods = got["images"], got["masks"], got["splits"], got["keys"], got["methods"]
+    coverage = {"ground truth": got["truth"], "evaluated (covered by every method)": len(keys)}
+    coverage.update({f"{name}: predicted": int(p["sample_id"].size) for name, p in loaded.items()})
+    shapes = [m.shape for m in masks]
     seconds = {}
     if grabcut:
         t0 = time.perf_counter()
-        methods["GrabCut"] = grabcut_masks(images, margin)
+        methods["GrabCut"] = (grabcut_masks(images, margin) if masks_dir is None else
+                              [grabcut_masks(im[None], margin)[0] for im in images])
         seconds["grabcut_images_per_s"] = len(images) / (time.perf_counter() - t0)
-    methods["all foreground"] = np.ones_like(masks)
-    disc = max(DISC_AREAS, key=lambda f: iou_dice(centre_ellipse_masks(len(masks), masks.shape[-1], f), masks)[0].mean())
-    methods[f"centred disc (best area {disc:.0%})"] = centre_ellipse_masks(len(masks), masks.shape[-1], disc).numpy()
+    methods["all foreground"] = [np.ones(s, bool) for s in shapes]
+
+    def discs(f):
+        return [centre_ellipse(*s, f).numpy() for s in shapes]
+    disc = max(DISC_AREAS, key=lambda f: _score(discs(f), list(masks))[0].mean())
+    methods[f"centred disc (best area {disc:.0%})"] = discs(disc)
     per_image, table = {}, []
     for name, pred in methods.items():
-        iou, dice = (t.numpy() for t in iou_dice(pred, masks))
+        iou, dice = _score(pred, masks if not isinstance(pred, list) else list(masks))
         per_image[name] = iou
         present = sorted(set(splits.tolist()))
         for s in present + (["all"] if len(present) > 1 else []):
@@ -204,11 +296,11 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     _histogram({k: v for k, v in per_image.items() if k in loaded or k == "GrabCut"} or per_image, out / "iou_hist.png")
     first = next(iter(loaded), next(iter(methods)))
     worst = np.argsort(per_image[first], kind="stable")[:gallery]
-    scale = max(1, 96 // images.shape[1])
     tiles = [{"key": keys[i], "iou": 100 * float(per_image[first][i]),
-              "png": _png_b64(_tile(images[i], masks[i], methods[first][i], scale))} for i in worst]
+              "png": _png_b64(_tile(images[i], masks[i], methods[first][i], max(1, 96 // images[i].shape[0])))}
+             for i in worst]
     import pandas as pd
-    frame = pd.DataFrame({"sample_id": common, "key": keys, "split": splits,
+    frame = pd.DataFrame({"sample_id": got["ids"], "key": keys, "split": splits,
                           **{f"iou[{k}]": 100 * v for k, v in per_image.items()}})
     frame.to_csv(out / "per_image.csv", index=False)
     notes = [f"{k}: {v.get('mode', '?')} mode, {v.get('steps', 0)} steps, model {v.get('model')}, masks by "
@@ -217,10 +309,12 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     notes.append(f"'{PROTOCOL_LABEL}': the same π_f thresholded at ½ as in the DRC paper; no threshold policy "
                  f"looks at the ground truth")
     notes.append(f"GrabCut box: the image minus {margin:.0%} on each side, 5 iterations")
+    notes.append("scored at each photo's own size (π_f mapped back through segment's crop/resize)" if masks_dir
+                 else "scored at the model's resolution")
     write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
                  coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
     result = {"data": data, "preds": preds, "table": table, "coverage": coverage, **seconds,
-              "report": str(out / "report.html")}
+              "scored_at": "original size" if masks_dir else "model resolution", "report": str(out / "report.html")}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -260,7 +354,11 @@ def _pred(text: str) -> tuple[str, str]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="Parquet dataset with ground-truth masks")
+    p.add_argument("--data", required=True,
+                   help="Parquet dataset with ground-truth masks, or with --masks the photo folder segment read")
+    p.add_argument("--masks", default=None, metavar="DIR",
+                   help="score at each photo's own size against the mask files in DIR (keyed like the photos "
+                        "in --data, any image format; foreground > 127)")
     p.add_argument("--pred", type=_pred, action="append", default=[], metavar="NAME=PATH",
                    help="a pipelines.segment output (repeatable)")
     p.add_argument("--split", default=None, choices=("train", "val", "test"))
@@ -290,7 +388,8 @@ def main(argv=None) -> dict:
         sys.exit(f"evaluate: --threshold: {exc}")
     try:
         result = evaluate(args.data, preds, Path(args.out), split=args.split, grabcut=not args.no_grabcut,
-                          margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds)
+                          margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds,
+                          masks_dir=args.masks)
     except DatasetError as exc:
         sys.exit(f"evaluate: {exc}")
     result["mlflow_run_id"] = track(result, Path(args.out), tracking.tracking_uri(args.tracking_uri), args.experiment,

@@ -163,10 +163,16 @@ def to_original(prob: np.ndarray, region: tuple[int, int, int, int], height: int
     return full
 
 
+def quantised(prob: np.ndarray) -> np.ndarray:
+    """π_f as segment stores it: 8 bits, round(255·π_f) (returned as float32 in [0, 1])."""
+    return np.rint(np.clip(np.asarray(prob, np.float32), 0, 1) * 255) / 255
+
+
 def full_size_mask(prob: np.ndarray, threshold: float, region, height: int, width: int) -> np.ndarray:
     """(height, width) uint8: 255 where the upsampled π_f is above `threshold`, 0 below, and
-    NOT_SEGMENTED outside the region the model saw."""
-    full = to_original(prob, region, height, width)
+    NOT_SEGMENTED outside the region the model saw. π_f is taken as stored (8 bits), so a mask
+    recomputed later from a segmentation output is the same to the pixel."""
+    full = to_original(quantised(prob), region, height, width)
     out = np.where(full > threshold, 255, 0).astype(np.uint8)
     out[np.isnan(full)] = NOT_SEGMENTED
     return out

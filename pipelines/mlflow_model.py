@@ -63,7 +63,8 @@ def prob_png(prob: np.ndarray) -> bytes:
     policy later without running the model again."""
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray(np.rint(np.clip(prob, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    from pipelines.imaging import quantised
+    Image.fromarray(np.rint(quantised(prob) * 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 

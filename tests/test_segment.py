@@ -282,3 +282,42 @@ def test_the_pyfunc_and_segment_prepare_a_photo_identically_and_return_full_size
     out = model.predict(None, pd.DataFrame({"image": [buf.getvalue()]}), params={"threshold": "0.5"})
     with Image.open(io.BytesIO(out["mask_png"][0])) as f:
         assert f.size == (200, 120)
+
+
+def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, tmp_path):
+    """A folder of non-square photos with masks at their own size: evaluate --masks scores the π_f that
+    segment stored, mapped back onto each photo, and gets exactly the IoU of the full-size PNG masks
+    segment wrote; baselines are computed on the full photos."""
+    from PIL import Image
+    from drc_core.metrics import mean_iou_dice
+    photos, truth = tmp_path / "photos", tmp_path / "truth"
+    photos.mkdir()
+    truth.mkdir()
+    train = world["train"]
+    sizes = [(48, 80), (90, 60), (64, 64), (33, 101)]
+    for i, (h, w) in enumerate(sizes * 2):
+        Image.fromarray(train["images"][i]).resize((w, h), Image.BILINEAR).save(photos / f"p{i}.png")
+        Image.fromarray((train["masks"][i] > 0).astype(np.uint8) * 255).resize((w, h), Image.NEAREST) \
+            .save(truth / f"p{i}.png")
+    (truth / "p7.png").unlink()                                  # a photo without a mask is not scored
+    segment.main(["--input", str(photos), "--output", str(tmp_path / "seg"), "--quiet", "--model", world["student"],
+                  "--png", str(tmp_path / "png")])
+    r = evaluate.main(["--data", str(photos), "--masks", str(truth), "--pred", f"student={tmp_path / 'seg'}",
+                       "--out", str(tmp_path / "eval"), "--tracking-uri", world["uri"]])
+    assert r["scored_at"] == "original size" and r["coverage"]["evaluated (covered by every method)"] == 7
+    rows = {row["method"]: row for row in r["table"]}
+    pred = evaluate.read_predictions(str(tmp_path / "seg"))
+    ious = []
+    for i in range(7):
+        gt = np.asarray(Image.open(truth / f"p{i}.png")) > 127
+        sid = pred["sample_id"][pred["key"].index(f"p{i}")]
+        with Image.open(tmp_path / "png" / "masks" / mask_files.safe_name(sid, f"p{i}")) as f:
+            written = np.asarray(f) == 255
+        assert written.shape == gt.shape == sizes[i % 4]
+        ious.append(mean_iou_dice(written, gt)["iou"])
+    assert rows["student"]["iou"] == pytest.approx(np.mean(ious), abs=1e-6)
+    allfg = np.mean([mean_iou_dice(np.ones_like(g), g)["iou"] for g in
+                     (np.asarray(Image.open(truth / f"p{i}.png")) > 127 for i in range(7))])
+    assert rows["all foreground"]["iou"] == pytest.approx(allfg)
+    assert {"GrabCut", f"student, {evaluate.PROTOCOL_LABEL}"} <= set(rows)
+    assert any(m.startswith("centred disc") for m in rows)
