@@ -1,177 +1,28 @@
 """Benchmarks (not tests): measured side by side in one run, printed as ratios.
 
-    python -m pipelines.bench core [--presets paper-tmds:8 cpu-64:32] [--iterations 1]
+    python -m pipelines.bench core [--presets paper-tmds:8 cpu-64:32] [--iterations 1] [--device cuda --profile]
     python -m pipelines.bench preprocess [--images 2000 --size 128]
     python -m pipelines.bench train [--preset cpu-32 --workers 1 2 --iterations 30]
     python -m pipelines.bench segment [--preset cpu-32 --train-iterations 300]   (pipelines/bench_segment.py)
     python -m pipelines.bench quality [--preset cpu-32 --minutes 20 --seeds 2]   (pipelines/bench_quality.py)
 
-`core` measures, per preset and batch size: seconds per EM iteration, seconds per posterior
-Langevin step per image, images/s, and the achieved GFLOP/s of the Langevin loop against the
-GEMM and conv peaks measured in the same process, for our fast path (bf16 autocast in Langevin),
-for the same code in plain fp32, and for variants that undo our layer choices (`VARIANTS`).
+`core` (pipelines/bench_core.py, `--device cpu|cuda`) measures, per preset and batch size: seconds
+per EM iteration, per posterior Langevin step per image, images/s, peak memory, and the achieved
+FLOP/s of the Langevin loop against the GEMM and conv peaks measured on the same device in the same
+process, for our fast path, plain fp32, and variants that undo our layer choices.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from drc_core.config import apply_overrides
 from drc_core.fit import TrainState
-from drc_core.langevin import posterior_energy, prior_energy
-from drc_core.nets import InstanceNorm2d, count_macs
 from drc_core.presets import get_config
-
-
-def _timeit(fn, repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
-
-
-def _gflops(flops: float, fn, seconds: float) -> float:
-    n = max(1, int(seconds / max(_timeit(fn, 1), 1e-4)))
-    return flops / _timeit(fn, n) / 1e9
-
-
-def measure_peaks(seconds: float = 2.0) -> dict[str, float]:
-    """GFLOP/s of a large GEMM (fp32, bf16) and of a generator-sized 3×3 conv (fp32, bf16).
-
-    The conv peak (`conv_<dtype>`) is the faster of the NCHW and NHWC layouts (both also reported):
-    the bar our Langevin loop is measured against is the best this machine does on such a conv."""
-    out = {}
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    x = torch.randn(8, 256, 64, 64)
-    w = torch.randn(128, 256, 3, 3)
-    gemm_flops = 2 * 2048 ** 3
-    conv_flops = 2 * 8 * 128 * 64 * 64 * 256 * 9
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        aa, bb = a.to(dtype), b.to(dtype)
-        out[f"gemm_{name}"] = _gflops(gemm_flops, lambda: aa @ bb, seconds)
-        for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
-            xx, ww = x.to(dtype, memory_format=fmt), w.to(dtype, memory_format=fmt)
-            out[f"conv_{name}_{layout}"] = _gflops(conv_flops, lambda: F.conv2d(xx, ww, padding=1), seconds)
-        out[f"conv_{name}"] = max(out[f"conv_{name}_nchw"], out[f"conv_{name}_nhwc"])
-    return out
-
-
-def langevin_flops_per_image(state: TrainState) -> float:
-    """FLOPs of one posterior Langevin step for one image: generator forward (counted MACs × 2)
-    plus the input-gradient backward (same MACs again); the LEBM MLPs are included."""
-    model, dim = state.model, state.cfg.model.latent_dim
-    z = torch.randn(1, dim, device=state.device)
-    macs = count_macs(model, lambda: (model.compose(z), model.ebm(z)))
-    return 2.0 * 2.0 * macs
-
-
-# Variants timed beside our fast path, each undoing one of its measured choices: PyTorch's own
-# InstanceNorm2d (which returns NCHW, so every up-block pays layout copies around it), and that plus
-# NCHW conv weights (the model as it was before either change).
-VARIANTS = {"ours": "our InstanceNorm2d, NHWC weights",
-            "torch-norm": "nn.InstanceNorm2d, NHWC weights",
-            "torch-norm-nchw": "nn.InstanceNorm2d, NCHW weights"}
-
-
-def _with_torch_instance_norm(model: torch.nn.Module) -> None:
-    """Swap every `drc_core.nets.InstanceNorm2d` for `nn.InstanceNorm2d` with the same parameters."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, InstanceNorm2d):
-                stock = torch.nn.InstanceNorm2d(child.num_features, eps=child.eps, affine=True)
-                stock.load_state_dict(child.state_dict())
-                setattr(module, name, stock)
-
-
-def bench_preset(preset: str, batch: int, iterations: int, *, bf16: bool, step_repeat: int,
-                 variant: str = "ours") -> dict:
-    """`variant` (one of VARIANTS) undoes our layer choices for a side-by-side measurement."""
-    cfg = get_config(preset, {"optim.batch_size": batch, "langevin.bf16": bf16})
-    state = TrainState.create(cfg, batch)
-    if variant != "ours":
-        _with_torch_instance_norm(state.model)
-    if variant == "torch-norm-nchw":
-        state.model.to(memory_format=torch.contiguous_format)
-    res = cfg.model.resolution
-    x = torch.rand(batch, 3, res, res) * 2 - 1
-    ids = torch.arange(batch)
-    z = torch.randn(batch, cfg.model.latent_dim)
-
-    def posterior_step():
-        v = z.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(posterior_energy(state.model, x, v, cfg).sum(), v)
-        return g
-
-    def prior_step():
-        v = z.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(prior_energy(state.model, v).sum(), v)
-        return g
-
-    t_post = _timeit(posterior_step, step_repeat)
-    t_prior = _timeit(prior_step, step_repeat * 5)
-    t0 = time.perf_counter()
-    for _ in range(iterations):
-        state.step(x, ids)
-    t_iter = (time.perf_counter() - t0) / iterations
-    flops_step = langevin_flops_per_image(state) * batch
-    langevin_s = cfg.langevin.posterior_steps * t_post
-    return {
-        "preset": preset, "batch": batch, "precision": "bf16-langevin" if bf16 else "fp32",
-        "variant": variant,
-        "s_per_iteration": t_iter,
-        "s_per_posterior_step_per_image": t_post / batch,
-        "images_per_s": batch / t_iter,
-        "langevin_share_of_iteration": langevin_s / t_iter,
-        "prior_langevin_s": cfg.langevin.prior_steps * t_prior,
-        "langevin_gflops": flops_step / t_post / 1e9,
-        "gflop_per_posterior_step_per_image": flops_step / batch / 1e9,
-    }
-
-
-def core(args) -> list[dict]:
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    peaks = measure_peaks()
-    print("peaks (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
-    rows = []
-    for spec in args.presets:
-        preset, _, batch = spec.partition(":")
-        for bf16, variant in ((True, "ours"), (True, "torch-norm"), (True, "torch-norm-nchw"), (False, "ours")):
-            r = bench_preset(preset, int(batch or 8), args.iterations, bf16=bf16, step_repeat=args.step_repeat,
-                             variant=variant)
-            peak = peaks["conv_bf16" if bf16 else "conv_fp32"]
-            r["fraction_of_conv_peak"] = r["langevin_gflops"] / peak
-            r["fraction_of_bf16_conv_peak"] = r["langevin_gflops"] / peaks["conv_bf16"]
-            rows.append(r)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-        fast, *others, slow = rows[-4:]
-
-        def ratio(r, key):
-            return r[key] / fast[key]
-        print(f"{preset} batch {batch}: bf16 fast path ({VARIANTS['ours']}) is "
-              f"{ratio(slow, 's_per_iteration'):.2f}× the fp32 path per EM iteration; "
-              + "; ".join(f"{ratio(r, 's_per_iteration'):.2f}× faster per EM iteration "
-                          f"({ratio(r, 's_per_posterior_step_per_image'):.2f}× per posterior step) than with "
-                          f"{VARIANTS[r['variant']]}" for r in others)
-              + f"; Langevin at {fast['fraction_of_bf16_conv_peak']:.0%} of the bf16 conv peak; "
-              f"{1000 * fast['s_per_iteration'] / 3600:.2f} h per 1,000 iterations")
-        if preset == "paper-tmds":
-            # the authors' script is not run here, and its time depends on the CPU as much as ours
-            # does: a ratio against a figure from another machine would be meaningless
-            print("  the paper's reference implementation is not measured by this benchmark: compare it with "
-                  "these figures only when both ran on one machine (spec/drc-algorithm.md)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"peaks": peaks, "rows": rows}, f, indent=2)
-    return rows
+from pipelines.bench_core import _timeit
 
 
 def peak_rss_mb(include_ray_workers: bool) -> float:
@@ -349,11 +200,8 @@ def train(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("core", help="drc_core EM iteration / Langevin step speed")
-    c.add_argument("--presets", nargs="+", default=["paper-tmds:8", "cpu-64:32"], help="preset:batch")
-    c.add_argument("--iterations", type=int, default=1, help="full EM iterations timed per preset")
-    c.add_argument("--step-repeat", type=int, default=3, help="posterior steps timed per preset")
-    c.add_argument("--json", default=None, help="also write the results here")
+    from pipelines import bench_core, bench_quality, bench_segment
+    bench_core.add_parser(sub)
     pre = sub.add_parser("preprocess", help="Ray Data preprocessing vs a single-process loop")
     pre.add_argument("--images", type=int, default=2000)
     pre.add_argument("--size", type=int, default=128)
@@ -364,11 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--iterations", type=int, default=30)
     tr.add_argument("--images", type=int, default=512, help="TM-dSprites training images")
     tr.add_argument("--paper-chains", type=int, default=200_000, help="chains in the paper-dims buffer test")
-    from pipelines import bench_quality, bench_segment
     bench_segment.add_parser(sub)
     bench_quality.add_parser(sub)
     args = p.parse_args(argv)
-    {"core": core, "preprocess": preprocess, "train": train, "segment": bench_segment.run,
+    {"core": bench_core.core, "preprocess": preprocess, "train": train, "segment": bench_segment.run,
      "quality": bench_quality.run}[args.cmd](args)
 
 

@@ -31,7 +31,7 @@ from drc_core.nets import count_macs
 from drc_core.presets import get_config, preset_names
 
 # Default rate: what was measured, not a share of a datasheet peak. One H100 ran a paper-birds EM
-# iteration at batch 48 in 5.13 s = 23 TFLOP/s achieved (bench/em_iteration_device.py, issue 18);
+# iteration at batch 48 in 5.13 s = 23 TFLOP/s achieved (then bench/em_iteration_device.py, now `pipelines.bench core --device cuda`; issue 18);
 # the former default, 30 % of an A100's 312 TFLOP/s bf16 peak, was ~4× optimistic against it.
 # Small presets are launch-bound and reach less. --device-tflops (a peak, × --utilisation) or
 # --measure (this machine's GEMM peak) replace it.
