@@ -33,7 +33,7 @@ def run(args) -> dict:
     from drc_core.metrics import mean_iou_dice, trivial_baselines
     from drc_core.presets import get_config
     from drc_core.tmds import render_many
-    from pipelines.evaluate import grabcut_masks
+    from pipelines.grabcut import grabcut_masks
     from pipelines.models import load
 
     torch.set_num_threads(args.threads)

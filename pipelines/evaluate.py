@@ -28,28 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import tracking
+from pipelines.grabcut import grabcut_all
 from pipelines.parquet_store import DatasetError, Store, load_arrays, read_part
-
-
-def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5) -> np.ndarray:
-    """GrabCut (OpenCV) per image, initialised with the box = image minus `margin` on each side;
-    deterministic (OpenCV's RNG is seeded with the image's index in `images`)."""
-    import cv2
-    n, h, w = images.shape[:3]
-    m = max(1, int(round(margin * min(h, w))))
-    rect = (m, m, w - 2 * m, h - 2 * m)
-    out = np.zeros((n, h, w), bool)
-    for i in range(n):
-        cv2.setRNGSeed(i)                  # GrabCut's k-means draws from OpenCV's global RNG: seed per
-        mask = np.zeros((h, w), np.uint8)  # image, so an image's mask is the same in any run or batch
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        try:
-            cv2.grabCut(np.ascontiguousarray(images[i][..., ::-1]), mask, rect, bgd, fgd, iterations,
-                        cv2.GC_INIT_WITH_RECT)
-        except cv2.error:                  # degenerate image (e.g. one colour): keep the box
-            mask[m:h - m, m:w - m] = cv2.GC_PR_FGD
-        out[i] = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
-    return out
 
 
 def read_predictions(uri: str) -> dict:
@@ -253,7 +233,7 @@ def _score(pred, truth) -> tuple[np.ndarray, np.ndarray]:
 def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
              margin: float = 0.05, gallery: int = 12, title: str | None = None,
              sections: list[tuple[str, str]] = (), thresholds: tuple[str, ...] = ("0.5",),
-             masks_dir: str | None = None, max_pixels: int | None = None) -> dict:
+             masks_dir: str | None = None, max_pixels: int | None = None, quiet: bool = False) -> dict:
     """Score each segmentation output's masks (row `name`, the policy it was segmented with) and,
     from its stored π_f, the same π_f under each policy of `thresholds` (row `name, <policy>`; the
     DRC protocol's ½ is always among them), beside GrabCut and trivial masks on the same images.
@@ -274,8 +254,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     seconds = {}
     if grabcut:
         t0 = time.perf_counter()
-        methods["GrabCut"] = (grabcut_masks(images, margin) if masks_dir is None else
-                              [grabcut_masks(im[None], margin)[0] for im in images])
+        methods["GrabCut"] = grabcut_all(images, margin, quiet=quiet)
         seconds["grabcut_images_per_s"] = len(images) / (time.perf_counter() - t0)
     methods["all foreground"] = [np.ones(s, bool) for s in shapes]
 
@@ -367,6 +346,7 @@ def main(argv=None) -> dict:
                    help="also score the stored π_f under this policy (repeatable; 0.5, a number, otsu, "
                         "otsu-corpus, gmm, gmm-corpus); the ½ protocol is always scored")
     p.add_argument("--no-grabcut", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--grabcut-margin", type=float, default=0.05)
     p.add_argument("--gallery", type=int, default=12, help="worst cases shown")
     p.add_argument("--tracking-uri", default=None)
@@ -389,7 +369,7 @@ def main(argv=None) -> dict:
     try:
         result = evaluate(args.data, preds, Path(args.out), split=args.split, grabcut=not args.no_grabcut,
                           margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds,
-                          masks_dir=args.masks)
+                          masks_dir=args.masks, quiet=args.quiet)
     except DatasetError as exc:
         sys.exit(f"evaluate: {exc}")
     result["mlflow_run_id"] = track(result, Path(args.out), tracking.tracking_uri(args.tracking_uri), args.experiment,

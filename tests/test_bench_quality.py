@@ -9,7 +9,7 @@ from drc_core.metrics import mean_iou_dice, trivial_baselines
 from drc_core.presets import get_config
 from drc_core.threshold import DEFAULT
 from pipelines import bench
-from pipelines.evaluate import grabcut_masks
+from pipelines.grabcut import grabcut_masks
 from pipelines.local import render_test
 
 TINY = ["data.train_size=48", "optim.batch_size=8", "langevin.posterior_steps=2", "langevin.prior_steps=2"]
@@ -38,3 +38,15 @@ def test_quality_benchmark_aggregates_seeds_beside_baselines(tmp_path, capsys):
     assert rows["all foreground"]["iou"]["mean"] == pytest.approx(trivial_baselines(masks)["all_foreground"]["iou"])
     assert result["test_images"] == 16 and all(f["images"] == 16 for f in finals)
     assert "GrabCut" in printed and "DRC protocol" in printed and result["cpu"]
+
+
+def test_grabcut_in_a_process_pool_gives_the_single_process_masks():
+    from pipelines.grabcut import grabcut_all
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 60, (40, 48, 48, 3), dtype=np.uint8)      # dark noise
+    for i, im in enumerate(images):
+        im[10 + i % 8:30 + i % 8, 12:34] = rng.integers(180, 255, 3)   # a bright square, moving
+    one = grabcut_masks(images)
+    pooled = grabcut_all(images, workers=2, quiet=True)
+    assert len(pooled) == 40 and all((a == b).all() for a, b in zip(one, pooled))
+    assert 0 < np.mean(one) < 1                                        # GrabCut did cut something
