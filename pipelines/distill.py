@@ -145,7 +145,9 @@ def run(args) -> dict:
             if (step + 1) % 50 == 0 or step + 1 == args.steps:
                 tracking.log_metrics(uri, run_id, {"loss": float(np.mean(losses[-50:]))}, step + 1)
             if (step + 1) % 500 == 0:
-                print(f"distill: step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f}", flush=True)
+                rate = (step + 1) / (time.perf_counter() - t1)
+                print(f"distill: step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f} "
+                      f"{rate:.1f} steps/s eta {(args.steps - step - 1) / rate:.0f} s", flush=True)
 
         t1 = time.perf_counter()
         student = distill(pairs, scfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--address", default=None, help="Ray address (default: local, or the job's cluster)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the summary table is still printed)")
     args = p.parse_args(argv)
     from pipelines.ray_env import ScratchPathError, check_job_outputs
     try:
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         desc.update(bank_seed=cfg.data.bank_seed, sprite_size=list(cfg.data.sprite_size))
     try:
         manifest = run(records, opt, args.out, rows_per_file=args.rows_per_file, overwrite=args.overwrite,
-                       description=desc)
+                       description=desc, progress=not args.quiet)
     except (DatasetExists, DatasetError) as exc:        # an existing dataset, a failed write (disk full)
         sys.exit(f"preprocess: {exc}")
     print(summary_table(manifest))

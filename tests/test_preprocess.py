@@ -93,7 +93,12 @@ def test_existing_dataset_is_not_overwritten_unless_asked(ray_local, tmp_path):
     with pytest.raises(SystemExit, match="already exists"):
         _run("tm-dsprites", tmp_path / "d", extra=args)
     assert (tmp_path / "d" / "_manifest.json").read_text() == before
-    m = _run("tm-dsprites", tmp_path / "d", extra=[*args[:3], "6", "--test", "0", "--overwrite"])
+    import ray
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    m = _run("tm-dsprites", tmp_path / "d", extra=[*args[:3], "6", "--test", "0", "--overwrite", "--quiet"])
+    assert not ctx.enable_progress_bars                       # --quiet: Ray Data's bars off for the run
+    ctx.enable_progress_bars = False                          # the session's setting (conftest)
     assert m["counts"]["ok"] == 6 and Store(str(tmp_path / "d")).read_manifest()["counts"]["ok"] == 6
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.tmp")]
 
