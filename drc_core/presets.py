@@ -49,8 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # latent as wide as the foreground's, since a cluttered photo background is no 4-d texture
     # (cpu-64 gave the foreground expert 70 % of every photo), and a centre-bias prior on the mask: without
     # it the foreground expert's share of PASCAL-S went to neither object nor background (IoU 17–18 after
-    # 100–200 iterations, below all-foreground 26), with it 32 (still at the centred ellipse, 36.6,
-    # not above it). Measured on PASCAL-S: docs/quality.md §3.
+    # 100–200 iterations, below all-foreground 26), with it 32 (still 4 below the best centred
+    # ellipse, 36.6). Measured on PASCAL-S: docs/quality.md §3.
     "photo-64": {"model.resolution": 64, "model.fg_dim": 64, "model.bg_dim": 64, "model.reassign_dim": 128,
                  "model.center_prior": 2.0,
                  "model.trunk_channels": 64, "model.up_widths": (128, 64, 32, 16),
