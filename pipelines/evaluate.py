@@ -51,15 +51,17 @@ def read_predictions(uri: str) -> dict:
     def stack(column, convert, dtype):
         arrs = [convert(np.asarray(Image.open(io.BytesIO(b)))) for t in tables for b in t[column].to_pylist()]
         return (np.stack(arrs) if arrs else np.zeros((0, size, size), dtype))[order]
-    def column(name):
-        return [v for t in tables for v in t[name].to_pylist()] if has_prob else []
-    geometry = [None if r is None else (h, w, tuple(r), t) for h, w, r, t in
-                zip(column("height"), column("width"), column("region"), column("threshold"))]
-    return {"manifest": manifest, "sample_id": ids[order], "masks": stack("mask", lambda a: a > 127, bool),
-            "prob": stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32) if has_prob else None,
-            "key": [column("key")[i] for i in order] if has_prob else None,
-            # image-file rows: (height, width, region, threshold) of the photo; None for Parquet rows
-            "geometry": [geometry[i] for i in order] if has_prob else None}
+    def column(name):                      # in sample_id order
+        values = [v for t in tables for v in t[name].to_pylist()]
+        return [values[i] for i in order]
+    out = {"manifest": manifest, "sample_id": ids[order], "masks": stack("mask", lambda a: a > 127, bool),
+           "prob": None, "key": None, "geometry": None}
+    if has_prob:
+        out.update(prob=stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32), key=column("key"),
+                   # image-file rows: (height, width, region, threshold) of the photo; None for Parquet rows
+                   geometry=[None if r is None else (h, w, tuple(r), t) for h, w, r, t in
+                             zip(column("height"), column("width"), column("region"), column("threshold"))])
+    return out
 
 
 PROTOCOL_LABEL = "π_f > ½, DRC protocol"
@@ -140,14 +142,14 @@ figcaption{{font-size:12px}}</style></head><body>
 </body></html>""")
 
 
-def _policy_masks(p: dict, sel: np.ndarray, extra: list[str]) -> dict[str, np.ndarray]:
-    """The stored π_f of prediction rows `sel` under each policy of `extra` other than the one the
-    output was written with, at model resolution: {"<policy label>": (N, S, S) bool}."""
+def _policy_masks(p: dict, extra: list[str], masks_of) -> dict[str, object]:
+    """`masks_of(policy)` for each policy of `extra` other than the one the output was written
+    with (none for outputs without stored π_f): {"<policy label>": masks}."""
     from drc_core.threshold import ThresholdPolicy
     if p["prob"] is None:
         return {}
     written = p["manifest"].get("threshold_policy")
-    return {policy_label(policy.name): policy.masks(p["prob"][sel]).numpy()
+    return {policy_label(policy.name): masks_of(policy)
             for policy in map(ThresholdPolicy.parse, extra) if policy.name != written}
 
 
@@ -168,7 +170,8 @@ def _model_size_inputs(data: str, split: str | None, loaded: dict, extra: list[s
     for name, p in loaded.items():
         sel = np.searchsorted(p["sample_id"], common)
         methods[name] = p["masks"][sel]
-        methods.update({f"{name}, {label}": m for label, m in _policy_masks(p, sel, extra).items()})
+        policies = _policy_masks(p, extra, lambda policy: policy.masks(p["prob"][sel]).numpy())
+        methods.update({f"{name}, {label}": m for label, m in policies.items()})
     return {"ids": common, "images": gt["images"][rows], "masks": gt["masks"][rows] > 0, "splits": gt["split"][rows],
             "keys": gt["key"][rows], "methods": methods, "truth": f"{int(gt['sample_id'].size)} ground-truth images"}
 
@@ -179,7 +182,6 @@ def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str
     unsegmented count as background."""
     from pipelines import sources
     from pipelines.imaging import BadInput, decode_image, full_size_mask, read_photo
-    from drc_core.threshold import ThresholdPolicy
     from pipelines.locations import read_bytes
     records = {r["key"]: r for r in sources.folder(photos, masks_dir) if r.get("mask_path")}
     if not records:
@@ -193,7 +195,7 @@ def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str
         common = [k for k in common if k in have]
     if not common:
         raise DatasetError(f"no photo under {photos} with a mask under {masks_dir} is covered by every prediction")
-    images, masks, bad = [], [], []
+    images, masks = [], []
     for k in common:
         try:
             images.append(read_photo(records[k]["path"], max_pixels))
@@ -205,26 +207,26 @@ def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str
                                f"{images[-1].shape[:2]}")
     methods = {}
     for name, p in loaded.items():
-        sel = np.array([p["key"].index(k) for k in common])
+        row_of = {k: i for i, k in enumerate(p["key"])}
+        sel = np.array([row_of[k] for k in common])
         geo = [p["geometry"][i] for i in sel]
         if any(g is None for g in geo):
             raise DatasetError(f"--pred {name}: some rows have no photo geometry")
-        def at_size(thresholds):          # the photo's mask as segment writes it; unsegmented = background
-            return [full_size_mask(p["prob"][i], t, g[2], g[0], g[1]) == 255 for i, g, t in zip(sel, geo, thresholds)]
+
+        def at_size(thresholds, sel=sel, geo=geo, prob=p["prob"]):  # as segment writes it; unsegmented = bg
+            return [full_size_mask(prob[i], t, g[2], g[0], g[1]) == 255 for i, g, t in zip(sel, geo, thresholds)]
         methods[name] = at_size([g[3] for g in geo])
-        written = p["manifest"].get("threshold_policy")
-        for policy in map(ThresholdPolicy.parse, extra):
-            if policy.name != written:
-                methods[f"{name}, {policy_label(policy.name)}"] = at_size(policy.thresholds(p["prob"][sel]).numpy())
+        policies = _policy_masks(p, extra, lambda policy: at_size(policy.thresholds(p["prob"][sel]).numpy()))
+        methods.update({f"{name}, {label}": m for label, m in policies.items()})
     return {"ids": np.arange(len(common)), "images": images, "masks": masks,
             "splits": np.array([records[k]["split"] for k in common]), "keys": np.array(common),
             "methods": methods, "truth": f"{len(records)} photos with a mask, scored at their own size"}
 
 
 def _score(pred, truth) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image IoU and Dice of stacked (N, H, W) masks or of lists of masks of any sizes."""
+    """Per-image IoU and Dice of stacked (N, H, W) masks, or of lists of masks of any sizes."""
     from drc_core.metrics import iou_dice
-    if isinstance(truth, list):
+    if isinstance(pred, list) or isinstance(truth, list):
         pairs = [iou_dice(p, t) for p, t in zip(pred, truth)]
         return np.array([float(i) for i, _ in pairs]), np.array([float(d) for _, d in pairs])
     return tuple(t.numpy() for t in iou_dice(pred, truth))
@@ -260,11 +262,11 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
 
     def discs(f):
         return [centre_ellipse(*s, f).numpy() for s in shapes]
-    disc = max(DISC_AREAS, key=lambda f: _score(discs(f), list(masks))[0].mean())
+    disc = max(DISC_AREAS, key=lambda f: _score(discs(f), masks)[0].mean())
     methods[f"centred disc (best area {disc:.0%})"] = discs(disc)
     per_image, table = {}, []
     for name, pred in methods.items():
-        iou, dice = _score(pred, masks if not isinstance(pred, list) else list(masks))
+        iou, dice = _score(pred, masks)
         per_image[name] = iou
         present = sorted(set(splits.tolist()))
         for s in present + (["all"] if len(present) > 1 else []):
