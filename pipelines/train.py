@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     except OSError as exc:                                 # an object store out of reach, no such bucket
         raise SystemExit(f"--storage {storage}: cannot read it ({os_reason(exc)})") from None
     check_dataset(args.data, cfg, args.preset)
+    args.data = locations.absolute(args.data)             # workers may run in another folder
     iterations = args.iterations or cfg.optim.iterations
     devices.check(args.device, "train")
 

@@ -177,14 +177,16 @@ def resume(state: TrainState, job: TrainJob, rank: int, world: int) -> None:
         restore(state, folder, job, rank, world, verified)
 
 
-TRIVIAL_AREA = 0.01          # a mask covering < 1 % or > 99 % of the image separates nothing
+LABEL_FREE = ("recon", "nontrivial", "separability", "confidence", "agreement")
 
 
 def evaluate_shard(state: TrainState, data: dict | None, comms: Comms, steps: int | None) -> dict[str, float]:
     """Held-out evaluation over all workers' slices of the evaluation images, from fresh chains:
     IoU/Dice (%) when the data has masks (eval_iou/eval_dice with the default threshold policy,
     eval_iou_protocol/eval_dice_protocol at the DRC protocol's π_f > ½), and always the
-    unsupervised score
+    label-free scores of `drc_core.metrics.label_free_scores` (eval_lf_<name>; a second chain per
+    image, seed 1, gives `agreement`) and the unsupervised score that Tune ranks trials by without
+    labels
 
         eval_score = −(eval_recon_l1 + eval_trivial)
 
@@ -193,25 +195,27 @@ def evaluate_shard(state: TrainState, data: dict | None, comms: Comms, steps: in
     or all background, the degenerate partitions where one expert explains the whole image —
     those can reconstruct well and segment nothing, so each one costs a full unit."""
     from drc_core.inference import segment
-    from drc_core.metrics import iou_dice
+    from drc_core.metrics import iou_dice, label_free_scores
     from drc_core.threshold import DEFAULT
-    sums = dict.fromkeys(("iou", "dice", "iou_protocol", "dice_protocol", "n_masks", "n", "mask_area", "recon_l1",
-                          "trivial"), 0.0)
+    sums = dict.fromkeys(("iou", "dice", "iou_protocol", "dice_protocol", "n_masks", "n", "mask_area",
+                          *LABEL_FREE), 0.0)
     if data is not None and len(data["images"]):
         seg = segment(state.model, data["images"], state.cfg, steps=steps, seed=0, device=state.device)
-        area = seg.mask.float().mean(dim=(1, 2))
-        sums.update(n=float(len(area)), mask_area=float(area.sum()), recon_l1=float(seg.recon_l1.sum()),
-                    trivial=float(((area < TRIVIAL_AREA) | (area > 1 - TRIVIAL_AREA)).sum()))
+        again = segment(state.model, data["images"], state.cfg, steps=steps, seed=1, device=state.device)
+        masks = DEFAULT.masks(seg.prob)
+        scores = label_free_scores(seg.prob, masks, seg.recon_l1, DEFAULT.masks(again.prob))
+        sums.update(n=float(len(masks)), mask_area=float(seg.mask.float().mean(dim=(1, 2)).sum()),
+                    **{k: float(v.sum()) for k, v in scores.items()})
         if "masks" in data:
             truth = torch.as_tensor(data["masks"]) > 0
-            iou, dice = iou_dice(DEFAULT.masks(seg.prob), truth)
+            iou, dice = iou_dice(masks, truth)
             iou_p, dice_p = iou_dice(seg.mask, truth)
             sums.update(iou=float(iou.sum()), dice=float(dice.sum()), iou_protocol=float(iou_p.sum()),
                         dice_protocol=float(dice_p.sum()), n_masks=float(len(iou)))
     t = comms.sum(sums)
     n = max(t["n"], 1.0)
-    out = {"eval_mask_area": t["mask_area"] / n, "eval_recon_l1": t["recon_l1"] / n,
-           "eval_trivial": t["trivial"] / n}
+    out = {"eval_mask_area": t["mask_area"] / n, "eval_recon_l1": -t["recon"] / n,
+           "eval_trivial": -t["nontrivial"] / n, **{f"eval_lf_{k}": t[k] / n for k in LABEL_FREE}}
     out["eval_score"] = -(out["eval_recon_l1"] + out["eval_trivial"])
     if t["n_masks"]:
         out.update({f"eval_{k}": 100 * t[k] / t["n_masks"] for k in ("iou", "dice", "iou_protocol", "dice_protocol")})

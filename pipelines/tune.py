@@ -33,7 +33,7 @@ from pipelines.errors import os_reason
 from pipelines.parquet_store import load_rows, split_ids
 from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
-from pipelines.train_worker import TrainJob
+from pipelines.train_worker import LABEL_FREE, TrainJob
 
 STUDY_FILE = "drc_study.json"
 # What a trial actor itself reserves. It only starts the trial's Ray Train run and waits for its
@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     base = get_config(args.preset, overrides)
     params = search_space.load(args.space, base)
     check_dataset(args.data, base, args.preset)
+    args.data = locations.absolute(args.data)             # each trial runs in its own folder
     devices.check(args.device, "tune")
     metric = args.metric if args.metric != "auto" else ("eval_iou" if _has_masks(args.data, "test") else "eval_score")
     storage = locations.absolute(args.storage)            # a local folder or a URI (s3://bucket/tune)
@@ -259,7 +260,8 @@ def summarize(grid, study: dict, searched: list[str], resources: dict | None = N
         m = r.metrics or {}
         rows.append({"trial": Path(r.path).name, **{k: r.config.get(k) for k in searched},
                      "iterations": m.get("iteration"), "eval_iou": m.get("eval_iou"),
-                     "eval_score": m.get("eval_score"), "status": "error" if r.error else "ok",
+                     "eval_score": m.get("eval_score"),
+                     **{k: m.get(k) for k in LABEL_FREE_METRICS}, "status": "error" if r.error else "ok",
                      "error": _reason(r.error) if r.error else None,
                      # Ray gives the path on the storage's filesystem (no scheme on object stores)
                      "checkpoint": locations.from_fs_path(study["train_storage"], m["checkpoint_path"])
@@ -277,10 +279,12 @@ def summarize(grid, study: dict, searched: list[str], resources: dict | None = N
         if best["checkpoint"] and locations.exists(best["checkpoint"]):
             c.set_tag(parent, "best_checkpoint", best["checkpoint"])
             _log_checkpoint(c, parent, best["checkpoint"])
-        paired = [x for x in done if x["eval_iou"] is not None and x["eval_score"] is not None]
-        if len(paired) >= 3:
-            out["spearman_score_vs_iou"] = spearman([x["eval_score"] for x in paired], [x["eval_iou"] for x in paired])
-            tracking.log_metrics(uri, parent, {"spearman_score_vs_iou": out["spearman_score_vs_iou"]}, step=0)
+        rho = _rank_correlations(done)
+        if rho:
+            out["spearman_vs_iou"] = rho
+            out["spearman_score_vs_iou"] = rho["eval_score"]
+            tracking.log_metrics(uri, parent, {"spearman_score_vs_iou": rho["eval_score"],
+                                               **{f"spearman_{k}_vs_iou": v for k, v in rho.items()}}, step=0)
     # trials that ASHA stopped were killed mid-fit: close their child runs as such
     for run in c.search_runs([c.get_run(parent).info.experiment_id],
                              f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
@@ -302,6 +306,21 @@ def summarize(grid, study: dict, searched: list[str], resources: dict | None = N
     return out
 
 
+LABEL_FREE_METRICS = [f"eval_lf_{k}" for k in LABEL_FREE]
+
+
+def _rank_correlations(done: list[dict]) -> dict[str, float]:
+    """Spearman's ρ between each label-free score and the IoU over the finished trials (≥ 3 with both):
+    how well a study on unlabelled data would have ranked them."""
+    rho = {}
+    for k in ["eval_score", *LABEL_FREE_METRICS]:
+        paired = [x for x in done if x["eval_iou"] is not None and x.get(k) is not None]
+        r = spearman([x[k] for x in paired], [x["eval_iou"] for x in paired]) if len(paired) >= 3 else None
+        if r is not None and r == r:                      # NaN where a score is constant over the trials
+            rho[k] = r
+    return rho
+
+
 def _log_checkpoint(c, run_id: str, checkpoint: str) -> None:
     """The checkpoint's files as the run's best_checkpoint/ artifacts (copied from object storage
     to a temporary folder first: MLflow logs local files)."""
@@ -321,8 +340,8 @@ def _print_table(rows, searched, out) -> None:
         print(" | ".join(fmt(r.get(c)) for c in cols) + (f"  ({r['error']})" if r["error"] else ""))
     if "best" in out:
         print(f"best: {out['best']['trial']} {out['metric']}={out['best'][out['metric']]:.4g}")
-    if "spearman_score_vs_iou" in out:
-        print(f"Spearman rank correlation, unsupervised score vs IoU: {out['spearman_score_vs_iou']:.3f}")
+    for k, v in out.get("spearman_vs_iou", {}).items():
+        print(f"Spearman rank correlation, label-free {k} vs IoU: {v:.3f}")
 
 
 def main(argv=None) -> dict:
