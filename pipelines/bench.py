@@ -57,8 +57,8 @@ def preprocess(args) -> dict:
     import pyarrow.parquet as pq
 
     from pipelines import preprocess as pp
-    from pipelines.ray_env import init_ray
-    from pipelines.sources import tm_dsprites
+    from pipelines.lib.ray_env import init_ray
+    from pipelines.lib.sources import tm_dsprites
 
     records = tm_dsprites(args.images, 0)
     opt = pp.Options(source="tm-dsprites", size=args.size, sprite_size=(0.15, 0.30))
@@ -76,7 +76,7 @@ def preprocess(args) -> dict:
         loop_mb = peak_rss_mb(include_ray_workers=False)
         init_ray(num_cpus=2)
         import ray
-        from pipelines.ray_env import set_progress_bars
+        from pipelines.lib.ray_env import set_progress_bars
         set_progress_bars(ray.data.DataContext.get_current(), False)
         t0 = time.perf_counter()
         manifest = pp.run(records, opt, str(work / "ray"), rows_per_file=args.rows_per_file, progress=False)
@@ -151,9 +151,9 @@ def train(args) -> dict:
     import uuid
 
     from pipelines import preprocess as pp
-    from pipelines.ray_env import init_ray
+    from pipelines.lib.ray_env import init_ray
     from pipelines.train import build_trainer
-    from pipelines.train_worker import TrainJob
+    from pipelines.lib.train_worker import TrainJob
 
     cfg = get_config(args.preset)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))

@@ -108,7 +108,7 @@ def run(args) -> dict:
     from drc_core.metrics import mean_iou_dice, trivial_baselines
     from drc_core.presets import get_config
     from drc_core.threshold import DEFAULT
-    from pipelines.grabcut import grabcut_masks
+    from pipelines.lib.grabcut import grabcut_masks
 
     cfg = get_config(args.preset, parse_override_args(args.overrides))       # fail fast on a bad override
     if args.data != "tmds" and not Path(args.data).exists() and "://" not in args.data:

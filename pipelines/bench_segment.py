@@ -33,8 +33,8 @@ def run(args) -> dict:
     from drc_core.metrics import mean_iou_dice, trivial_baselines
     from drc_core.presets import get_config
     from drc_core.tmds import render_many
-    from pipelines.grabcut import grabcut_masks
-    from pipelines.models import load
+    from pipelines.lib.grabcut import grabcut_masks
+    from pipelines.lib.models import load
 
     torch.set_num_threads(args.threads)
     cfg = get_config(args.preset)

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import devices, tracking
-from pipelines.ray_env import ScratchPathError
-from pipelines.models import LANGEVIN, ModelError, load, save_student
+from pipelines.lib import devices, tracking
+from pipelines.lib.ray_env import ScratchPathError
+from pipelines.lib.models import LANGEVIN, ModelError, load, save_student
 
 PAIR_KINDS = ("chains", "posterior", "prior")
 
@@ -36,7 +36,7 @@ PAIR_KINDS = ("chains", "posterior", "prior")
 def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from drc_core.amortized import chain_pairs, prior_pairs
     from drc_core.inference import images_to_tensor, segment
-    from pipelines.parquet_store import load_arrays
+    from pipelines.lib.parquet_store import load_arrays
     cfg, model = teacher.cfg, teacher.net
     train = None
     if {"chains", "posterior"} & set(kinds):
@@ -54,7 +54,7 @@ def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, tor
         if kind == "chains":
             if teacher.checkpoint is None:
                 raise ModelError("--pairs chains needs a training checkpoint folder as --teacher")
-            from pipelines.checkpoints import ChainReader
+            from pipelines.lib.checkpoints import ChainReader
             z = ChainReader(teacher.checkpoint).get(train["sample_id"])
             out.append(chain_pairs(model, train["images"], z))
         elif kind == "posterior":
@@ -100,7 +100,7 @@ def run(args) -> dict:
     from drc_core.metrics import mean_iou_dice
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipelines.ray_env import check_job_outputs
+    from pipelines.lib.ray_env import check_job_outputs
     check_job_outputs("distill", {"--out": args.out or "runs/distill",
                                   "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
     device = devices.resolve(args.device, "distill")
@@ -160,7 +160,7 @@ def run(args) -> dict:
             agree = torch.sigmoid(student(x[:512].to(device)))[:, 0].cpu() > 0.5
         summary["train_agreement_iou"] = mean_iou_dice(agree, y[:512] > 0.5)["iou"]
         if args.data:
-            from pipelines.parquet_store import load_arrays
+            from pipelines.lib.parquet_store import load_arrays
             test = load_arrays(args.data, "test")
             if "masks" in test and len(test["sample_id"]):
                 n = min(args.eval_images, len(test["sample_id"]))
@@ -180,7 +180,7 @@ def run(args) -> dict:
         c.log_artifact(run_id, str(path))
         c.log_artifact(run_id, str(out / "summary.json"))
         if not args.no_model:
-            from pipelines.mlflow_model import log_pyfunc
+            from pipelines.lib.mlflow_model import log_pyfunc
             with tempfile.TemporaryDirectory() as tmp:
                 weights = Path(tmp) / "student.pt"
                 weights.write_bytes(path.read_bytes())

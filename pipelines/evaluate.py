@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import tracking
-from pipelines.grabcut import grabcut_all
-from pipelines.parquet_store import DatasetError, Store, load_arrays, read_part
+from pipelines.lib import tracking
+from pipelines.lib.grabcut import grabcut_all
+from pipelines.lib.parquet_store import DatasetError, Store, load_arrays, read_part
 
 
 def read_predictions(uri: str) -> dict:
@@ -97,7 +97,7 @@ def _histogram(per_image: dict[str, np.ndarray], path: Path) -> None:
 
 def _tile(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: int) -> np.ndarray:
     """image | ground truth | prediction over the image (red = predicted fg, green edge = truth)."""
-    from pipelines.mask_files import overlay
+    from pipelines.lib.mask_files import overlay
     over = overlay(image, pred, min_size=1)
     gt_rgb = np.repeat((gt * 255).astype(np.uint8)[..., None], 3, 2)
     strip = np.concatenate([image, np.full((image.shape[0], 2, 3), 255, np.uint8), gt_rgb,
@@ -180,9 +180,9 @@ def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str
     """Ground truth from the original mask files; π_f mapped back onto each photo (the crop/resize
     segment recorded), thresholded per image as at model resolution. Pixels a centre crop left
     unsegmented count as background."""
-    from pipelines import sources
-    from pipelines.imaging import BadInput, decode_image, full_size_mask, read_photo
-    from pipelines.locations import read_bytes
+    from pipelines.lib import sources
+    from pipelines.lib.imaging import BadInput, decode_image, full_size_mask, read_photo
+    from pipelines.lib.locations import read_bytes
     records = {r["key"]: r for r in sources.folder(photos, masks_dir) if r.get("mask_path")}
     if not records:
         raise DatasetError(f"--masks {masks_dir}: no mask file matches an image under --photos {photos}")
@@ -244,7 +244,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     `masks_dir`, the folder of photos that segment read (scored at each photo's own size against
     the mask files there, keyed like the photos)."""
     from drc_core.metrics import DISC_AREAS, centre_ellipse
-    from pipelines.imaging import MAX_PIXELS
+    from pipelines.lib.imaging import MAX_PIXELS
     loaded = {name: read_predictions(uri) for name, uri in preds.items()}
     extra = list(dict.fromkeys(["0.5", *thresholds]))
     got = (_model_size_inputs(data, split, loaded, extra) if masks_dir is None
@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
     p.add_argument("--experiment", default=tracking.default_experiment(),
                    help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
     args = p.parse_args(argv)
-    from pipelines.ray_env import ScratchPathError, check_job_outputs
+    from pipelines.lib.ray_env import ScratchPathError, check_job_outputs
     try:
         check_job_outputs("evaluate", {"--out": args.out, "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
     except ScratchPathError as exc:

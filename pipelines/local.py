@@ -25,8 +25,8 @@ from drc_core.metrics import trivial_baselines
 from drc_core.presets import get_config, preset_names
 from drc_core.tmds import render_many
 from drc_core.viz import composition_grid
-from pipelines import devices
-from pipelines.models import save_drc
+from pipelines.lib import devices
+from pipelines.lib.models import save_drc
 
 
 def render_test(cfg, n: int):
@@ -44,7 +44,7 @@ def dataset_images(cfg, data: str | None, eval_split: str | None, n_eval: int | 
         train, _ = render_many("train", range(d.train_size), size=size, bank_seed=d.bank_seed,
                                sprite_size=d.sprite_size)
         return (train, *render_test(cfg, n_eval or d.test_size))
-    from pipelines.parquet_store import load_arrays
+    from pipelines.lib.parquet_store import load_arrays
     train = load_arrays(data)
     if train["images"].shape[1] != size:
         raise SystemExit(f"local: --data {data} has resolution {train['images'].shape[1]}, preset {cfg.preset} "
@@ -186,7 +186,7 @@ def evaluate_saved(args, device) -> dict:
     """Evaluate a saved model (runs/<name>/model.pt) on the first N test images."""
     from drc_core.config import DRCConfig, apply_overrides
     from drc_core.model import DRCModel
-    from pipelines.checkpoints import CheckpointError, safe_load
+    from pipelines.lib.checkpoints import CheckpointError, safe_load
     try:
         saved = safe_load(args.evaluate_only)
     except CheckpointError as exc:

@@ -5,7 +5,7 @@
     python -m pipelines.preprocess --source cub --input CUB_200_2011/ --crop box --resolution 128 --out data/cub
     python -m pipelines.preprocess --source folder --input s3://bucket/photos/ --resolution 64 --out s3://bucket/data/photos
 
-Inputs and outputs are folders or URIs (pipelines/locations.py: credentials and endpoint from
+Inputs and outputs are folders or URIs (pipelines/lib/locations.py: credentials and endpoint from
 the environment, e.g. AWS_* and AWS_ENDPOINT_URL for an S3-compatible store).
 
 Read, decode, crop/resize, validate and write all run as Ray Data tasks; the driver only lists
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines import sources
-from pipelines.locations import read_bytes
-from pipelines.imaging import (CROPS, MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image,
+from pipelines.lib import sources
+from pipelines.lib.locations import read_bytes
+from pipelines.lib.imaging import (CROPS, MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image,
                                decode_mask, open_image)
-from pipelines.parquet_store import SCHEMA_VERSION, DatasetError, DatasetExists, Store
+from pipelines.lib.parquet_store import SCHEMA_VERSION, DatasetError, DatasetExists, Store
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 CLEVR_CROP = (64, 29, 256, 221)       # (left, top, right, bottom) on 320×240 CLEVR frames
@@ -158,7 +158,7 @@ def run(records: list[dict], opt: Options, out: str, *, rows_per_file: int = 200
     store.check_writable(overwrite)
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
-    from pipelines.ray_env import set_progress_bars
+    from pipelines.lib.ray_env import set_progress_bars
     set_progress_bars(ctx, progress)
     # rows stay in (split, key) order end to end, so ids are contiguous per file without a shuffle
     ctx.execution_options.preserve_order = True
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the summary table is still printed)")
     args = p.parse_args(argv)
-    from pipelines.ray_env import ScratchPathError, check_job_outputs
+    from pipelines.lib.ray_env import ScratchPathError, check_job_outputs
     try:
         check_job_outputs("preprocess", {"--out": args.out})
     except ScratchPathError as exc:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         records = list_records(args)
     except sources.SourceError as exc:
         sys.exit(f"preprocess: {exc}")
-    from pipelines.ray_env import init_ray
+    from pipelines.lib.ray_env import init_ray
     init_ray(address=args.address, num_cpus=args.num_cpus)
     desc = {"input": args.input, "preset": args.preset}
     if args.source == "tm-dsprites":

@@ -36,7 +36,7 @@ def learning_curve(uri: str, run_id: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pipelines import tracking
+    from pipelines.lib import tracking
     c = tracking.client(uri)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, keys, label in ((axes[0], {"eval_iou": "default threshold policy", "eval_iou_protocol": "π_f > ½"},
@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", "--output", dest="out", default=None, help="output folder (default: runs/quickstart-<time>)")
     args = p.parse_args(argv)
 
-    from pipelines import distill, evaluate, preprocess, segment, train, tracking
+    from pipelines import distill, evaluate, preprocess, segment, train
+    from pipelines.lib import tracking
     from pipelines.local import save_grid
-    from pipelines.models import load
-    from pipelines.parquet_store import load_arrays
-    from pipelines.ray_env import init_ray
+    from pipelines.lib.models import load
+    from pipelines.lib.parquet_store import load_arrays
+    from pipelines.lib.ray_env import init_ray
 
-    from pipelines.ray_env import ScratchPathError, check_job_outputs
+    from pipelines.lib.ray_env import ScratchPathError, check_job_outputs
     try:
         check_job_outputs("quickstart", {"--out": args.out or "runs/quickstart"})
     except ScratchPathError as exc:

@@ -10,9 +10,9 @@ N(0, I) for `--steps` (default: the preset's test steps) on a DRC model; `amorti
 distilled feed-forward segmenter (pipelines.distill) in one pass. `--from-chains` (a training
 checkpoint, training split) starts from each image's persistent chain instead of noise and runs
 only a few refinement steps. The input is a Parquet dataset (pipelines.preprocess) or any image
-folder, local or a URI (s3://bucket/photos/; pipelines/locations.py); an actor pool loads the
+folder, local or a URI (s3://bucket/photos/; pipelines/lib/locations.py); an actor pool loads the
 model once per actor, on `--device` (auto: one GPU per actor when the cluster has GPUs;
-pipelines/devices.py).
+pipelines/lib/devices.py).
 
 Output (spec/architecture.md): `part-XXXXX.parquet` with sample_id, key, split, mask (PNG bytes,
 0/255: π_f above the image's threshold under `--threshold`, default Otsu per image; `0.5` is the
@@ -39,15 +39,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines import devices, locations, sources
-from pipelines.checkpoints import CheckpointError
-from pipelines.errors import find_cause, os_reason
+from pipelines.lib import devices, locations, sources
+from pipelines.lib.checkpoints import CheckpointError
+from pipelines.lib.errors import find_cause, os_reason
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
-from pipelines.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, full_size_mask, model_input, read_photo
-from pipelines.mask_files import overlay, safe_name, write_pair
-from pipelines.models import AMORTIZED, LANGEVIN, ModelError, load
-from pipelines.ray_env import ScratchPathError
-from pipelines.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, DatasetExists, Store, read_part
+from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, full_size_mask, model_input, read_photo
+from pipelines.lib.mask_files import overlay, safe_name, write_pair
+from pipelines.lib.models import AMORTIZED, LANGEVIN, ModelError, load
+from pipelines.lib.ray_env import ScratchPathError
+from pipelines.lib.parquet_store import MANIFEST, SCHEMA_VERSION, DatasetError, DatasetExists, Store, read_part
 
 OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("mask", pa.binary()),
@@ -74,7 +74,7 @@ class SegmentBatch:
         self.steps, self.seed, self.batch_size = steps, seed, batch_size
         self.chains = None
         if from_chains:
-            from pipelines.checkpoints import ChainReader
+            from pipelines.lib.checkpoints import ChainReader
             self.chains = ChainReader(self.seg.checkpoint)
         self.png = Path(png) if png else None
         self.max_pixels = max_pixels
@@ -97,7 +97,7 @@ class SegmentBatch:
         return image, {"height": photo.shape[0], "width": photo.shape[1], "region": list(region)}
 
     def __call__(self, batch) -> pa.Table:
-        from pipelines.mlflow_model import result_frame
+        from pipelines.lib.mlflow_model import result_frame
         rows = batch.to_dict("records")
         out = [{"sample_id": int(r["sample_id"]), "key": r["key"], "split": r["split"], "status": "ok",
                 "reason": "", "mask": None, "fg_fraction": None, "confidence": None, "recon_l1": None,
@@ -219,7 +219,7 @@ def input_dataset(args, resolution: int):
 
 def run(args) -> dict:
     import ray
-    from pipelines.ray_env import actor_restarts, check_job_outputs, init_ray, joins_cluster, set_progress_bars
+    from pipelines.lib.ray_env import actor_restarts, check_job_outputs, init_ray, joins_cluster, set_progress_bars
 
     if args.tracking_uri:
         import mlflow

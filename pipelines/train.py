@@ -9,9 +9,9 @@ Runs locally on an embedded Ray instance, or joins the cluster of a `ray job sub
 One MLflow run per job: params = the resolved config; metrics per iteration from rank 0;
 image grids; the final checkpoint; the model as a pyfunc that segments images. Checkpoints go
 to <storage>/<name>/checkpoint_<iteration>, beside the run record drc_run.json (a local folder
-or a URI: pipelines/locations.py); a crashed worker restarts the group from the last one
+or a URI: pipelines/lib/locations.py); a crashed worker restarts the group from the last one
 (--max-failures), and --resume NAME continues from it (Ray Train restores a run given the same
-name and storage). See pipelines/train_worker.py for the sharding design.
+name and storage). See pipelines/lib/train_worker.py for the sharding design.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from pathlib import Path
 
 from drc_core.config import ConfigError, merged_overrides
 from drc_core.presets import get_config, preset_names
-from pipelines import checkpoints as ckpt
-from pipelines import devices, locations, tracking
-from pipelines.errors import find_cause, os_reason
-from pipelines.parquet_store import DatasetError, Store
-from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
-from pipelines.train_worker import DivergenceError, TrainJob, train_loop
+from pipelines.lib import checkpoints as ckpt
+from pipelines.lib import devices, locations, tracking
+from pipelines.lib.errors import find_cause, os_reason
+from pipelines.lib.parquet_store import DatasetError, Store
+from pipelines.lib.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
+from pipelines.lib.train_worker import DivergenceError, TrainJob, train_loop
 
 RUN_FILE = "drc_run.json"
 
@@ -80,7 +80,7 @@ def check_dataset(data: str, cfg, preset: str) -> dict:
 
 def export_model(checkpoint_dir: str | Path, out: Path) -> Path:
     """model.pt = resolved config + model weights from a checkpoint (what the pyfunc loads)."""
-    from pipelines.models import save_drc
+    from pipelines.lib.models import save_drc
     return save_drc(out, ckpt.load_config(checkpoint_dir), ckpt.load_state(checkpoint_dir)["model"])
 
 
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
             c = tracking.client(uri)
             c.log_artifacts(job.mlflow_run_id, folder, "checkpoint")
             if not args.no_model:
-                from pipelines.mlflow_model import log_pyfunc
+                from pipelines.lib.mlflow_model import log_pyfunc
                 with tempfile.TemporaryDirectory() as tmp:
                     weights = export_model(folder, Path(tmp) / "model.pt")
                     summary["model_uri"] = log_pyfunc(uri, job.mlflow_run_id, weights,

@@ -13,7 +13,7 @@ Each trial builds its trainer with `pipelines.train.build_trainer` (the same wor
 same checkpoints) and reports every `--report-every` iterations; ASHA stops the weak trials
 early; Optuna's TPE proposes the next ones (`--search random` for random/grid search). The
 first trial runs the preset's own values (the reference). The metric is the held-out IoU when
-the data has masks and the unsupervised `eval_score` otherwise (pipelines/train_worker.py says
+the data has masks and the unsupervised `eval_score` otherwise (pipelines/lib/train_worker.py says
 what it is); both are recorded, and a study on masked data prints their rank correlation.
 MLflow: a parent run per study, a child run per trial, the best config and checkpoint on the parent.
 """
@@ -28,12 +28,12 @@ from pathlib import Path
 
 from drc_core.config import apply_overrides, merged_overrides
 from drc_core.presets import get_config, preset_names
-from pipelines import devices, locations, search_space, tracking
-from pipelines.errors import os_reason
-from pipelines.parquet_store import load_rows, split_ids
-from pipelines.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
+from pipelines.lib import devices, locations, search_space, tracking
+from pipelines.lib.errors import os_reason
+from pipelines.lib.parquet_store import load_rows, split_ids
+from pipelines.lib.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
-from pipelines.train_worker import LABEL_FREE, TrainJob
+from pipelines.lib.train_worker import LABEL_FREE, TrainJob
 
 STUDY_FILE = "drc_study.json"
 # What a trial actor itself reserves. It only starts the trial's Ray Train run and waits for its
@@ -234,7 +234,7 @@ def released_resources(before: set[str], timeout: float = 60.0) -> dict:
     groups') are removed; report those still reserved after `timeout` and the free CPUs.
 
     Ray Train frees the group of a trial that the scheduler stopped a second or two after the
-    trial's controller died (see pipelines.ray_env._pin_state_api); a group still reserved here
+    trial's controller died (see pipelines.lib.ray_env._pin_state_api); a group still reserved here
     is a leak that would have starved later trials."""
     import ray
     deadline = time.monotonic() + timeout

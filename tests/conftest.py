@@ -28,13 +28,13 @@ def tiny_cfg():
 def no_ray(monkeypatch):
     """Fails the test if an entry point gets as far as starting (or joining) Ray: for errors
     that must come before any worker starts."""
-    import pipelines.ray_env
+    import pipelines.lib.ray_env
     import pipelines.train
 
     def refuse(*args, **kwargs):
         pytest.fail("Ray was started before the error")
     monkeypatch.setattr(pipelines.train, "init_ray", refuse)
-    monkeypatch.setattr(pipelines.ray_env, "init_ray", refuse)
+    monkeypatch.setattr(pipelines.lib.ray_env, "init_ray", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def s3_server():
 
     Its endpoint and dummy credentials go into this process's environment (AWS_ENDPOINT_URL,
     AWS_ACCESS_KEY_ID, …), where pyarrow's S3 client (so Ray Data, Ray Train, Ray Tune and
-    pipelines.locations) and boto3 read them, as on a real cluster they read the real ones.
+    pipelines.lib.locations) and boto3 read them, as on a real cluster they read the real ones.
     Ray's worker processes inherit the environment of the process that starts Ray, so
     `ray_local` starts this server first in every session that collected a test using it."""
     import os

@@ -3,7 +3,7 @@ instance of its own while another one runs on the machine).
 
     python -m tests.pg_cleanup_drill WORKDIR
 
-Starts a local instance the way pipelines.tune does (pipelines.ray_env.init_ray, dashboard on),
+Starts a local instance the way pipelines.tune does (pipelines.lib.ray_env.init_ray, dashboard on),
 runs a one-worker Ray Train job with 1 CPU inside an actor (as a Tune trial does), kills the
 actor once the worker runs (as Tune does to a trial ASHA stops: the controller dies with its
 owner), and prints one JSON line: whether and how fast the worker group's placement group was
@@ -34,7 +34,7 @@ def main(workdir: str) -> None:
     import ray
     from ray._private.services import find_gcs_addresses
 
-    from pipelines.ray_env import init_ray
+    from pipelines.lib.ray_env import init_ray
     init_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
     marker = Path(workdir) / "worker-started"
 

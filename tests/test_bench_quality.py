@@ -9,7 +9,7 @@ from drc_core.metrics import mean_iou_dice, trivial_baselines
 from drc_core.presets import get_config
 from drc_core.threshold import DEFAULT
 from pipelines import bench
-from pipelines.grabcut import grabcut_masks
+from pipelines.lib.grabcut import grabcut_masks
 from pipelines.local import render_test
 
 TINY = ["data.train_size=48", "optim.batch_size=8", "langevin.posterior_steps=2", "langevin.prior_steps=2"]
@@ -41,7 +41,7 @@ def test_quality_benchmark_aggregates_seeds_beside_baselines(tmp_path, capsys):
 
 
 def test_grabcut_in_a_process_pool_gives_the_single_process_masks():
-    from pipelines.grabcut import grabcut_all
+    from pipelines.lib.grabcut import grabcut_all
     rng = np.random.default_rng(3)
     images = rng.integers(0, 60, (40, 48, 48, 3), dtype=np.uint8)      # dark noise
     for i, im in enumerate(images):

@@ -8,8 +8,8 @@ import torch
 from drc_core.chains import shard_bounds
 from drc_core.config import ConfigError, apply_overrides
 from drc_core.fit import TrainState
-from pipelines import checkpoints as ckpt
-from pipelines.train_worker import batch_ids
+from pipelines.lib import checkpoints as ckpt
+from pipelines.lib.train_worker import batch_ids
 
 
 def _states(cfg, n: int, world: int) -> list[TrainState]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cli, search_space
+from pipelines import cli
+from pipelines.lib import search_space
 
 ROOT = Path(__file__).resolve().parent.parent
 

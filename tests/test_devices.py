@@ -1,4 +1,4 @@
-"""One `--device` option on every stage that runs a model (pipelines/devices.py): parsed the same
+"""One `--device` option on every stage that runs a model (pipelines/lib/devices.py): parsed the same
 way everywhere, refused with an error naming the stage, and honoured where tensors are created.
 The `gpu` tests run the real thing when a CUDA device is present."""
 import importlib
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from drc_core.model import DRCModel
-from pipelines import devices
-from pipelines.models import save_drc
+from pipelines.lib import devices
+from pipelines.lib.models import save_drc
 
 STAGES = ["segment", "distill", "train", "tune", "local"]
 CUDA = torch.cuda.is_available()
@@ -89,7 +89,7 @@ def _meta(flag, stage):
 
 
 def test_the_resolved_device_reaches_the_segment_actor_and_the_pyfunc_model(model_pt, monkeypatch):
-    from pipelines.mlflow_model import DRCSegmenter
+    from pipelines.lib.mlflow_model import DRCSegmenter
     from pipelines.segment import SegmentBatch
     monkeypatch.setattr(devices, "resolve", _meta)
     actor = SegmentBatch(model_pt, steps=1, seed=0, from_chains=False, png=None, threads=1, batch_size=4,
@@ -129,7 +129,7 @@ def test_distill_loads_the_teacher_and_trains_the_student_on_its_device(model_pt
 @needs_cuda
 def test_segment_and_distill_run_on_cuda(model_pt, tiny_cfg):
     from drc_core.amortized import StudentConfig, distill, predict, prior_pairs
-    from pipelines.models import load
+    from pipelines.lib.models import load
     seg = load(model_pt, devices.resolve("cuda", "test"))
     assert {p.device.type for p in seg.net.parameters()} == {"cuda"}
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)

@@ -27,8 +27,8 @@ import torch
 
 from drc_core.fit import TrainState
 from drc_core.presets import get_config
-from pipelines import checkpoints as ckpt
-from pipelines.parquet_store import DatasetError, load_rows
+from pipelines.lib import checkpoints as ckpt
+from pipelines.lib.parquet_store import DatasetError, load_rows
 from tests.test_hardening import _digests as digests
 from tests.test_hardening import _saved_run
 from tests.test_train import TINY, tracking_uri, train  # noqa: F401  (tracking_uri is a fixture)

@@ -19,7 +19,7 @@ from drc_core.config import apply_overrides
 from drc_core.fit import TrainState, fit
 from drc_core.presets import get_config
 from drc_core.tmds import render_many
-from pipelines import checkpoints as ckpt
+from pipelines.lib import checkpoints as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,7 +161,7 @@ def test_the_payload_is_live_when_unpickled_without_restrictions(tmp_path):
 
 @pytest.mark.faults
 def test_checkpoint_files_with_pickled_code_are_refused_by_every_loader(tiny_cfg, tmp_path, record_property):
-    from pipelines.models import ModelError, load
+    from pipelines.lib.models import ModelError, load
     marker = tmp_path / "ran"
     folder = tmp_path / "checkpoint_00000003"
     state = TrainState.create(tiny_cfg, torch.arange(6))
@@ -194,8 +194,8 @@ def test_checkpoint_files_with_pickled_code_are_refused_by_every_loader(tiny_cfg
 @pytest.mark.faults
 def test_model_files_with_pickled_code_are_refused_by_every_loader(tiny_cfg, tmp_path, no_ray, record_property):
     from pipelines import local, segment
-    from pipelines.mlflow_model import DRCSegmenter
-    from pipelines.models import ModelError, load
+    from pipelines.lib.mlflow_model import DRCSegmenter
+    from pipelines.lib.models import ModelError, load
     marker = tmp_path / "ran"
     evil = _evil(tmp_path / "model.pt", marker, config=tiny_cfg.to_dict(), model={})
     with pytest.raises(ModelError, match=r"model\.pt: refused: .*GLOBAL exec"):
@@ -242,7 +242,7 @@ def test_run_and_study_names_cannot_escape_the_storage_folder(name, no_ray, tmp_
 
 
 def test_png_names_from_hostile_keys_stay_inside_the_folder(tmp_path):
-    from pipelines.mask_files import _inside, safe_name
+    from pipelines.lib.mask_files import _inside, safe_name
     keys = ["../../etc/passwd", "/abs/path", "..", "a/b\\c", "\x00odd", "", "..\\..\\win", "ümlaut/ß",
             "." * 300, "con", "a\nb"]
     names = {safe_name(i, k) for i, k in enumerate(keys)}
@@ -276,7 +276,7 @@ def _listening() -> list[tuple[str, int]]:
 DASHBOARD_PROBE = """
 import json, os
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-from pipelines.ray_env import init_ray
+from pipelines.lib.ray_env import init_ray
 ray = init_ray(num_cpus=1, include_dashboard=True)
 print("PROBE", json.dumps({"api": os.environ["RAY_API_SERVER_ADDRESS"],
                            "dashboard": ray._private.worker.get_dashboard_url()}), flush=True)
@@ -313,7 +313,7 @@ def test_local_ray_dashboard_and_job_server_listen_on_loopback_only(tmp_path):
 def test_init_ray_binds_the_dashboard_to_loopback_unless_told_otherwise(monkeypatch):
     import ray
 
-    from pipelines import ray_env
+    from pipelines.lib import ray_env
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from drc_core.chains import InMemoryChainBuffer
-from pipelines import checkpoints as ckpt
-from pipelines import locations
-from pipelines.imaging import decode_mask
-from pipelines.parquet_store import Store, load_arrays, read_part
+from pipelines.lib import checkpoints as ckpt
+from pipelines.lib import locations
+from pipelines.lib.imaging import decode_mask
+from pipelines.lib.parquet_store import Store, load_arrays, read_part
 from tests import corpora
 from tests.test_preprocess import _direct
 from tests.test_train import tracking_uri  # noqa: F401  (fixture)

@@ -9,8 +9,8 @@ from PIL import Image
 
 from drc_core.tmds import render
 from pipelines import preprocess
-from pipelines.imaging import crop_and_resize, crop_box, to_rgb
-from pipelines.parquet_store import DatasetExists, Store, load_arrays
+from pipelines.lib.imaging import crop_and_resize, crop_box, to_rgb
+from pipelines.lib.parquet_store import DatasetExists, Store, load_arrays
 from tests import corpora
 
 pytestmark = pytest.mark.integration

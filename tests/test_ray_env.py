@@ -1,4 +1,4 @@
-"""pipelines.ray_env: a local instance started beside another Ray instance still frees the
+"""pipelines.lib.ray_env: a local instance started beside another Ray instance still frees the
 placement group of a Ray Train run whose controller was killed (a Tune trial ASHA stopped)."""
 from __future__ import annotations
 
@@ -40,15 +40,15 @@ def _as_job(monkeypatch, cwd):
 
 
 def test_outside_a_job_relative_outputs_are_fine(tmp_path, monkeypatch):
-    from pipelines.ray_env import check_job_outputs, submitted_job
+    from pipelines.lib.ray_env import check_job_outputs, submitted_job
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert submitted_job() is None
     check_job_outputs("train", {"--storage": "runs/ray", "--tracking-uri": "sqlite:///mlflow.db"})
 
 
 def test_inside_a_job_relative_defaults_are_refused_naming_every_flag(tmp_path, monkeypatch):
-    from pipelines.ray_env import ScratchPathError, check_job_outputs, submitted_job
-    from pipelines.tracking import configured_uri
+    from pipelines.lib.ray_env import ScratchPathError, check_job_outputs, submitted_job
+    from pipelines.lib.tracking import configured_uri
     scratch = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
     scratch.mkdir(parents=True)
     _as_job(monkeypatch, scratch)
@@ -81,7 +81,7 @@ def test_every_writing_stage_refuses_scratch_outputs_in_a_job_before_any_work(tm
             main(argv)
     model = tmp_path / "m.pt"
     from drc_core.model import DRCModel
-    from pipelines.models import save_drc
+    from pipelines.lib.models import save_drc
     from tests.conftest import tiny_config
     cfg = tiny_config()
     save_drc(model, cfg, DRCModel(cfg.model, cfg.ablation).state_dict())

@@ -12,10 +12,11 @@ from PIL import Image
 
 from drc_core.fit import TrainState
 from drc_core.inference import decode, images_to_tensor
-from pipelines import checkpoints as ckpt
+from pipelines.lib import checkpoints as ckpt
 from drc_core.threshold import DEFAULT, ThresholdPolicy
-from pipelines import distill, evaluate, mask_files, preprocess, segment
-from pipelines.parquet_store import load_arrays
+from pipelines import distill, evaluate, preprocess, segment
+from pipelines.lib import mask_files
+from pipelines.lib.parquet_store import load_arrays
 from tests import corpora
 
 pytestmark = pytest.mark.integration
@@ -116,7 +117,7 @@ def test_langevin_masks_are_deterministic_and_independent_of_batching(world, tmp
 
 
 def test_from_chains_decodes_the_persistent_chains_under_each_threshold_policy(world, tmp_path):
-    from pipelines.models import load
+    from pipelines.lib.models import load
     teacher = load(world["ckpt"])
     z = ckpt.ChainReader(world["ckpt"]).get(np.arange(48))
     prob = decode(teacher.net, images_to_tensor(world["train"]["images"]), z).prob
@@ -154,7 +155,7 @@ def test_distilled_student_is_tracked_and_its_pyfunc_segments(world):
         pngs.append(buf.getvalue())
     out = model.predict(pd.DataFrame({"image": pngs}))
     from drc_core.amortized import predict
-    from pipelines.models import load
+    from pipelines.lib.models import load
     prob = predict(load(world["student"]).net, test["images"][:5])
     got = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 0 for b in out["mask_png"]])
     assert np.array_equal(got, DEFAULT.masks(prob).numpy()) and out["recon_l1"].isna().all()
@@ -269,8 +270,8 @@ def test_full_size_masks_line_up_with_an_object_in_a_large_non_square_photo(tmp_
 
 
 def test_the_pyfunc_and_segment_prepare_a_photo_identically_and_return_full_size_masks():
-    from pipelines.imaging import model_input
-    from pipelines.mlflow_model import DRCSegmenter, _as_images
+    from pipelines.lib.imaging import model_input
+    from pipelines.lib.mlflow_model import DRCSegmenter, _as_images
     photo = np.random.default_rng(1).integers(0, 255, (120, 200, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(photo).save(buf, format="PNG")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from drc_core.chains import InMemoryChainBuffer, initial_chains
-from pipelines import checkpoints as ckpt
+from pipelines.lib import checkpoints as ckpt
 
 pytestmark = pytest.mark.integration
 
@@ -88,8 +88,8 @@ def test_two_workers_train_persist_every_chain_and_track_everything_in_mlflow(da
     from drc_core.inference import segment
     from drc_core.metrics import iou_dice
     from drc_core.threshold import DEFAULT
-    from pipelines.models import load
-    from pipelines.parquet_store import load_rows, split_ids
+    from pipelines.lib.models import load
+    from pipelines.lib.parquet_store import load_rows, split_ids
     model = load(str(last))
     test_ids = split_ids(dataset, "test")[:8]
     ious = []
@@ -107,7 +107,7 @@ def test_two_workers_train_persist_every_chain_and_track_everything_in_mlflow(da
             "chains-r00001-of-00002.pt"} <= saved
 
     model = mlflow.pyfunc.load_model(s["model_uri"])
-    from pipelines.parquet_store import load_arrays
+    from pipelines.lib.parquet_store import load_arrays
     test = load_arrays(dataset, "test")["images"][:3]
     pngs = []
     for img in test:
@@ -192,5 +192,5 @@ def test_resume_refuses_a_different_architecture(dataset, tracking_uri, tmp_path
 
 
 def test_progress_times_read_as_a_clock():
-    from pipelines.train_worker import _clock
+    from pipelines.lib.train_worker import _clock
     assert [_clock(s) for s in (0, 9.4, 61, 245, 3599, 3725)] == ["0s", "9s", "1m01s", "4m05s", "59m59s", "1h02m"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import checkpoints as ckpt
+from pipelines.lib import checkpoints as ckpt
 from tests.procs import kill_tree
 from tests.test_train import TINY, dataset, tracking_uri  # noqa: F401  (fixtures)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from drc_core.presets import get_config
-from pipelines import search_space
+from pipelines.lib import search_space
 from tests.test_train import TINY, dataset, tracking_uri  # noqa: F401  (fixtures)
 from tests.test_train_cluster import _env
 

@@ -1,1 +1,1 @@
-"""The shipped search spaces (YAML), found by pipelines.search_space.resolve wherever `drc tune` runs."""
+"""The shipped search spaces (YAML), found by pipelines.lib.search_space.resolve wherever `drc tune` runs."""

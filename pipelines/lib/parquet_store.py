@@ -23,8 +23,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FilenameProvider
 
-from pipelines import locations
-from pipelines.errors import os_reason
+from pipelines.lib import locations
+from pipelines.lib.errors import os_reason
 
 SCHEMA_VERSION = 1
 MANIFEST = "_manifest.json"

@@ -64,9 +64,9 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int = MAX_PIXELS)
 
 
 def read_photo(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An image file (a local path or a URI: pipelines.locations) as (H, W, 3) uint8; BadInput
+    """An image file (a local path or a URI: pipelines.lib.locations) as (H, W, 3) uint8; BadInput
     (with the reason) when it cannot be read or decoded."""
-    from pipelines.locations import read_bytes
+    from pipelines.lib.locations import read_bytes
     try:
         data = read_bytes(path)
     except OSError as exc:

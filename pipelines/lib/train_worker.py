@@ -32,10 +32,10 @@ from drc_core.chains import shard_bounds
 from drc_core.config import DRCConfig
 from drc_core.fit import TrainState, rank_seed
 from drc_core.inference import images_to_tensor
-from pipelines import checkpoints as ckpt
-from pipelines import tracking
-from pipelines.errors import os_reason
-from pipelines.parquet_store import load_rows, split_ids
+from pipelines.lib import checkpoints as ckpt
+from pipelines.lib import tracking
+from pipelines.lib.errors import os_reason
+from pipelines.lib.parquet_store import load_rows, split_ids
 
 
 @dataclass

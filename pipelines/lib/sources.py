@@ -4,7 +4,7 @@
 Parsing metadata happens on the driver and touches only small text/annotation files; images are
 never read here. Keys are stable strings (relative path without extension, or a generator key);
 two inputs with the same key are both kept as records and the later one is quarantined.
-Every root is a location (pipelines.locations): a local folder or a URI such as
+Every root is a location (pipelines.lib.locations): a local folder or a URI such as
 `s3://bucket/photos/`; record paths are locations of the same kind.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from pipelines import locations
-from pipelines.errors import os_reason
+from pipelines.lib import locations
+from pipelines.lib.errors import os_reason
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 SOURCES = ("tm-dsprites", "folder", "cub", "stanford-dogs", "stanford-cars", "clevr-masks")
@@ -48,7 +48,7 @@ def _need(location: str | Path, what: str) -> str:
 
 
 def _files(root: str) -> list[tuple[str, str]]:
-    """(relative path, location) of every file under `root` (pipelines.locations.list_files)."""
+    """(relative path, location) of every file under `root` (pipelines.lib.locations.list_files)."""
     try:
         return locations.list_files(root)
     except OSError as exc:

@@ -11,7 +11,7 @@ uint8 array (N, H, W, 3) at the model's resolution. Output: one row per image wi
 inputs), `threshold`, `prob_png` (π_f in 8 bits, model resolution) and `recon_l1`. The
 same class serves the DRC model (posterior Langevin, `steps`/`seed` params) and the distilled
 amortised segmenter (one forward pass; params ignored). The model is logged
-from code (pipelines/pyfunc_entry.py) and its weights load with `torch.load(weights_only=True)`:
+from code (pipelines/lib/pyfunc_entry.py) and its weights load with `torch.load(weights_only=True)`:
 no pickled code runs at load time.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ except ImportError:                                              # drc_core user
 
 def _as_images(model_input, size: int) -> tuple[np.ndarray, list[dict] | None]:
     """(model inputs (N, size, size, 3), each photo's {height, width, region} or None for an array
-    input). Encoded photos go through pipelines.imaging.model_input, as in pipelines.segment."""
-    from pipelines.imaging import decode_image, model_input as prepare
+    input). Encoded photos go through pipelines.lib.imaging.model_input, as in pipelines.segment."""
+    from pipelines.lib.imaging import decode_image, model_input as prepare
     geometry = None
     if isinstance(model_input, np.ndarray):
         arr = model_input
@@ -63,7 +63,7 @@ def prob_png(prob: np.ndarray) -> bytes:
     policy later without running the model again."""
     from PIL import Image
     buf = io.BytesIO()
-    from pipelines.imaging import quantised
+    from pipelines.lib.imaging import quantised
     Image.fromarray(np.rint(quantised(prob) * 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
@@ -92,9 +92,9 @@ class DRCSegmenter(PythonModel):
     """Either kind of model (DRC with Langevin inference, or the distilled student)."""
 
     def load_context(self, context):
-        """Loads on the GPU when the serving process has one (pipelines.devices, `auto`)."""
-        from pipelines.devices import resolve
-        from pipelines.models import load
+        """Loads on the GPU when the serving process has one (pipelines.lib.devices, `auto`)."""
+        from pipelines.lib.devices import resolve
+        from pipelines.lib.models import load
         self.segmenter = load(context.artifacts["weights"], resolve("auto", "pyfunc model"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -110,7 +110,7 @@ class DRCSegmenter(PythonModel):
         out = self.segmenter.segment(images, ids, steps=params.get("steps"), seed=int(params.get("seed", 0)))
         frame = result_frame(out["prob"], out["recon_l1"], policy)[0]
         if geometry is not None:                 # encoded photos: the mask at each photo's own size
-            from pipelines.imaging import full_size_mask
+            from pipelines.lib.imaging import full_size_mask
             frame["mask_png"] = [mask_png(full_size_mask(p, t, g["region"], g["height"], g["width"]) == 255)
                                  for p, t, g in zip(out["prob"], frame["threshold"], geometry)]
         return frame
@@ -133,14 +133,14 @@ def log_pyfunc(uri: str, run_id: str, weights_path: str | Path, test_steps: int)
     import warnings
 
     import mlflow
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is explicit; an input example would only make MLflow run the model (for a
         # DRC model, Langevin at the preset's test steps) to infer what the signature already says
         warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(root / "pipelines" / "pyfunc_entry.py"), artifacts={"weights": str(weights_path)},
+            name="model", python_model=str(root / "pipelines" / "lib" / "pyfunc_entry.py"), artifacts={"weights": str(weights_path)},
             code_paths=[str(root / "drc_core"), str(root / "pipelines")], signature=signature(test_steps),
             pip_requirements=["torch==2.13.0", "numpy", "pillow", "pandas"])
     return info.model_uri

@@ -1,6 +1,6 @@
 """MLflow models-from-code entry: loading the pyfunc model runs this file (no pickled objects)."""
 import mlflow
 
-from pipelines.mlflow_model import DRCSegmenter
+from pipelines.lib.mlflow_model import DRCSegmenter
 
 mlflow.models.set_model(DRCSegmenter())

@@ -7,7 +7,7 @@ A reference is one of:
   segmenter: {"kind": "amortized", "config", "student", "state"});
 - an MLflow model URI (`runs:/<id>/model`, `models:/<name>/<version>`, …) of either kind.
 
-Everything is read with `pipelines.checkpoints.safe_load` (`torch.load(weights_only=True)`): a
+Everything is read with `pipelines.lib.checkpoints.safe_load` (`torch.load(weights_only=True)`): a
 file holding pickled objects other than tensors, numbers and strings is refused with ModelError
 naming it, and no pickled code runs.
 """
@@ -75,7 +75,7 @@ def save_drc(path: str | Path, cfg: DRCConfig, model_state: dict) -> Path:
 
 
 def _from_weights(path: Path, source: str) -> Segmenter:
-    from pipelines.checkpoints import CheckpointError, safe_load
+    from pipelines.lib.checkpoints import CheckpointError, safe_load
     try:
         saved = safe_load(path)
     except CheckpointError as exc:
@@ -96,7 +96,7 @@ def _from_weights(path: Path, source: str) -> Segmenter:
 
 def _from_checkpoint(folder: Path, source: str) -> Segmenter:
     from drc_core.model import DRCModel
-    from pipelines import checkpoints as ckpt
+    from pipelines.lib import checkpoints as ckpt
     try:
         meta, _ = ckpt.verify(folder)
         cfg = ckpt.load_config(folder)
@@ -119,7 +119,7 @@ def _weights_in(folder: Path, source: str) -> Path:
 
 def load(ref: str, device="cpu") -> Segmenter:
     """Resolve a checkpoint folder, a weights file or an MLflow model URI into a Segmenter whose
-    network lives on `device` (pipelines.devices.resolve)."""
+    network lives on `device` (pipelines.lib.devices.resolve)."""
     return _load(ref).to(device)
 
 

@@ -85,7 +85,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     else:
         # workers of a local instance import drc_core/pipelines from this checkout wherever the
         # driver was started (under `ray job submit --working-dir` the working dir does this)
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if root not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
@@ -98,7 +98,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
             _pin_state_api(kwargs)
         else:
             env = dict(kwargs.get("runtime_env") or {})
-            env.setdefault("worker_process_setup_hook", "pipelines.ray_env.quiet_state_api_warnings")
+            env.setdefault("worker_process_setup_hook", "pipelines.lib.ray_env.quiet_state_api_warnings")
             kwargs["runtime_env"] = env
         ray.init(num_cpus=num_cpus, **kwargs)
     return ray

@@ -31,7 +31,7 @@ import torch
 
 from drc_core.chains import InMemoryChainBuffer
 from drc_core.config import ConfigError, DRCConfig
-from pipelines.errors import os_reason
+from pipelines.lib.errors import os_reason
 
 
 class CheckpointError(RuntimeError):
@@ -178,7 +178,7 @@ def latest(run_dir: str | Path | None) -> Path | None:
 
 def load_config(folder: str | Path) -> DRCConfig:
     """The resolved config saved with a checkpoint (a local folder or a URI: only config.json is read)."""
-    from pipelines import locations
+    from pipelines.lib import locations
     return DRCConfig.from_dict(json.loads(locations.read_text(locations.join(folder, "config.json"))))
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.errors import os_reason
-from pipelines.imaging import NOT_SEGMENTED
-from pipelines.parquet_store import DatasetError
+from pipelines.lib.errors import os_reason
+from pipelines.lib.imaging import NOT_SEGMENTED
+from pipelines.lib.parquet_store import DatasetError
 
 
 def safe_name(sample_id: int, key: str) -> str:
