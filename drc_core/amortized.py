@@ -99,9 +99,11 @@ def chain_pairs(model: DRCModel, images: np.ndarray, z: torch.Tensor, *, batch_s
 
 
 def prior_pairs(model: DRCModel, cfg: DRCConfig, n: int, *, generator: torch.Generator,
-                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int = 256, on_batch: Callable[[int, int], None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """n images synthesised from the teacher's prior (z from prior Langevin, started at N(0, I))
-    and their π_f, on the CPU. The chains run on the model's device, which `generator` must be on."""
+    and their π_f, on the CPU. The chains run on the model's device, which `generator` must be on.
+    `on_batch(done, n)`: called after each batch (progress)."""
     model.eval()
     dev = next(model.parameters()).device
     xs, probs = [], []
@@ -112,6 +114,8 @@ def prior_pairs(model: DRCModel, cfg: DRCConfig, n: int, *, generator: torch.Gen
             comp = model.compose(z)
         xs.append(comp.recon.clamp(-1, 1).float().cpu())
         probs.append(comp.pi_f[:, 0].float().cpu())
+        if on_batch is not None:
+            on_batch(lo + z.shape[0], n)
     return torch.cat(xs), torch.cat(probs)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,13 +45,15 @@ def sample_generators(seed: int, sample_ids, device: str | torch.device = "cpu")
 
 def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, *,
             steps: int | None = None, z_init: torch.Tensor | None = None, batch_size: int = 64,
-            seed: int = 0, sample_ids=None, device: str | torch.device | None = None) -> Segmentation:
+            seed: int = 0, sample_ids=None, device: str | torch.device | None = None,
+            on_batch: Callable[[int, int], None] | None = None) -> Segmentation:
     """Segment uint8 images (N, H, W, 3) with `steps` posterior Langevin steps (default: the
     preset's test steps). `z_init` continues from given chains (e.g. the training chains)
     instead of N(0, I). Same model + images + seed → same masks; with `sample_ids` each image's
     chain depends only on (seed, its id), not on the batch it is in. `device`: where the
     chains run (default: the model's device). With `langevin.test_average` = N > 0, π_f is the
-    mean over the chain's last N steps (of the `steps`) rather than its value at the last one."""
+    mean over the chain's last N steps (of the `steps`) rather than its value at the last one.
+    `on_batch(done, total)`: called after each batch (progress)."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     steps = cfg.langevin.test_steps if steps is None else steps
     average = min(cfg.langevin.test_average, steps)
@@ -80,6 +83,8 @@ def segment(model: DRCModel, images: np.ndarray | torch.Tensor, cfg: DRCConfig, 
             seg.prob = prob_sum / average
             seg.mask = seg.prob > 0.5
         parts.append(seg)
+        if on_batch is not None:
+            on_batch(min(lo + batch_size, x_all.shape[0]), x_all.shape[0])
     return Segmentation(*(torch.cat([getattr(p, f).cpu() for p in parts]) for f in
                           ("prob", "mask", "z", "recon_l1")))
 

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     q.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per seed")
     q.add_argument("--seeds", type=int, default=2, help="seeds 0..S−1")
     q.add_argument("--parallel", type=int, default=None, help="seeds run at once (default: min(seeds, cores))")
-    q.add_argument("--eval-every", type=float, default=None, help="seconds of training between curve points "
+    q.add_argument("--eval-seconds", type=float, default=None, help="seconds of training between curve points "
                    "(default: minutes·6, i.e. ten points)")
     q.add_argument("--eval-images", type=int, default=200, help="images per curve point")
     q.add_argument("--test-images", type=int, default=None, help="images of the final evaluation "
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 
 def _run_seed(args, seed: int, out: Path, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipelines.local", "--preset", args.preset, "--minutes", str(args.minutes),
-           "--eval-every", str(args.eval_every or args.minutes * 6), "--eval-images", str(args.eval_images),
+           "--eval-seconds", str(args.eval_seconds or args.minutes * 6), "--eval-images", str(args.eval_images),
            "--threads", str(threads), "--out", str(out), "--name", f"seed{seed}"]
     if args.test_images:
         cmd += ["--final-eval-images", str(args.test_images)]

@@ -33,6 +33,20 @@ from pipelines.lib.models import LANGEVIN, ModelError, load, save_student
 PAIR_KINDS = ("chains", "posterior", "prior")
 
 
+def _progress(what: str, log, every: float = 15.0):
+    """An `on_batch(done, total)` callback that logs `what: done/total, ETA` at most every `every` s."""
+    t0 = last = time.perf_counter()
+
+    def on_batch(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if done < total and now - last >= every:
+            last = now
+            log(f"{what}: {done}/{total} images, {done / (now - t0):.1f} images/s, "
+                f"eta {(total - done) * (now - t0) / done:.0f} s")
+    return on_batch
+
+
 def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from drc_core.amortized import chain_pairs, prior_pairs
     from drc_core.inference import images_to_tensor, segment
@@ -58,10 +72,11 @@ def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, tor
             z = ChainReader(teacher.checkpoint).get(train["sample_id"])
             out.append(chain_pairs(model, train["images"], z))
         elif kind == "posterior":
-            seg = segment(model, train["images"], cfg, seed=args.seed, sample_ids=train["sample_id"])
+            seg = segment(model, train["images"], cfg, seed=args.seed, sample_ids=train["sample_id"],
+                          on_batch=_progress(f"{kind} pairs", log))
             out.append((images_to_tensor(train["images"]), seg.prob))
         else:
-            out.append(prior_pairs(model, cfg, args.prior_images,
+            out.append(prior_pairs(model, cfg, args.prior_images, on_batch=_progress(f"{kind} pairs", log),
                                    generator=torch.Generator(teacher.device).manual_seed(args.seed + 1)))
         log(f"{kind} pairs: {out[-1][0].shape[0]} in {time.perf_counter() - t0:.1f} s, "
             f"mean π_f {float(out[-1][1].mean()):.3f}")
@@ -92,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experiment", default=tracking.default_experiment(),
                    help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
     p.add_argument("--no-model", action="store_true", help="do not log the pyfunc model")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (the summary is printed)")
     return p.parse_args(argv)
 
 
@@ -134,7 +150,8 @@ def run(args) -> dict:
                                 tags={"drc.stage": "distill", "drc.preset": teacher.cfg.preset})
     try:
         t0 = time.perf_counter()
-        pairs = _pairs(kinds, teacher, args, lambda m: print(f"distill: {m}", flush=True))
+        say = (lambda m: None) if args.quiet else (lambda m: print(f"distill: {m}", flush=True))
+        pairs = _pairs(kinds, teacher, args, say)
         if targets is not None:          # hard targets: the teacher's π_f through the threshold policy
             pairs = [(x, targets.masks(y).float()) for x, y in pairs]
         pair_seconds = time.perf_counter() - t0
@@ -146,8 +163,8 @@ def run(args) -> dict:
                 tracking.log_metrics(uri, run_id, {"loss": float(np.mean(losses[-50:]))}, step + 1)
             if (step + 1) % 500 == 0:
                 rate = (step + 1) / (time.perf_counter() - t1)
-                print(f"distill: step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f} "
-                      f"{rate:.1f} steps/s eta {(args.steps - step - 1) / rate:.0f} s", flush=True)
+                say(f"step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f} "
+                    f"{rate:.1f} steps/s eta {(args.steps - step - 1) / rate:.0f} s")
 
         t1 = time.perf_counter()
         student = distill(pairs, scfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -1,6 +1,6 @@
 """Local single-process DRC training with a learning curve (no Ray, no MLflow).
 
-    python -m pipelines.local --preset cpu-32 --minutes 5 --eval-every 60 [section.key=value ...]
+    python -m pipelines.local --preset cpu-32 --minutes 5 --eval-seconds 60 [section.key=value ...]
     python -m pipelines.local --preset photo-64 --data data/pascal-s-64 --minutes 20
 
 Trains on TM-dSprites rendered for the preset, or on a Parquet dataset (`--data`, from
@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="cpu-32", choices=preset_names())
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget")
     p.add_argument("--iterations", type=int, default=None, help="stop after this many EM iterations too")
-    p.add_argument("--eval-every", type=float, default=60.0, help="seconds between test evaluations")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="test evaluation every N EM iterations (as on every stage)")
+    p.add_argument("--eval-seconds", type=float, default=None, metavar="S",
+                   help="test evaluation every S seconds of training instead (default: 60 without --eval-every)")
+    p.add_argument("--quiet", action="store_true", help="no curve lines while training (curve.json keeps them)")
     p.add_argument("--eval-images", type=int, default=None, help="test images (default: data.test_size)")
     p.add_argument("--eval-steps", type=int, default=None, help="posterior steps at test time")
     p.add_argument("--final-eval-images", type=int, default=None,
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="a YAML file of section.key: value overrides (the command line's overrides win)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
+    if args.eval_every is not None and args.eval_seconds is not None:
+        raise SystemExit("local: give --eval-every (iterations) or --eval-seconds, not both")
     try:
         device = devices.resolve(args.device, "local")
     except devices.DeviceError as exc:
@@ -148,14 +154,19 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"iteration": state.iteration, "train_seconds": round(train_seconds, 1), **res,
                "s_per_iter": sum(h["seconds"] for h in recent) / max(len(recent), 1)}
         curve.append(row)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if not args.quiet:
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
     def on_iteration(state, m):
         nonlocal train_time, next_eval
         train_time += m["seconds"]
-        if train_time >= next_eval:
+        if args.eval_every:
+            due = state.iteration == 1 or state.iteration % args.eval_every == 0
+        else:
+            due = train_time >= next_eval
+        if due:
             record(state, train_time)
-            next_eval += args.eval_every
+            next_eval += args.eval_seconds or 60.0
         return train_time >= budget
 
     state = fit(cfg, train, iterations=args.iterations or 10**9, on_iteration=on_iteration, device=device)

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tune", action="store_true", help="also run a tiny Ray Tune study (tune_spaces/quick.yaml)")
     p.add_argument("--iterations", type=int, default=None, help="EM iterations (default: 200, --tiny 30)")
     p.add_argument("--out", "--output", dest="out", default=None, help="output folder (default: runs/quickstart-<time>)")
+    p.add_argument("--quiet", action="store_true", help="only the stage headers and the result table")
     args = p.parse_args(argv)
 
     from pipelines import distill, evaluate, preprocess, segment, train
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking.tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     common = ["--tracking-uri", uri, "--experiment", EXPERIMENT]
+    quiet = ["--quiet"] if args.quiet else []
     total = 6 if args.tune else 5
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -89,14 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
     t = _stage(n, total, f"Ray Data: rendering {size['train']} + {size['test']} TM-dSprites images to Parquet")
     data = str(out / "data")
     preprocess.main(["--source", "tm-dsprites", "--preset", "cpu-32", "--train", str(size["train"]),
-                     "--test", str(size["test"]), "--out", data, "--overwrite"])
+                     "--test", str(size["test"]), "--out", data, "--overwrite", *quiet])
     timings["preprocess"] = time.perf_counter() - t
     n += 1
     if args.tune:
         from pipelines import tune
         t = _stage(n, total, "Ray Tune: a 4-trial study over tune_spaces/quick.yaml")
         tune.main(["--space", "tune_spaces/quick.yaml", "--data", data, "--trials", "4", "--iterations", "6",
-                   "--report-every", "3", "--storage", str(out / "tune"), *common])
+                   "--report-every", "3", "--storage", str(out / "tune"), *common, *quiet])
         timings["tune"] = time.perf_counter() - t
         n += 1
 
@@ -104,14 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
     summary = train.main(["--data", data, "--preset", "cpu-32", "--workers", "2", "--iterations", str(iterations),
                           "--checkpoint-every", str(max(10, iterations // 4)), "--eval-every", str(size["eval_every"]),
                           "--eval-steps", "100",        # the curve's points; the final table uses the preset's
-                          "--grid-every", str(iterations), "--storage", str(out / "ray"), "--name", "drc", *common])
+                          "--grid-every", str(iterations), "--storage", str(out / "ray"), "--name", "drc", *common,
+                          *quiet])
     checkpoint = summary["checkpoint"]
     timings["train"] = time.perf_counter() - t
     n += 1
 
     t = _stage(n, total, "Distilling the fast segmenter from the persistent chains and the prior")
     student = distill.main(["--teacher", checkpoint, "--data", data, "--steps", str(size["distill_steps"]),
-                            "--out", str(out / "student"), *common])
+                            "--out", str(out / "student"), *common, *quiet])
     timings["distill"] = time.perf_counter() - t
     n += 1
 

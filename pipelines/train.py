@@ -109,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experiment", default=tracking.default_experiment(),
                    help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
     p.add_argument("--no-model", action="store_true", help="do not log the pyfunc model")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (where things go and the summary are printed)")
     p.add_argument("--address", default=None, help="Ray address (default: local, or the job's cluster)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
     p.add_argument("--inject-fault", default=None, metavar="KIND:ITER[:RANK]",
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
                    checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
                    eval_images=args.eval_images, eval_steps=args.eval_steps, grid_every=args.grid_every,
                    threads=args.threads or max(1, int(args.cpus_per_worker)),
-                   tracking_uri=uri)
+                   tracking_uri=uri, progress_every=0 if args.quiet else 10)
     if previous is not None:
         job.mlflow_run_id = previous["mlflow_run_id"]
         tracking.client(uri).update_run(job.mlflow_run_id, status="RUNNING")

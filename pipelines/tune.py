@@ -60,7 +60,8 @@ def make_trainable(study: dict):
         job = TrainJob(data=study["data"], config=cfg.to_dict(), iterations=study["iterations"],
                        checkpoint_every=study["report_every"], eval_every=study["report_every"],
                        eval_images=study["eval_images"], eval_steps=study["eval_steps"], grid_every=0,
-                       threads=study["threads"], gpu=study["gpu"], tracking_uri=uri, mlflow_run_id=run_id)
+                       threads=study["threads"], gpu=study["gpu"], tracking_uri=uri, mlflow_run_id=run_id,
+                       progress_every=0 if study.get("quiet") else 10)
         trainer = build_trainer(job, workers=study["workers"], name=name, storage=study["train_storage"],
                                 cpus_per_worker=study["cpus_per_worker"], gpu=study["gpu"], max_failures=0,
                                 keep=1, callbacks=[TuneReportCallback()])
@@ -131,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--address", default=None)
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="search algorithm seed")
+    p.add_argument("--quiet", action="store_true", help="no trial progress lines or Tune status tables "
+                   "(the trial table and the best trial are printed at the end)")
     p.add_argument("--config", default=None, metavar="RUN_YAML",
                    help="a YAML file of section.key: value overrides (the command line's overrides win)")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every trial")
@@ -169,7 +172,7 @@ def build_tuner(args, study: dict, params: dict, base, metric: str):
                                     # a fresh trial actor per trial: killing the one of a trial that
                                     # ASHA stopped also ends its Ray Train controller and workers
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=study["name"], storage_path=study["storage"],
+        run_config=tune.RunConfig(name=study["name"], storage_path=study["storage"], verbose=0 if args.quiet else None,
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
 
@@ -218,7 +221,8 @@ def run(args: argparse.Namespace) -> dict:
                  "gpu": devices.reserves_gpu(args.device, "tune", joined=joins_cluster(args.address)),
                  "workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
                  "tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent,
-                 "storage": storage, "train_storage": locations.join(study_dir, "trials"), "metric": metric}
+                 "storage": storage, "train_storage": locations.join(study_dir, "trials"), "metric": metric,
+                 "quiet": args.quiet}
         locations.write_text(study_file, json.dumps(study, indent=1))
         tuner = build_tuner(args, study, params, base, metric)
     print(f"study {name}: {args.trials} trials of {args.space} on {args.data}, metric {study['metric']}, "

@@ -1,4 +1,5 @@
 """The `drc` command and the installable distribution (pyproject.toml)."""
+import json
 import subprocess
 import sys
 import zipfile
@@ -75,6 +76,40 @@ def test_every_stage_takes_output_for_where_it_writes(stage, required, dest, mon
         importlib.import_module(f"pipelines.{stage}").main([*required, "--output", "somewhere"])
     args = vars(seen["args"])
     assert args[dest or "out"] == "somewhere"
+
+
+@pytest.mark.parametrize("stage, required", [
+    ("preprocess", ["--source", "tm-dsprites", "--output", "o"]), ("train", ["--data", "d"]),
+    ("tune", ["--space", "quick", "--data", "d"]), ("distill", ["--teacher", "m.pt"]),
+    ("evaluate", ["--data", "d", "--output", "o"]), ("segment", ["--model", "m", "--input", "i", "--output", "o"]),
+    ("local", []), ("quickstart", [])])
+def test_every_stage_takes_quiet(stage, required, monkeypatch):
+    import argparse
+    import importlib
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, argv=None, namespace=None):
+        seen["args"] = real(self, argv, namespace)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"pipelines.{stage}").main([*required, "--quiet"])
+    assert seen["args"].quiet is True
+
+
+def test_local_evaluates_every_n_iterations_and_quiet_keeps_the_curve_in_its_file(tmp_path, capsys):
+    from pipelines import local
+    small = ["data.train_size=16", "data.test_size=4", "optim.batch_size=4", "langevin.prior_steps=2",
+             "langevin.posterior_steps=2", "langevin.test_average=0"]
+    res = local.main(["--iterations", "5", "--eval-every", "2", "--eval-steps", "2", "--out", str(tmp_path),
+                      "--name", "n", "--quiet", "--threads", "1", *small])
+    assert [row["iteration"] for row in res["curve"]] == [1, 2, 4, 5]
+    printed = capsys.readouterr().out
+    assert '"iteration": 2' not in printed and "final: IoU" in printed
+    assert json.loads((tmp_path / "n" / "curve.json").read_text())["curve"] == json.loads(json.dumps(res["curve"]))
+    with pytest.raises(SystemExit, match="not both"):
+        local.main(["--eval-every", "2", "--eval-seconds", "5"])
 
 
 def test_mlflow_experiment_name_is_honoured(monkeypatch):

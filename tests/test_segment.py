@@ -322,3 +322,16 @@ def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, 
     assert rows["all foreground"]["iou"] == pytest.approx(allfg)
     assert {"GrabCut", f"student, {evaluate.PROTOCOL_LABEL}"} <= set(rows)
     assert any(m.startswith("centred disc") for m in rows)
+
+
+def test_distill_pair_progress_reports_count_rate_and_eta(monkeypatch):
+    from pipelines import distill as d
+    clock = iter([0.0, 5.0, 20.0, 22.0, 40.0])
+    monkeypatch.setattr(d.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    tick = d._progress("posterior pairs", lines.append, every=15.0)
+    tick(100, 1000)            # 5 s: too soon after the start
+    tick(400, 1000)            # 20 s: 20 images/s, 600 left → 30 s
+    tick(450, 1000)            # 22 s: too soon after the last line
+    tick(1000, 1000)           # done: the caller's summary line says it
+    assert lines == ["posterior pairs: 400/1000 images, 20.0 images/s, eta 30 s"]

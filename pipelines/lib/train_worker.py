@@ -50,6 +50,7 @@ class TrainJob:
     eval_steps: int | None = None              # default: langevin.test_steps
     eval_split: str = "test"
     grid_every: int = 100                      # image grids to MLflow; 0: off
+    progress_every: int = 10                   # a progress line (losses, it/s, ETA) every N iterations; 0: off
     threads: int = 1                           # torch threads per worker
     gpu: bool = False
     tracking_uri: str | None = None
@@ -311,7 +312,7 @@ def train_loop(config: dict) -> None:
         m.update(seconds=dt, images_per_s=batch * world / dt, epoch=it / steps_per_epoch)
         if job.eval_every and (it % job.eval_every == 0 or it == job.iterations):
             m.update(evaluate_shard(state, eval_data, comms, job.eval_steps))
-        if rank == 0 and (it % 10 == 0 or it == job.iterations):
+        if rank == 0 and job.progress_every and (it % job.progress_every == 0 or it == job.iterations):
             keys = ("gen_loss", "ebm_loss", "recon_l1", "mask_area", "images_per_s", "eval_iou")
             per_it = seconds / timed if timed else dt
             print(f"[drc-train] iteration {it}/{job.iterations} "
