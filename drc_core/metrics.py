@@ -86,20 +86,18 @@ def trivial_baselines(target) -> dict[str, dict[str, float]]:
 TRIVIAL_AREA = 0.01          # a mask covering < 1 % or > 99 % of the image separates nothing
 
 
-def label_free_scores(prob, masks, recon_l1, masks_again=None) -> dict[str, torch.Tensor]:
+def label_free_scores(prob, masks, recon_l1) -> dict[str, torch.Tensor]:
     """Per-image scores of a segmentation that look at no label (candidates for ranking models
     trained on an unlabelled corpus; issue 17 part 5). `prob` (N, H, W) π_f, `masks` the masks a
-    threshold policy made of it, `recon_l1` (N,) the posterior reconstruction error, `masks_again`
-    the masks of a second, independent chain of the same images. Every score: higher is better.
+    threshold policy made of it, `recon_l1` (N,) the posterior reconstruction error. Every score:
+    higher is better.
 
     - `recon`: −recon_l1, how well the model explains images it never trained on;
     - `nontrivial`: 0, or −1 where the mask is (almost) all foreground or all background — the
       degenerate partitions that can reconstruct well and segment nothing;
     - `separability`: Otsu's η = between-class / total variance of π_f at the mask's split
       (1: two clean levels; 0: nothing to split);
-    - `confidence`: mean |2π_f − 1|, how far π_f stays from the undecided ½;
-    - `agreement`: IoU of the two chains' masks (only with `masks_again`): a partition the
-      posterior finds again from another start is one the model means."""
+    - `confidence`: mean |2π_f − 1|, how far π_f stays from the undecided ½."""
     p = torch.as_tensor(prob).float().flatten(1)
     m = _as_bool(masks).flatten(1)
     area = m.float().mean(1)
@@ -113,6 +111,4 @@ def label_free_scores(prob, masks, recon_l1, masks_again=None) -> dict[str, torc
            "separability": torch.where(var > 1e-12, w0 * w1 * (mu1 - mu0) ** 2 / var.clamp(min=1e-12),
                                        torch.zeros_like(var)),
            "confidence": (2 * p - 1).abs().mean(1)}
-    if masks_again is not None:
-        out["agreement"] = iou_dice(masks, masks_again)[0].float()
     return out

@@ -63,6 +63,11 @@ def test_the_wheel_installs_the_drc_command_with_its_packages_and_data(tmp_path)
     ("local", [], None), ("quickstart", [], None)])
 def test_every_stage_takes_output_for_where_it_writes(stage, required, dest, monkeypatch):
     """`--output` on every stage (the old --out / --storage stay as aliases)."""
+    assert vars(_parsed(stage, [*required, "--output", "somewhere"], monkeypatch))[dest or "out"] == "somewhere"
+
+
+def _parsed(stage: str, argv: list[str], monkeypatch):
+    """The arguments a stage's `main(argv)` parses (it stops right after parsing)."""
     import argparse
     import importlib
     seen = {}
@@ -73,9 +78,8 @@ def test_every_stage_takes_output_for_where_it_writes(stage, required, dest, mon
         raise SystemExit(0)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
     with pytest.raises(SystemExit):
-        importlib.import_module(f"pipelines.{stage}").main([*required, "--output", "somewhere"])
-    args = vars(seen["args"])
-    assert args[dest or "out"] == "somewhere"
+        importlib.import_module(f"pipelines.{stage}").main(argv)
+    return seen["args"]
 
 
 @pytest.mark.parametrize("stage, required", [
@@ -84,18 +88,7 @@ def test_every_stage_takes_output_for_where_it_writes(stage, required, dest, mon
     ("evaluate", ["--data", "d", "--output", "o"]), ("segment", ["--model", "m", "--input", "i", "--output", "o"]),
     ("local", []), ("quickstart", [])])
 def test_every_stage_takes_quiet(stage, required, monkeypatch):
-    import argparse
-    import importlib
-    seen = {}
-    real = argparse.ArgumentParser.parse_args
-
-    def grab(self, argv=None, namespace=None):
-        seen["args"] = real(self, argv, namespace)
-        raise SystemExit(0)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
-    with pytest.raises(SystemExit):
-        importlib.import_module(f"pipelines.{stage}").main([*required, "--quiet"])
-    assert seen["args"].quiet is True
+    assert _parsed(stage, [*required, "--quiet"], monkeypatch).quiet is True
 
 
 def test_local_evaluates_every_n_iterations_and_quiet_keeps_the_curve_in_its_file(tmp_path, capsys):

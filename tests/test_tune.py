@@ -59,6 +59,11 @@ def test_quick_study_with_asha_and_optuna_records_parent_children_and_best(datas
     assert len(children) == 4 and {r.data.tags["drc.study"] for r in children} == {out["name"]}
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
     assert all("eval_iou" in r.data.metrics and "eval_score" in r.data.metrics for r in children)
+    for m in (r.data.metrics for r in children):      # the label-free score Tune ranks by without masks
+        assert m["eval_score"] == pytest.approx(m["eval_lf_separability"] - m["eval_trivial"])
+        assert 0.0 <= m["eval_lf_separability"] <= 1.0 and m["eval_lf_recon"] == pytest.approx(-m["eval_recon_l1"])
+    assert set(out["spearman_vs_iou"]) <= {"eval_score", "eval_lf_recon", "eval_lf_separability",
+                                           "eval_lf_confidence", "eval_lf_nontrivial"}
     parent = c.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == out["best"]["trial"]
     assert float(parent.data.tags["best.optim.gen_lr"]) == pytest.approx(out["best"]["optim.gen_lr"])
