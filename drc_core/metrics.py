@@ -100,15 +100,12 @@ def label_free_scores(prob, masks, recon_l1) -> dict[str, torch.Tensor]:
     - `confidence`: mean |2π_f − 1|, how far π_f stays from the undecided ½."""
     p = torch.as_tensor(prob).float().flatten(1)
     m = _as_bool(masks).flatten(1)
-    area = m.float().mean(1)
-    w1 = area
-    w0 = 1 - w1
+    area = m.float().mean(1)                                  # the foreground class's weight
     mu1 = (p * m).sum(1) / m.sum(1).clamp(min=1)
     mu0 = (p * ~m).sum(1) / (~m).sum(1).clamp(min=1)
     var = p.var(1, unbiased=False)
-    out = {"recon": -torch.as_tensor(recon_l1).float(),
-           "nontrivial": -((area < TRIVIAL_AREA) | (area > 1 - TRIVIAL_AREA)).float(),
-           "separability": torch.where(var > 1e-12, w0 * w1 * (mu1 - mu0) ** 2 / var.clamp(min=1e-12),
-                                       torch.zeros_like(var)),
-           "confidence": (2 * p - 1).abs().mean(1)}
-    return out
+    return {"recon": -torch.as_tensor(recon_l1).float(),
+            "nontrivial": -((area < TRIVIAL_AREA) | (area > 1 - TRIVIAL_AREA)).float(),
+            "separability": torch.where(var > 1e-12, (1 - area) * area * (mu1 - mu0) ** 2 / var.clamp(min=1e-12),
+                                        torch.zeros_like(var)),
+            "confidence": (2 * p - 1).abs().mean(1)}

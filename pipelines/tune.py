@@ -288,7 +288,8 @@ def summarize(grid, study: dict, searched: list[str], resources: dict | None = N
             out["spearman_vs_iou"] = rho
             out["spearman_score_vs_iou"] = rho["eval_score"]
             tracking.log_metrics(uri, parent, {"spearman_score_vs_iou": rho["eval_score"],
-                                               **{f"spearman_{k}_vs_iou": v for k, v in rho.items()}}, step=0)
+                                               **{f"spearman_{k}_vs_iou": v for k, v in rho.items()
+                                                  if k != "eval_score"}}, step=0)
     # trials that ASHA stopped were killed mid-fit: close their child runs as such
     for run in c.search_runs([c.get_run(parent).info.experiment_id],
                              f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
