@@ -1,7 +1,7 @@
 """Offline batch segmentation of a corpus with Ray Data: images in, masks out.
 
     python -m pipelines.segment --model runs/ray/<name>/checkpoint_000300 --input data/tmds-32 --split test --output out/seg
-    python -m pipelines.segment --model student.pt --input photos/ --output out/photos --png out/photos-png
+    python -m pipelines.segment --model student.pt --input photos/ --png out/photos        # Parquet in out/photos/segmentation
     python -m pipelines.segment --model runs:/<run_id>/model --input data/tmds-32 --output out/seg-mlflow
     python -m pipelines.segment --model <checkpoint> --input data/tmds-32 --split train --from-chains --output out/seg-train
 
@@ -306,7 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, model.pt / student.pt, or MLflow model URI")
     p.add_argument("--input", required=True, help="Parquet dataset or image folder (a folder or URI)")
-    p.add_argument("--output", required=True, help="output dataset folder or URI")
+    p.add_argument("--output", default=None,
+                   help="output dataset folder or URI (default with --png: DIR/segmentation)")
     p.add_argument("--mode", default="auto", choices=("auto", LANGEVIN, AMORTIZED))
     p.add_argument("--split", default=None, choices=("train", "val", "test"), help="only this split")
     p.add_argument("--steps", type=int, default=None, help="posterior Langevin steps (default: the preset's test steps)")
@@ -333,8 +334,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow, for runs:/ and models:/ model URIs")
     p.add_argument("--address", default=None)
     p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no Ray Data INFO lines")
+    args = p.parse_args(argv)
+    if args.output is None:
+        if args.png is None:
+            p.error("give --output (the Parquet dataset of masks and π_f) or --png DIR (then --output is DIR/segmentation)")
+        args.output = str(Path(args.png) / "segmentation")
+    return args
 
 
 # errors whose message says everything: printed in one line, also when an actor raised them

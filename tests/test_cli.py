@@ -113,3 +113,13 @@ def test_mlflow_experiment_name_is_honoured(monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     assert train.parse_args(["--data", "d"]).experiment == "drc"
     assert tune.parse_args(["--space", "quick", "--data", "d"]).experiment == "drc-tune"
+
+
+def test_segment_with_only_png_keeps_its_parquet_beside_the_pngs(capsys):
+    from pipelines import segment
+    args = segment.parse_args(["--model", "m.pt", "--input", "photos", "--png", "out/photos"])
+    assert Path(args.output) == Path("out/photos/segmentation")
+    assert segment.parse_args(["--model", "m", "--input", "i", "--png", "p", "--output", "o"]).output == "o"
+    with pytest.raises(SystemExit):
+        segment.parse_args(["--model", "m", "--input", "i"])
+    assert "give --output" in capsys.readouterr().err
