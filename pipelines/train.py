@@ -57,15 +57,20 @@ def run_name(text: str) -> str:
 def build_trainer(job: TrainJob, *, workers: int | tuple[int, int], name: str, storage: str, cpus_per_worker: float = 1.0,
                   gpu: bool = False, max_failures: int = 2, keep: int = 2, callbacks=()):
     """The TorchTrainer for one training job (pipelines.tune builds its trials with this too)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    # Ray Train's INFO lines on the console repeat what the workers' own progress line says (one
+    # "Checkpoint successfully created" per checkpoint and worker, metrics dicts); WARNING keeps its
+    # warnings and errors (worker failures, restarts). Ray 2.60 still prints one "Reporting training
+    # result" line per checkpointed report from a logger this setting does not reach.
     return TorchTrainer(
         train_loop, train_loop_config=job.to_dict(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep),
+                             logging_config=LoggingConfig(log_level="WARNING")))
 
 
 def check_dataset(data: str, cfg, preset: str) -> dict:

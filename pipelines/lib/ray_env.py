@@ -94,13 +94,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         kwargs.setdefault("include_dashboard", False)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
-        env = dict(kwargs.get("runtime_env") or {})
         if kwargs["include_dashboard"]:
             _pin_state_api(kwargs)
-            env.setdefault("worker_process_setup_hook", "pipelines.lib.ray_env.quiet_worker_logs")
         else:
+            env = dict(kwargs.get("runtime_env") or {})
             env.setdefault("worker_process_setup_hook", "pipelines.lib.ray_env.quiet_state_api_warnings")
-        kwargs["runtime_env"] = env
+            kwargs["runtime_env"] = env
         ray.init(num_cpus=num_cpus, **kwargs)
     return ray
 
@@ -129,24 +128,13 @@ def set_progress_bars(ctx, enabled: bool) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def quiet_worker_logs() -> None:
-    """Worker setup hook of a local instance: Ray Train's workers log every report as an INFO line
-    holding the whole metrics dict ("Reporting training result 4: TrainingReport(…)") and every
-    checkpoint ("Checkpoint successfully created at …"), forwarded to the driver's console; the
-    train stage prints its own progress line and says where checkpoints go. Warnings stay."""
-    import logging
-    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def quiet_state_api_warnings() -> None:
-    """Worker setup hook of a local instance without a dashboard (and `quiet_worker_logs`): there is
-    no State API, so Ray Train's PlacementGroupCleaner warns "Failed to query Ray Train Controller
-    actor state" every few seconds for the whole run (129 lines in one quickstart). Its only job,
-    freeing the placement group of a Tune trial that a scheduler stopped, needs the dashboard; runs
-    that tune start one (`_pin_state_api`)."""
+    """Worker setup hook of a local instance without a dashboard: there is no State API, so
+    Ray Train's PlacementGroupCleaner warns "Failed to query Ray Train Controller actor state"
+    every few seconds for the whole run (129 lines in one quickstart). Its only job, freeing the
+    placement group of a Tune trial that a scheduler stopped, needs the dashboard; runs that
+    tune start one (`_pin_state_api`)."""
     import logging
-    quiet_worker_logs()
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
                       ).setLevel(logging.ERROR)
 
