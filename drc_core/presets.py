@@ -25,6 +25,12 @@ _CPU_OPTIM = {"optim.gen_lr": 1e-3, "optim.ebm_lr": 2e-4}
 _CPU_LEARNING = {"ablation.ortho": False, "ablation.pixel_reassign": False, "loss.sigma": 0.5,
                  "langevin.posterior_steps": 10}
 
+# What both photo presets share (issue 17, part 3; docs/quality.md §3): the CPU learning settings, a
+# single-object LEBM (the dataclass default), a centre-bias prior on the mask, test chains of 300 steps.
+_PHOTO = {"model.reassign_dim": 128, "model.center_prior": 2.0, "model.trunk_channels": 64,
+          "langevin.prior_pool_size": 1000, "langevin.test_steps": 300, "optim.batch_size": 32,
+          **_CPU_OPTIM, **_CPU_LEARNING, "data.dataset": "folder"}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Table S1 latent sizes; test-time steps from appendix B.
     "paper-tmds": {**_MULTI_OBJECT, "model.fg_dim": 256, "model.bg_dim": 4, "model.reassign_dim": 1024,
@@ -51,22 +57,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # it the foreground expert's share of PASCAL-S went to neither object nor background (IoU 17–18 after
     # 100–200 iterations, below all-foreground 26), with it 32 (still 4 below the best centred
     # ellipse, 36.6). Measured on PASCAL-S: docs/quality.md §3.
-    "photo-64": {"model.resolution": 64, "model.fg_dim": 64, "model.bg_dim": 64, "model.reassign_dim": 128,
-                 "model.center_prior": 2.0,
-                 "model.trunk_channels": 64, "model.up_widths": (128, 64, 32, 16),
-                 "model.classifier_widths": (16, 32, 64, 128), "langevin.prior_pool_size": 1000,
-                 "langevin.test_steps": 300, "optim.batch_size": 32, **_CPU_OPTIM, **_CPU_LEARNING,
-                 "data.dataset": "folder"},
+    "photo-64": {**_PHOTO, "model.resolution": 64, "model.fg_dim": 64, "model.bg_dim": 64,
+                 "model.up_widths": (128, 64, 32, 16), "model.classifier_widths": (16, 32, 64, 128)},
     # photo-64 at 32²: the photo setting that measured best on PASCAL-S (docs/quality.md §3; one seed):
     # its teacher 31.4 at each photo's own size (64²: 28.4), its distilled student 36.9 (2 student seeds
     # 36.8 / 36.6 at 32²) at a third of the cost per iteration; with an 8-d background latent and the
     # area prior λ_A 0.05, as measured (neither moved the 64² curve by more than a point).
-    "photo-32": {"model.resolution": 32, "model.fg_dim": 32, "model.bg_dim": 8, "model.reassign_dim": 128,
-                 "model.center_prior": 2.0, "loss.area_weight": 0.05,
-                 "model.trunk_channels": 64, "model.up_widths": (64, 32, 16),
-                 "model.classifier_widths": (16, 32, 64), "langevin.prior_pool_size": 1000,
-                 "langevin.test_steps": 300, "optim.batch_size": 32, **_CPU_OPTIM, **_CPU_LEARNING,
-                 "data.dataset": "folder"},
+    "photo-32": {**_PHOTO, "model.resolution": 32, "model.fg_dim": 32, "model.bg_dim": 8,
+                 "loss.area_weight": 0.05, "model.up_widths": (64, 32, 16), "model.classifier_widths": (16, 32, 64)},
     "cpu-32": {**_MULTI_OBJECT, "model.resolution": 32, "model.fg_dim": 32, "model.bg_dim": 4,
                "model.reassign_dim": 64, "model.trunk_channels": 64,
                "model.up_widths": (64, 32, 16), "model.classifier_widths": (16, 32, 64),

@@ -121,11 +121,12 @@ def set_progress_bars(ctx, enabled: bool) -> None:
     """Ray Data progress bars on or off; off (a --quiet run) without Ray Data's warning saying so
     and without its INFO lines ("Starting execution of Dataset …"); its warnings still show."""
     ctx.enable_progress_bars = enabled
+    if enabled:
+        return
     log = logging.getLogger("ray.data._internal.progress")
-    if not enabled and not any(isinstance(f, _DropProgressBarsDisabled) for f in log.filters):
+    if not any(isinstance(f, _DropProgressBarsDisabled) for f in log.filters):
         log.addFilter(_DropProgressBarsDisabled())
-    if not enabled:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def quiet_state_api_warnings() -> None:
