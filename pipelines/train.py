@@ -61,8 +61,7 @@ def build_trainer(job: TrainJob, *, workers: int | tuple[int, int], name: str, s
     from ray.train.torch import TorchTrainer
     # Ray Train's INFO lines on the console repeat what the workers' own progress line says (one
     # "Checkpoint successfully created" per checkpoint and worker, metrics dicts); WARNING keeps its
-    # warnings and errors (worker failures, restarts). Ray 2.60 still prints one "Reporting training
-    # result" line per checkpointed report from a logger this setting does not reach.
+    # warnings and errors (worker failures, restarts); train_loop quietens the per-report line.
     return TorchTrainer(
         train_loop, train_loop_config=job.to_dict(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,

@@ -57,6 +57,8 @@ NOISE = {  # what a successful run must not print (issue 19): alarms that are no
     "MLflow input-example warning": re.compile(r"An input example was not provided"),
     "Ray Data progress-bar warning": re.compile(r"Progress bars disabled"),
     "a deprecation warning about our own calls": re.compile(r"DeprecationWarning"),
+    "Ray Train's per-report metrics dump": re.compile(r"Reporting training result \d+: TrainingReport"),
+    "Ray Train's per-checkpoint INFO line": re.compile(r"Checkpoint successfully created"),
 }
 
 

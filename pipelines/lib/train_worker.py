@@ -254,10 +254,22 @@ class DivergenceError(FloatingPointError):
     pass
 
 
+def _quiet_report_lines() -> None:
+    """Ray 2.60's worker context logs each report, with its whole metrics dict, at INFO from a logger
+    named after its source file, which the trainer's LoggingConfig level does not reach."""
+    import logging
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:                    # another Ray layout: nothing to quieten
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry point (also runs in-process with world size 1 for unit tests)."""
     import ray.train
     import ray.train.torch
+    _quiet_report_lines()
     job = TrainJob(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
