@@ -11,6 +11,12 @@ student maps an image to the foreground probability π_f in one forward pass. It
 
 The targets are soft (π_f ∈ [0, 1]) and the loss is binary cross-entropy; the mask is
 `sigmoid(logit) > 0.5`, as DRC's is `π_f > 0.5`.
+
+`keep_off_border` drops pairs whose mask covers much of the image's frame (beyond the paper: the
+boundary prior of salient-object detection, that a photographed object seldom fills the edges of
+the picture). A teacher that splits a photo by colour or light rather than object and background
+paints the frame foreground; training the student only on the pairs that do not lets it learn what
+the teacher got right (docs/quality.md §3).
 """
 from __future__ import annotations
 
@@ -117,6 +123,33 @@ def prior_pairs(model: DRCModel, cfg: DRCConfig, n: int, *, generator: torch.Gen
         if on_batch is not None:
             on_batch(lo + z.shape[0], n)
     return torch.cat(xs), torch.cat(probs)
+
+
+def border_fraction(masks) -> torch.Tensor:
+    """Per mask (N, H, W): the share of its frame — a band max(1, min(H, W) // 16) pixels wide along
+    the four edges — that is foreground."""
+    m = torch.as_tensor(masks).bool()
+    h, w = m.shape[-2:]
+    b = max(1, min(h, w) // 16)
+    frame = torch.ones(h, w, dtype=torch.bool)
+    frame[b:h - b, b:w - b] = False
+    return (m & frame).flatten(1).sum(1).float() / frame.sum()
+
+
+def keep_off_border(pairs: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor],
+                    max_border: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs whose mask (`masks`: one (N, H, W) set per pair set) covers at most `max_border` of
+    the frame (`border_fraction`). Raises ValueError when none is left."""
+    if not 0.0 <= max_border <= 1.0:
+        raise ValueError(f"max_border must lie in [0, 1], got {max_border}")
+    kept = []
+    for (x, y), m in zip(pairs, masks, strict=True):
+        keep = border_fraction(m) <= max_border
+        kept.append((x[keep], y[keep]))
+    if sum(x.shape[0] for x, _ in kept) == 0:
+        raise ValueError(f"no pair's mask covers at most {max_border:g} of the image frame "
+                         f"({sum(x.shape[0] for x, _ in pairs)} pairs): raise the limit or keep all pairs")
+    return kept
 
 
 def distill(pairs: list[tuple[torch.Tensor, torch.Tensor]], student_cfg: StudentConfig, *, steps: int,

@@ -10,8 +10,11 @@ images with π_f from fresh posterior Langevin at the preset's test steps (any D
 the teacher's inference time); `prior` — images the teacher synthesises from its prior.
 Default: chains + prior with a checkpoint, posterior + prior otherwise (prior alone without
 --data). The student learns the masks the default threshold policy makes of the teacher's π_f
-(`--targets`, drc_core/threshold.py), or the soft π_f itself with `--targets soft`. Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice
-when the data has masks, the student as a pyfunc model that segments images).
+(`--targets`, drc_core/threshold.py), or the soft π_f itself with `--targets soft`. Pairs whose
+mask covers more than `--max-border` of the image's frame are dropped (the boundary prior; by
+default 0.1 for a teacher trained on photos, off for the synthetic benchmarks: docs/quality.md §3).
+Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice when the data
+has masks, the student as a pyfunc model that segments images).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from pipelines.lib.ray_env import ScratchPathError
 from pipelines.lib.models import LANGEVIN, ModelError, load, save_student
 
 PAIR_KINDS = ("chains", "posterior", "prior")
+SYNTHETIC = ("tm-dsprites", "clevr-masks")     # benchmarks whose objects may touch the frame
+AUTO_MAX_BORDER = 0.1                           # measured on PASCAL-S, 3 teacher seeds: docs/quality.md §3
 
 
 def _progress(what: str, log, every: float = 15.0):
@@ -83,6 +88,21 @@ def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, tor
     return out
 
 
+def _max_border(arg: str, teacher) -> float | None:
+    """--max-border → the frame share a kept pair's mask may cover, or None (keep every pair)."""
+    if arg == "auto":
+        return None if teacher.cfg.data.dataset in SYNTHETIC else AUTO_MAX_BORDER
+    if arg == "off":
+        return None
+    try:
+        value = float(arg)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ModelError(f"--max-border {arg!r}: expected a fraction in [0, 1], 'auto' or 'off'")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="checkpoint folder, model.pt, or MLflow model URI of a DRC model")
@@ -93,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", default=None, metavar="POLICY",
                    help="what the student learns: 'soft' (the teacher's π_f) or the masks a threshold policy "
                         "makes of it (0.5, a number, otsu, gmm, …; default: drc_core.threshold.DEFAULT)")
+    p.add_argument("--max-border", default="auto", metavar="FRACTION",
+                   help="keep only pairs whose mask covers at most this share of the image's frame; 'off' keeps "
+                        f"all; 'auto' (default): {AUTO_MAX_BORDER} for a teacher trained on photos, off for "
+                        f"{', '.join(SYNTHETIC)}")
     p.add_argument("--steps", type=int, default=1500, help="student optimiser steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -132,6 +156,7 @@ def run(args) -> dict:
         targets = None if args.targets == "soft" else ThresholdPolicy.parse(args.targets or DEFAULT.name)
     except PolicyError as exc:
         raise ModelError(f"--targets: {exc}") from None
+    max_border = _max_border(args.max_border, teacher)
     default = ["chains" if teacher.checkpoint is not None else "posterior", "prior"] if args.data else ["prior"]
     kinds = args.pairs.split(",") if args.pairs else default
     bad = [k for k in kinds if k not in PAIR_KINDS]
@@ -144,7 +169,8 @@ def run(args) -> dict:
     params = {"teacher": args.teacher, "data": args.data, "device": str(device), "pairs": ",".join(kinds),
               "targets": "soft" if targets is None else targets.name, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "prior_images": args.prior_images,
-              "train_images": args.train_images, "seed": args.seed, **{f"student.{k}": v for k, v in scfg.to_dict().items()},
+              "train_images": args.train_images, "seed": args.seed,
+              "max_border": "off" if max_border is None else max_border, **{f"student.{k}": v for k, v in scfg.to_dict().items()},
               **{f"teacher.{k}": v for k, v in teacher.cfg.flat().items()}}
     run_id = tracking.start_run(uri, name, params, experiment=args.experiment,
                                 tags={"drc.stage": "distill", "drc.preset": teacher.cfg.preset})
@@ -154,6 +180,18 @@ def run(args) -> dict:
         pairs = _pairs(kinds, teacher, args, say)
         if targets is not None:          # hard targets: the teacher's π_f through the threshold policy
             pairs = [(x, targets.masks(y).float()) for x, y in pairs]
+        totals = [x.shape[0] for x, _ in pairs]
+        if max_border is not None:       # the boundary prior: drop pairs whose mask fills the frame
+            from drc_core.amortized import keep_off_border
+            masks = [y > 0.5 if targets is not None else DEFAULT.masks(y) for _, y in pairs]
+            try:
+                pairs = keep_off_border(pairs, masks, max_border)
+            except ValueError as exc:
+                raise ModelError(f"--max-border: {exc}") from None
+        kept = {k: [x.shape[0], n] for k, (x, _), n in zip(kinds, pairs, totals)}
+        if max_border is not None:
+            say(f"pairs kept (mask on ≤ {max_border:g} of the frame): "
+                + ", ".join(f"{k} {a}/{n}" for k, (a, n) in kept.items()))
         pair_seconds = time.perf_counter() - t0
         losses: list[float] = []
 
@@ -170,9 +208,10 @@ def run(args) -> dict:
         student = distill(pairs, scfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           device=device, on_step=on_step)
         summary = {"name": name, "mlflow_run_id": run_id, "tracking_uri": uri, "out": str(out), "pairs": kinds,
+                   "pairs_kept": kept, "max_border": max_border,
                    "pair_seconds": pair_seconds, "train_seconds": time.perf_counter() - t1,
                    "final_loss": float(np.mean(losses[-50:]))}
-        x, y = pairs[0]
+        x, y = next((x, y) for x, y in pairs if x.shape[0])
         with torch.no_grad():
             agree = torch.sigmoid(student(x[:512].to(device)))[:, 0].cpu() > 0.5
         summary["train_agreement_iou"] = mean_iou_dice(agree, y[:512] > 0.5)["iou"]
@@ -188,7 +227,7 @@ def run(args) -> dict:
                                    "protocol": mean_iou_dice(prob > 0.5, truth)}
         path = save_student(out / "student.pt", teacher.cfg, student)
         metrics = {"train_agreement_iou": summary["train_agreement_iou"], "pair_seconds": pair_seconds,
-                   "train_seconds": summary["train_seconds"]}
+                   "train_seconds": summary["train_seconds"], "pairs_kept": sum(a for a, _ in kept.values())}
         if "eval" in summary:
             metrics.update(eval_iou=summary["eval"]["iou"], eval_dice=summary["eval"]["dice"])
         tracking.log_metrics(uri, run_id, metrics, args.steps)

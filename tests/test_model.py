@@ -232,3 +232,21 @@ def test_em_steps_on_a_fixed_batch_lower_the_reconstruction_error(tiny_cfg):
             errors.append(float((model.compose(z_pos).recon - x).abs().mean()))
     # measured: 0.377 → 0.269 (first → last step; the last five average 0.78× the first five)
     assert sum(errors[-5:]) / 5 < 0.85 * sum(errors[:5]) / 5, [round(e, 3) for e in errors]
+
+
+def test_border_fraction_and_keep_off_border_known_values():
+    from drc_core.amortized import border_fraction, keep_off_border
+    m = torch.zeros(4, 32, 32, dtype=torch.bool)       # frame: a band 2 px wide, 32² − 28² = 240 pixels
+    m[1, 8:24, 8:24] = True                             # an object inside the frame
+    m[2, :16] = True                                    # the top half: 2·32 rows + 2·2·14 side pixels
+    m[3] = True
+    assert border_fraction(m).tolist() == pytest.approx([0.0, 0.0, (64 + 56) / 240, 1.0])
+    assert border_fraction(torch.ones(1, 8, 8)).item() == 1.0          # 1 px band below 32²
+    x = torch.arange(4.0)[:, None, None, None].expand(4, 3, 32, 32)
+    kept = keep_off_border([(x, m.float()), (x[:2], m[:2].float())], [m, m[:2]], 0.5)
+    assert kept[0][0][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0] and kept[1][0].shape[0] == 2
+    assert torch.equal(kept[0][1], m[:3].float())
+    with pytest.raises(ValueError, match="no pair's mask covers at most 0.1"):
+        keep_off_border([(x[3:], m[3:].float())], [m[3:]], 0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        keep_off_border([(x, m.float())], [m], 1.5)

@@ -144,6 +144,9 @@ def test_distilled_student_is_tracked_and_its_pyfunc_segments(world):
     run = mlflow.tracking.MlflowClient(world["uri"]).get_run(s["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["pairs"] == "chains,prior"
     assert run.data.params["targets"] == DEFAULT.name            # hard targets from the default policy
+    # a TM-dSprites teacher: the boundary prior is off by default (its sprites may touch the frame)
+    assert s["max_border"] is None and run.data.params["max_border"] == "off"
+    assert s["pairs_kept"] == {"chains": [48, 48], "prior": [32, 32]}
     assert "eval_iou" in run.data.metrics and "loss" in run.data.metrics
     mlflow.set_tracking_uri(world["uri"])
     model = mlflow.pyfunc.load_model(s["model_uri"])
@@ -335,3 +338,30 @@ def test_distill_pair_progress_reports_count_rate_and_eta(monkeypatch):
     tick(450, 1000)            # 22 s: too soon after the last line
     tick(1000, 1000)           # done: the caller's summary line says it
     assert lines == ["posterior pairs: 400/1000 images, 20.0 images/s, eta 30 s"]
+
+
+def test_distill_keeps_only_pairs_whose_mask_stays_off_the_frame(world, tmp_path):
+    import mlflow
+    from types import SimpleNamespace
+    from drc_core.amortized import border_fraction, chain_pairs
+    from drc_core.presets import get_config
+    from pipelines.lib.checkpoints import ChainReader
+    from pipelines.lib.models import load
+    teacher, train = load(world["ckpt"]), world["train"]
+    _, prob = chain_pairs(teacher.net, train["images"], ChainReader(teacher.checkpoint).get(train["sample_id"]))
+    frac = border_fraction(DEFAULT.masks(prob))
+    limit = float(frac.median())                  # about half the chain pairs stay, whatever the teacher
+    args = ["--teacher", world["ckpt"], "--data", world["data"], "--steps", "5", "--prior-images", "32",
+            "--tracking-uri", world["uri"], "--no-model", "--quiet"]
+    s = distill.main([*args, "--max-border", str(limit), "--out", str(tmp_path / "d")])
+    assert s["max_border"] == limit and s["pairs_kept"]["chains"] == [int((frac <= limit).sum()), 48]
+    assert 0 <= s["pairs_kept"]["prior"][0] <= 32 and s["pairs_kept"]["prior"][1] == 32
+    run = mlflow.tracking.MlflowClient(world["uri"]).get_run(s["mlflow_run_id"])
+    assert float(run.data.params["max_border"]) == limit
+    assert run.data.metrics["pairs_kept"] == sum(a for a, _ in s["pairs_kept"].values())
+    # 'auto': on for a teacher trained on photos, off for the synthetic benchmarks
+    assert distill._max_border("auto", SimpleNamespace(cfg=get_config("photo-32"))) == distill.AUTO_MAX_BORDER
+    assert distill._max_border("auto", SimpleNamespace(cfg=get_config("cpu-32"))) is None
+    for bad in ("2", "-0.1", "half"):
+        with pytest.raises(SystemExit, match=f"distill: --max-border '{bad}': expected a fraction in"):
+            distill.main([*args, "--max-border", bad, "--out", str(tmp_path / "bad")])
