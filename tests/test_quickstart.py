@@ -59,6 +59,7 @@ NOISE = {  # what a successful run must not print (issue 19): alarms that are no
     "a deprecation warning about our own calls": re.compile(r"DeprecationWarning"),
     "Ray Train's per-report metrics dump": re.compile(r"Reporting training result \d+: TrainingReport"),
     "Ray Train's per-checkpoint INFO line": re.compile(r"Checkpoint successfully created"),
+    "MLflow's progress bar for copying a logged model back": re.compile(r"Downloading artifacts"),
 }
 
 

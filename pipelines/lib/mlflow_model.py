@@ -130,11 +130,15 @@ def signature(test_steps: int):
 
 def log_pyfunc(uri: str, run_id: str, weights_path: str | Path, test_steps: int) -> str:
     """Log the model into run `run_id`; returns its model URI."""
+    import os
     import warnings
 
     import mlflow
     root = Path(__file__).resolve().parents[2]
     mlflow.set_tracking_uri(uri)
+    # MLflow copies the logged files back to validate the model and draws a "Downloading artifacts"
+    # progress bar for that local copy in the middle of the stage's own lines; a user's setting wins
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is explicit; an input example would only make MLflow run the model (for a
         # DRC model, Langevin at the preset's test steps) to infer what the signature already says
