@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from drc_core.config import DRCConfig
 from drc_core.inference import decode, images_to_tensor
+from drc_core.metrics import border_fraction
 from drc_core.langevin import sample_prior
 from drc_core.model import DRCModel
 
@@ -123,17 +124,6 @@ def prior_pairs(model: DRCModel, cfg: DRCConfig, n: int, *, generator: torch.Gen
         if on_batch is not None:
             on_batch(lo + z.shape[0], n)
     return torch.cat(xs), torch.cat(probs)
-
-
-def border_fraction(masks) -> torch.Tensor:
-    """Per mask (N, H, W): the share of its frame — a band max(1, min(H, W) // 16) pixels wide along
-    the four edges — that is foreground."""
-    m = torch.as_tensor(masks).bool()
-    h, w = m.shape[-2:]
-    b = max(1, min(h, w) // 16)
-    frame = torch.ones(h, w, dtype=torch.bool)
-    frame[b:h - b, b:w - b] = False
-    return (m & frame).flatten(1).sum(1).float() / frame.sum()
 
 
 def keep_off_border(pairs: list[tuple[torch.Tensor, torch.Tensor]], masks: list[torch.Tensor],

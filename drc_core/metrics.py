@@ -83,6 +83,17 @@ def trivial_baselines(target) -> dict[str, dict[str, float]]:
             "centre_ellipse": max(discs, key=lambda d: d["iou"])}
 
 
+def border_fraction(masks) -> torch.Tensor:
+    """Per mask (N, H, W): the share of its frame — a band max(1, min(H, W) // 16) pixels wide along
+    the four edges — that is foreground."""
+    m = _as_bool(masks)
+    h, w = m.shape[-2:]
+    b = max(1, min(h, w) // 16)
+    frame = torch.ones(h, w, dtype=torch.bool)
+    frame[b:h - b, b:w - b] = False
+    return (m & frame).flatten(1).sum(1).float() / frame.sum()
+
+
 TRIVIAL_AREA = 0.01          # a mask covering < 1 % or > 99 % of the image separates nothing
 
 
@@ -97,7 +108,10 @@ def label_free_scores(prob, masks, recon_l1) -> dict[str, torch.Tensor]:
       degenerate partitions that can reconstruct well and segment nothing;
     - `separability`: Otsu's η = between-class / total variance of π_f at the mask's split
       (1: two clean levels; 0: nothing to split);
-    - `confidence`: mean |2π_f − 1|, how far π_f stays from the undecided ½."""
+    - `confidence`: mean |2π_f − 1|, how far π_f stays from the undecided ½;
+    - `frame`: −`border_fraction(masks)`, how little of the image's frame the mask calls
+      foreground (the boundary prior: photographed objects seldom fill the picture's edges; on
+      PASCAL-S it ranks training seeds as the IoU does, docs/quality.md §3)."""
     p = torch.as_tensor(prob).float().flatten(1)
     m = _as_bool(masks).flatten(1)
     area = m.float().mean(1)                                  # the foreground class's weight
@@ -108,4 +122,5 @@ def label_free_scores(prob, masks, recon_l1) -> dict[str, torch.Tensor]:
             "nontrivial": -((area < TRIVIAL_AREA) | (area > 1 - TRIVIAL_AREA)).float(),
             "separability": torch.where(var > 1e-12, (1 - area) * area * (mu1 - mu0) ** 2 / var.clamp(min=1e-12),
                                         torch.zeros_like(var)),
-            "confidence": (2 * p - 1).abs().mean(1)}
+            "confidence": (2 * p - 1).abs().mean(1),
+            "frame": -border_fraction(masks)}

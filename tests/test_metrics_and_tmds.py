@@ -123,3 +123,7 @@ def test_label_free_scores_reward_a_clean_partition_and_flag_trivial_masks():
     assert s["confidence"].tolist() == pytest.approx([1.0, 0.2, s["confidence"][2].item(), 0.0])
     assert s["nontrivial"].tolist() == [0.0, 0.0, 0.0, -1.0]
     assert s["recon"].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    assert s["frame"].tolist() == [0.0, 0.0, 0.0, 0.0]       # the square stays off the 1-px frame
+    edge = masks.clone()
+    edge[0, :4] = True                                        # the top half: 8 + 2·3 of the 28 frame pixels
+    assert label_free_scores(probs, edge, torch.zeros(4))["frame"][0].item() == pytest.approx(-14 / 28)

@@ -235,7 +235,8 @@ def test_em_steps_on_a_fixed_batch_lower_the_reconstruction_error(tiny_cfg):
 
 
 def test_border_fraction_and_keep_off_border_known_values():
-    from drc_core.amortized import border_fraction, keep_off_border
+    from drc_core.amortized import keep_off_border
+    from drc_core.metrics import border_fraction
     m = torch.zeros(4, 32, 32, dtype=torch.bool)       # frame: a band 2 px wide, 32² − 28² = 240 pixels
     m[1, 8:24, 8:24] = True                             # an object inside the frame
     m[2, :16] = True                                    # the top half: 2·32 rows + 2·2·14 side pixels

@@ -343,7 +343,8 @@ def test_distill_pair_progress_reports_count_rate_and_eta(monkeypatch):
 def test_distill_keeps_only_pairs_whose_mask_stays_off_the_frame(world, tmp_path):
     import mlflow
     from types import SimpleNamespace
-    from drc_core.amortized import border_fraction, chain_pairs
+    from drc_core.amortized import chain_pairs
+    from drc_core.metrics import border_fraction
     from drc_core.presets import get_config
     from pipelines.lib.checkpoints import ChainReader
     from pipelines.lib.models import load

@@ -63,7 +63,7 @@ def test_quick_study_with_asha_and_optuna_records_parent_children_and_best(datas
         assert m["eval_score"] == pytest.approx(m["eval_lf_separability"] - m["eval_trivial"])
         assert 0.0 <= m["eval_lf_separability"] <= 1.0 and m["eval_lf_recon"] == pytest.approx(-m["eval_recon_l1"])
     assert set(out["spearman_vs_iou"]) <= {"eval_score", "eval_lf_recon", "eval_lf_separability",
-                                           "eval_lf_confidence", "eval_lf_nontrivial"}
+                                           "eval_lf_confidence", "eval_lf_nontrivial", "eval_lf_frame"}
     parent = c.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == out["best"]["trial"]
     assert float(parent.data.tags["best.optim.gen_lr"]) == pytest.approx(out["best"]["optim.gen_lr"])

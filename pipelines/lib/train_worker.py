@@ -178,7 +178,7 @@ def resume(state: TrainState, job: TrainJob, rank: int, world: int) -> None:
         restore(state, folder, job, rank, world, verified)
 
 
-LABEL_FREE = ("recon", "nontrivial", "separability", "confidence")
+LABEL_FREE = ("recon", "nontrivial", "separability", "confidence", "frame")
 
 
 def evaluate_shard(state: TrainState, data: dict | None, comms: Comms, steps: int | None) -> dict[str, float]:
