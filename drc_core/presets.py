@@ -63,7 +63,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # its teacher 31.4 at each photo's own size (64²: 28.4), its distilled student 36.9 (2 student seeds
     # 36.8 / 36.6 at 32²) at a third of the cost per iteration; with an 8-d background latent and the
     # area prior λ_A 0.05, as measured (neither moved the 64² curve by more than a point). Its training
-    # seed matters more than any of this: students 37.5 / 31.9 / 26.4 at 32² for seeds 0 / 1 / 2.
+    # seed matters more than any of this: students 37.5 / 31.9 / 26.4 at 32² for seeds 0 / 1 / 2, which
+    # distill's boundary prior (`--max-border`, on for photo teachers) narrows to 36.6 / 35.2 / 33.1.
     "photo-32": {**_PHOTO, "model.resolution": 32, "model.fg_dim": 32, "model.bg_dim": 8,
                  "loss.area_weight": 0.05, "model.up_widths": (64, 32, 16), "model.classifier_widths": (16, 32, 64)},
     "cpu-32": {**_MULTI_OBJECT, "model.resolution": 32, "model.fg_dim": 32, "model.bg_dim": 4,
