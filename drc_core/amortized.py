@@ -14,9 +14,9 @@ The targets are soft (π_f ∈ [0, 1]) and the loss is binary cross-entropy; the
 
 `keep_off_border` drops pairs whose mask covers much of the image's frame (beyond the paper: the
 boundary prior of salient-object detection, that a photographed object seldom fills the edges of
-the picture). A teacher that splits a photo by colour or light rather than object and background
-paints the frame foreground; training the student only on the pairs that do not lets it learn what
-the teacher got right (docs/quality.md §3).
+the picture). A weak teacher paints much of the frame foreground (on PASCAL-S the weakest of five
+training seeds 37 % of it, the true masks 7 %); trained only on the pairs that stay off it, the
+student learns what the teacher got right (docs/quality.md §3).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from drc_core.config import DRCConfig
 from drc_core.inference import decode, images_to_tensor
-from drc_core.metrics import border_fraction
 from drc_core.langevin import sample_prior
+from drc_core.metrics import border_fraction
 from drc_core.model import DRCModel
 
 

@@ -35,7 +35,7 @@ from pipelines.lib.models import LANGEVIN, ModelError, load, save_student
 
 PAIR_KINDS = ("chains", "posterior", "prior")
 SYNTHETIC = ("tm-dsprites", "clevr-masks")     # benchmarks whose objects may touch the frame
-AUTO_MAX_BORDER = 0.1                           # measured on PASCAL-S, 3 teacher seeds: docs/quality.md §3
+AUTO_MAX_BORDER = 0.1                           # measured on PASCAL-S, 5 teacher seeds: docs/quality.md §3
 
 
 def _progress(what: str, log, every: float = 15.0):
