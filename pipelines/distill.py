@@ -136,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> dict:
-    from drc_core.amortized import StudentConfig, distill, predict
+    from drc_core.amortized import StudentConfig, distill, keep_off_border, predict
     from drc_core.metrics import mean_iou_dice
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,7 +182,6 @@ def run(args) -> dict:
             pairs = [(x, targets.masks(y).float()) for x, y in pairs]
         totals = [x.shape[0] for x, _ in pairs]
         if max_border is not None:       # the boundary prior: drop pairs whose mask fills the frame
-            from drc_core.amortized import keep_off_border
             masks = [y > 0.5 if targets is not None else DEFAULT.masks(y) for _, y in pairs]
             try:
                 pairs = keep_off_border(pairs, masks, max_border)
