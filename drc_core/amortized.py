@@ -29,10 +29,11 @@ from torch import nn
 import torch.nn.functional as F
 
 from drc_core.config import DRCConfig
-from drc_core.inference import decode, images_to_tensor
+from drc_core.inference import decode, images_to_tensor, segment
 from drc_core.langevin import sample_prior
 from drc_core.metrics import border_fraction
 from drc_core.model import DRCModel
+from drc_core.threshold import DEFAULT, ThresholdPolicy
 
 
 @dataclass
@@ -105,6 +106,15 @@ def chain_pairs(model: DRCModel, images: np.ndarray, z: torch.Tensor, *, batch_s
     return x_all, torch.cat(probs)
 
 
+def posterior_pairs(model: DRCModel, images: np.ndarray, cfg: DRCConfig, *, seed: int = 0,
+                    sample_ids: np.ndarray | None = None, on_batch: Callable[[int, int], None] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images and the π_f of fresh posterior chains (the preset's test-time Langevin; a
+    teacher without persistent chains, e.g. a `model.pt`)."""
+    seg = segment(model, images, cfg, seed=seed, sample_ids=sample_ids, on_batch=on_batch)
+    return images_to_tensor(images), seg.prob
+
+
 def prior_pairs(model: DRCModel, cfg: DRCConfig, n: int, *, generator: torch.Generator,
                 batch_size: int = 256, on_batch: Callable[[int, int], None] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +150,19 @@ def keep_off_border(pairs: list[tuple[torch.Tensor, torch.Tensor]], masks: list[
         raise ValueError(f"no pair's mask covers at most {max_border:g} of the image frame "
                          f"({sum(x.shape[0] for x, _ in pairs)} pairs): raise the limit or keep all pairs")
     return kept
+
+
+def training_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], targets: ThresholdPolicy | None,
+                   max_border: float | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What a student learns from the teacher's (image, π_f) pair sets: the masks `targets` makes of
+    π_f (None: π_f itself) and, with `max_border`, only the pairs whose mask stays off the frame
+    (`keep_off_border`; a soft target's mask is the default policy's)."""
+    if targets is not None:
+        pairs = [(x, targets.masks(y).float()) for x, y in pairs]
+    if max_border is None:
+        return pairs
+    masks = [y > 0.5 if targets is not None else DEFAULT.masks(y) for _, y in pairs]
+    return keep_off_border(pairs, masks, max_border)
 
 
 def distill(pairs: list[tuple[torch.Tensor, torch.Tensor]], student_cfg: StudentConfig, *, steps: int,

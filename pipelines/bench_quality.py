@@ -5,6 +5,7 @@ beside GrabCut, the best centred disc and all-foreground on the same images.
     python -m pipelines.bench quality --preset cpu-32 --minutes 20 --seeds 2
     python -m pipelines.bench quality --preset cpu-32 --minutes 20 --seeds 2 loss.area_weight=0.05
     python -m pipelines.bench quality --preset photo-64 --data data/pascal-s-64 --minutes 30 --seeds 2
+    python -m pipelines.bench quality --preset cpu-64 --minutes 30 --seeds 2 --student data.train_size=1000
 
 Each seed is one `pipelines.local` run (a subprocess; `--parallel` of them at a time, the cores
 split between them), so every figure here can be reproduced run by run. `--data tmds` (default)
@@ -15,6 +16,11 @@ under the default label-free threshold policy and at the DRC protocol's π_f > �
 policies), predicted vs true foreground area, mean π_f on true foreground / background pixels,
 the best-threshold IoU (a diagnostic that peeks at the labels, never a result), and the learning
 curve (`<out>/curve.png`, `<out>/quality.json`). Nothing but the scoring looks at the masks.
+
+`--student` also distils each seed's model as `drc distill` does by default for a model without
+chains — fresh posterior pairs of `--student-images` training images plus 2,000 prior pairs, the
+default policy's masks as targets, the boundary prior for a model trained on photos — and scores
+the student on the same held-out images (its rows: `student, …`).
 """
 from __future__ import annotations
 
@@ -45,6 +51,10 @@ def add_parser(sub) -> None:
     q.add_argument("--eval-steps", type=int, default=None, help="posterior steps at test time (default: preset)")
     q.add_argument("--out", "--output", dest="out", default=None, help="folder for the runs, quality.json, curve.png")
     q.add_argument("--reuse", action="store_true", help="aggregate runs already in --out instead of training")
+    q.add_argument("--student", action="store_true", help="distil a student from each seed's model and score it")
+    q.add_argument("--student-images", type=int, default=250,
+                   help="training images whose fresh posterior chains teach the student (default %(default)s)")
+    q.add_argument("--student-steps", type=int, default=1500, help="student optimiser steps (drc distill's default)")
     q.add_argument("overrides", nargs="*", help="section.key=value, applied to every seed")
 
 
@@ -65,12 +75,40 @@ def _run_seed(args, seed: int, out: Path, threads: int) -> subprocess.Popen:
                             cwd=Path(__file__).resolve().parent.parent)
 
 
-def _test_images(args, cfg):
-    """The images the final evaluations scored (the same for every seed)."""
+def _images(args, cfg):
+    """(training images, the images the final evaluations scored, their masks): the same for every seed."""
     from pipelines.local import dataset_images
     n = args.test_images or (None if args.data != "tmds" else cfg.data.test_size)
-    _, images, masks = dataset_images(cfg, None if args.data == "tmds" else args.data, args.eval_split, n)
-    return images, masks
+    return dataset_images(cfg, None if args.data == "tmds" else args.data, args.eval_split, n)
+
+
+def _student(args, run_dir: Path, train, images, truth) -> dict:
+    """Distil the seed's model as `drc distill` does by default (posterior + prior pairs, default-policy
+    targets, the boundary prior where `--max-border auto` turns it on) and score the student on `images`.
+    Cached in <run>/student.json for --reuse."""
+    cache = run_dir / "student.json"
+    if args.reuse and cache.exists():
+        return json.loads(cache.read_text())
+    import torch
+    from drc_core.amortized import StudentConfig, distill, posterior_pairs, predict, prior_pairs, training_pairs
+    from drc_core.metrics import mean_iou_dice
+    from drc_core.threshold import DEFAULT
+    from pipelines.distill import resolve_max_border
+    from pipelines.lib.models import load
+    teacher = load(str(run_dir / "model.pt"))
+    t0 = time.perf_counter()
+    n = min(args.student_images, len(train))
+    pairs = [posterior_pairs(teacher.net, train[:n], teacher.cfg, sample_ids=np.arange(n)),
+             prior_pairs(teacher.net, teacher.cfg, 2000, generator=torch.Generator().manual_seed(1))]
+    pairs = training_pairs(pairs, DEFAULT, resolve_max_border("auto", teacher))
+    student = distill(pairs, StudentConfig(resolution=teacher.resolution), steps=args.student_steps)
+    prob = predict(student, images)
+    masks = DEFAULT.masks(prob)
+    r = {"default": {**mean_iou_dice(masks, truth), "area": 100 * float(masks.float().mean())},
+         "protocol": {**mean_iou_dice(prob > 0.5, truth), "area": 100 * float((prob > 0.5).float().mean())},
+         "pairs": sum(int(x.shape[0]) for x, _ in pairs), "seconds": time.perf_counter() - t0}
+    cache.write_text(json.dumps(r, indent=2))
+    return r
 
 
 def _stat(values) -> dict:
@@ -109,6 +147,7 @@ def run(args) -> dict:
     from drc_core.presets import get_config
     from drc_core.threshold import DEFAULT
     from pipelines.lib.grabcut import grabcut_masks
+    import torch
 
     cfg = get_config(args.preset, parse_override_args(args.overrides))       # fail fast on a bad override
     if args.data != "tmds" and not Path(args.data).exists() and "://" not in args.data:
@@ -135,8 +174,12 @@ def run(args) -> dict:
                                          f"{out / f'seed{seed}.log'}")
     runs = {s: json.loads((out / f"seed{s}" / "curve.json").read_text()) for s in range(args.seeds)}
 
-    images, masks = _test_images(args, cfg)
+    train, images, masks = _images(args, cfg)
     truth = masks > 0
+    students = {}
+    for seed in range(args.seeds if args.student else 0):
+        print(f"bench quality: distilling seed {seed}'s model", flush=True)
+        students[seed] = _student(args, out / f"seed{seed}", train, images, torch.as_tensor(truth))
     gc = grabcut_masks(images)
     baselines = {"GrabCut": mean_iou_dice(gc, truth), **trivial_baselines(truth)}
     finals = {s: r["final"] for s, r in runs.items()}
@@ -149,6 +192,10 @@ def run(args) -> dict:
     rows = [{"method": f"DRC, {p}" + (" (default)" if p == DEFAULT.name else ", DRC protocol" if p == "0.5" else ""),
              "iou": policy_stat(p, "iou"), "dice": policy_stat(p, "dice"), "area": policy_stat(p, "area")}
             for p in policies]
+    for key, name in (("default", f"student, {DEFAULT.name} (default)"), ("protocol", "student, 0.5, DRC protocol")):
+        if students:
+            rows.append({"method": name, **{k: _stat([st[key][k] for st in students.values()])
+                                            for k in ("iou", "dice", "area")}})
     true_area = 100 * float(truth.mean())
     rows += [{"method": "GrabCut (OpenCV, 5 % margin box)", "iou": _stat([baselines["GrabCut"]["iou"]]),
               "dice": _stat([baselines["GrabCut"]["dice"]]), "area": _stat([100 * gc.mean()])},
@@ -168,7 +215,8 @@ def run(args) -> dict:
               "diagnostics": diag, "cpu": cpu, "threads_per_seed": None if args.reuse else threads,
               "parallel": None if args.reuse else parallel,
               "wall_seconds": time.perf_counter() - t0,
-              "curves": {s: r["curve"] for s, r in runs.items()}, "command": " ".join(sys.argv)}
+              "curves": {s: r["curve"] for s, r in runs.items()}, "students": students,
+              "command": " ".join(sys.argv)}
     (out / "quality.json").write_text(json.dumps(result, indent=2))
     print(format_result(result))
     print(f"curve: {out / 'curve.png'}   json: {out / 'quality.json'}")

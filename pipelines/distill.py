@@ -53,8 +53,7 @@ def _progress(what: str, log, every: float = 15.0):
 
 
 def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from drc_core.amortized import chain_pairs, prior_pairs
-    from drc_core.inference import images_to_tensor, segment
+    from drc_core.amortized import chain_pairs, posterior_pairs, prior_pairs
     from pipelines.lib.parquet_store import load_arrays
     cfg, model = teacher.cfg, teacher.net
     train = None
@@ -77,9 +76,8 @@ def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, tor
             z = ChainReader(teacher.checkpoint).get(train["sample_id"])
             out.append(chain_pairs(model, train["images"], z))
         elif kind == "posterior":
-            seg = segment(model, train["images"], cfg, seed=args.seed, sample_ids=train["sample_id"],
-                          on_batch=_progress(f"{kind} pairs", log))
-            out.append((images_to_tensor(train["images"]), seg.prob))
+            out.append(posterior_pairs(model, train["images"], cfg, seed=args.seed, sample_ids=train["sample_id"],
+                                       on_batch=_progress(f"{kind} pairs", log)))
         else:
             out.append(prior_pairs(model, cfg, args.prior_images, on_batch=_progress(f"{kind} pairs", log),
                                    generator=torch.Generator(teacher.device).manual_seed(args.seed + 1)))
@@ -88,7 +86,7 @@ def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, tor
     return out
 
 
-def _max_border(arg: str, teacher) -> float | None:
+def resolve_max_border(arg: str, teacher) -> float | None:
     """--max-border → the frame share a kept pair's mask may cover, or None (keep every pair)."""
     if arg == "auto":
         return None if teacher.cfg.data.dataset in SYNTHETIC else AUTO_MAX_BORDER
@@ -136,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> dict:
-    from drc_core.amortized import StudentConfig, distill, keep_off_border, predict
+    from drc_core.amortized import StudentConfig, distill, predict, training_pairs
     from drc_core.metrics import mean_iou_dice
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +154,7 @@ def run(args) -> dict:
         targets = None if args.targets == "soft" else ThresholdPolicy.parse(args.targets or DEFAULT.name)
     except PolicyError as exc:
         raise ModelError(f"--targets: {exc}") from None
-    max_border = _max_border(args.max_border, teacher)
+    max_border = resolve_max_border(args.max_border, teacher)
     default = ["chains" if teacher.checkpoint is not None else "posterior", "prior"] if args.data else ["prior"]
     kinds = args.pairs.split(",") if args.pairs else default
     bad = [k for k in kinds if k not in PAIR_KINDS]
@@ -178,15 +176,11 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         say = (lambda m: None) if args.quiet else (lambda m: print(f"distill: {m}", flush=True))
         pairs = _pairs(kinds, teacher, args, say)
-        if targets is not None:          # hard targets: the teacher's π_f through the threshold policy
-            pairs = [(x, targets.masks(y).float()) for x, y in pairs]
         totals = [x.shape[0] for x, _ in pairs]
-        if max_border is not None:       # the boundary prior: drop pairs whose mask fills the frame
-            masks = [y > 0.5 if targets is not None else DEFAULT.masks(y) for _, y in pairs]
-            try:
-                pairs = keep_off_border(pairs, masks, max_border)
-            except ValueError as exc:
-                raise ModelError(f"--max-border: {exc}") from None
+        try:                             # hard targets; the boundary prior drops pairs whose mask fills the frame
+            pairs = training_pairs(pairs, targets, max_border)
+        except ValueError as exc:
+            raise ModelError(f"--max-border: {exc}") from None
         kept = {k: [x.shape[0], n] for k, (x, _), n in zip(kinds, pairs, totals)}
         if max_border is not None:
             say(f"pairs kept (mask on ≤ {max_border:g} of the frame): "

@@ -40,6 +40,31 @@ def test_quality_benchmark_aggregates_seeds_beside_baselines(tmp_path, capsys):
     assert "GrabCut" in printed and "DRC protocol" in printed and result["cpu"]
 
 
+@pytest.mark.slow
+def test_quality_benchmark_distils_a_student_per_seed(tmp_path, capsys):
+    """--student: each seed's model is distilled (posterior pairs of --student-images training images +
+    2,000 prior pairs, as `drc distill` does) and scored on the same held-out images; --reuse reads
+    the students back instead of distilling again."""
+    out = tmp_path / "q"
+    argv = ["quality", "--preset", "cpu-32", "--minutes", "0.05", "--seeds", "2", "--eval-images", "8",
+            "--test-images", "16", "--eval-steps", "2", "--out", str(out), "--student", "--student-images", "8",
+            "--student-steps", "20", *TINY, "langevin.test_steps=4", "langevin.test_average=2"]
+    bench.main(argv)
+    result = json.loads((out / "quality.json").read_text())
+    students = [json.loads((out / f"seed{s}" / "student.json").read_text()) for s in (0, 1)]
+    assert [st["pairs"] for st in students] == [8 + 2000] * 2          # TM-dSprites: no boundary filter
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows[f"student, {DEFAULT.name} (default)"]["iou"]["values"] == [st["default"]["iou"] for st in students]
+    assert rows["student, 0.5, DRC protocol"]["dice"]["values"] == [st["protocol"]["dice"] for st in students]
+    assert all(0.0 <= st["default"]["area"] <= 100.0 for st in students)
+    assert "student, 0.5, DRC protocol" in capsys.readouterr().out
+    for s in (0, 1):                                                    # --reuse: nothing is distilled again
+        (out / f"seed{s}" / "model.pt").unlink()
+    bench.main([*argv, "--reuse"])
+    again = json.loads((out / "quality.json").read_text())
+    assert [r["iou"] for r in again["rows"]] == [r["iou"] for r in result["rows"]]
+
+
 def test_grabcut_in_a_process_pool_gives_the_single_process_masks():
     from pipelines.lib.grabcut import grabcut_all
     rng = np.random.default_rng(3)

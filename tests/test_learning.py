@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from drc_core.amortized import StudentConfig, chain_pairs, distill, predict, prior_pairs
+from drc_core.amortized import StudentConfig, chain_pairs, distill, predict, prior_pairs, training_pairs
 from drc_core.fit import fit
 from drc_core.inference import decode, evaluate, images_to_tensor
 from drc_core.metrics import mean_iou_dice, trivial_baselines
@@ -66,8 +66,7 @@ def test_cpu32_learns_to_separate_sprites_from_texture():
     # best centred disc 31.0. The test takes ~6 min on 2 cores, ~80 s of it the student.
     pairs = [chain_pairs(state.model, train, state.chains.z),
              prior_pairs(state.model, cfg, 2000, generator=torch.Generator().manual_seed(1))]
-    pairs = [(x, DEFAULT.masks(y).float()) for x, y in pairs]
-    student = distill(pairs, StudentConfig(resolution=32), steps=1500)
+    student = distill(training_pairs(pairs, DEFAULT, max_border=None), StudentConfig(resolution=32), steps=1500)
     prob = predict(student, test)
     truth = torch.as_tensor(test_masks) > 0
     half, student_default = mean_iou_dice(prob > 0.5, truth), mean_iou_dice(DEFAULT.masks(prob), truth)

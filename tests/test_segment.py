@@ -361,8 +361,8 @@ def test_distill_keeps_only_pairs_whose_mask_stays_off_the_frame(world, tmp_path
     assert float(run.data.params["max_border"]) == limit
     assert run.data.metrics["pairs_kept"] == sum(a for a, _ in s["pairs_kept"].values())
     # 'auto': on for a teacher trained on photos, off for the synthetic benchmarks
-    assert distill._max_border("auto", SimpleNamespace(cfg=get_config("photo-32"))) == distill.AUTO_MAX_BORDER
-    assert distill._max_border("auto", SimpleNamespace(cfg=get_config("cpu-32"))) is None
+    assert distill.resolve_max_border("auto", SimpleNamespace(cfg=get_config("photo-32"))) == distill.AUTO_MAX_BORDER
+    assert distill.resolve_max_border("auto", SimpleNamespace(cfg=get_config("cpu-32"))) is None
     for bad in ("2", "-0.1", "half"):
         with pytest.raises(SystemExit, match=f"distill: --max-border '{bad}': expected a fraction in"):
             distill.main([*args, "--max-border", bad, "--out", str(tmp_path / "bad")])
