@@ -192,10 +192,10 @@ def run(args) -> dict:
     rows = [{"method": f"DRC, {p}" + (" (default)" if p == DEFAULT.name else ", DRC protocol" if p == "0.5" else ""),
              "iou": policy_stat(p, "iou"), "dice": policy_stat(p, "dice"), "area": policy_stat(p, "area")}
             for p in policies]
-    for key, name in (("default", f"student, {DEFAULT.name} (default)"), ("protocol", "student, 0.5, DRC protocol")):
-        if students:
-            rows.append({"method": name, **{k: _stat([st[key][k] for st in students.values()])
-                                            for k in ("iou", "dice", "area")}})
+    if students:
+        rows += [{"method": name, **{k: _stat([st[key][k] for st in students.values()]) for k in ("iou", "dice", "area")}}
+                 for key, name in (("default", f"student, {DEFAULT.name} (default)"),
+                                   ("protocol", "student, 0.5, DRC protocol"))]
     true_area = 100 * float(truth.mean())
     rows += [{"method": "GrabCut (OpenCV, 5 % margin box)", "iou": _stat([baselines["GrabCut"]["iou"]]),
               "dice": _stat([baselines["GrabCut"]["dice"]]), "area": _stat([100 * gc.mean()])},
