@@ -58,11 +58,14 @@ def test_quality_benchmark_distils_a_student_per_seed(tmp_path, capsys):
     assert rows["student, 0.5, DRC protocol"]["dice"]["values"] == [st["protocol"]["dice"] for st in students]
     assert all(0.0 <= st["default"]["area"] <= 100.0 for st in students)
     assert "student, 0.5, DRC protocol" in capsys.readouterr().out
+    assert result["diagnostics"]["student_minutes"]["values"] == [st["seconds"] / 60 for st in students]
+    assert all(st["seconds"] > 0 for st in students)
     for s in (0, 1):                                                    # --reuse: nothing is distilled again
         (out / f"seed{s}" / "model.pt").unlink()
     bench.main([*argv, "--reuse"])
     again = json.loads((out / "quality.json").read_text())
     assert [r["iou"] for r in again["rows"]] == [r["iou"] for r in result["rows"]]
+    assert "each student: " in capsys.readouterr().out                 # the time a user waits after training
 
 
 def test_grabcut_in_a_process_pool_gives_the_single_process_masks():
