@@ -5,7 +5,7 @@ beside GrabCut, the best centred disc and all-foreground on the same images.
     python -m pipelines.bench quality --preset cpu-32 --minutes 20 --seeds 2
     python -m pipelines.bench quality --preset cpu-32 --minutes 20 --seeds 2 loss.area_weight=0.05
     python -m pipelines.bench quality --preset photo-64 --data data/pascal-s-64 --minutes 30 --seeds 2
-    python -m pipelines.bench quality --preset cpu-64 --minutes 30 --seeds 2 --student data.train_size=1000
+    python -m pipelines.bench quality --preset cpu-64 --minutes 20 --seeds 2 --parallel 1 --student data.train_size=1000
 
 Each seed is one `pipelines.local` run (a subprocess; `--parallel` of them at a time, the cores
 split between them), so every figure here can be reproduced run by run. `--data tmds` (default)
