@@ -3,6 +3,7 @@
     python -m pipelines.distill --teacher runs/ray/<name>/checkpoint_000300 --data data/tmds-32
     python -m pipelines.distill --teacher runs/<name>/model.pt --data data/tmds-32 --pairs prior,posterior
     python -m pipelines.distill --teacher runs:/<run_id>/model --pairs prior --out runs/distill/mine
+    python -m pipelines.distill --teacher runs/ray/a/checkpoint_000150 runs/ray/b/checkpoint_000150 --data data/photos-32
 
 Pairs (drc_core/amortized.py): `chains` — the training images with π_f decoded from the
 checkpoint's persistent chains (needs a checkpoint folder and --data); `posterior` — training
@@ -13,7 +14,9 @@ Default: chains + prior with a checkpoint, posterior + prior otherwise (prior al
 (`--targets`, drc_core/threshold.py), or the soft π_f itself with `--targets soft`. Pairs whose
 mask covers more than `--max-border` of the image's frame are dropped (the boundary prior; by
 default 0.1 for a teacher trained on photos, off for the synthetic benchmarks: docs/quality.md §3).
-Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice when the data
+Several teachers (`--teacher A B …`, models of one resolution, e.g. the same preset trained with
+different seeds) pool their pairs: the student learns from all of them, which on photos beats each
+teacher's own student (five seeds: docs/quality.md §3). Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice when the data
 has masks, the student as a pyfunc model that segments images).
 """
 from __future__ import annotations
@@ -52,26 +55,29 @@ def _progress(what: str, log, every: float = 15.0):
     return on_batch
 
 
-def _pairs(kinds: list[str], teacher, args, log) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from drc_core.amortized import chain_pairs, posterior_pairs, prior_pairs
+def _train_images(kinds: list[str], resolution: int, args) -> dict | None:
+    """The training images the chain / posterior pairs need (None when only prior pairs are made)."""
     from pipelines.lib.parquet_store import load_arrays
+    if not {"chains", "posterior"} & set(kinds):
+        return None
+    if not args.data:
+        raise ModelError(f"--pairs {','.join(kinds)} needs --data (the training images)")
+    train = load_arrays(args.data, "train")
+    if train["images"].shape[1] != resolution:
+        raise ModelError(f"--data {args.data} has resolution {train['images'].shape[1]}, the teacher {resolution}")
+    n = min(len(train["sample_id"]), args.train_images or len(train["sample_id"]))
+    return {k: v[:n] for k, v in train.items()}
+
+
+def _pairs(kinds: list[str], teacher, train: dict | None, args, log) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from drc_core.amortized import chain_pairs, posterior_pairs, prior_pairs
     cfg, model = teacher.cfg, teacher.net
-    train = None
-    if {"chains", "posterior"} & set(kinds):
-        if not args.data:
-            raise ModelError(f"--pairs {','.join(kinds)} needs --data (the training images)")
-        train = load_arrays(args.data, "train")
-        if train["images"].shape[1] != teacher.resolution:
-            raise ModelError(f"--data {args.data} has resolution {train['images'].shape[1]}, the teacher "
-                             f"{teacher.resolution}")
-        n = min(len(train["sample_id"]), args.train_images or len(train["sample_id"]))
-        train = {k: v[:n] for k, v in train.items()}
     out = []
     for kind in kinds:
         t0 = time.perf_counter()
         if kind == "chains":
             if teacher.checkpoint is None:
-                raise ModelError("--pairs chains needs a training checkpoint folder as --teacher")
+                raise ModelError(f"--pairs chains needs a training checkpoint folder as --teacher, not {teacher.source}")
             from pipelines.lib.checkpoints import ChainReader
             z = ChainReader(teacher.checkpoint).get(train["sample_id"])
             out.append(chain_pairs(model, train["images"], z))
@@ -103,7 +109,9 @@ def resolve_max_border(arg: str, teacher) -> float | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="checkpoint folder, model.pt, or MLflow model URI of a DRC model")
+    p.add_argument("--teacher", required=True, nargs="+", action="extend",
+                   help="checkpoint folder, model.pt, or MLflow model URI of a DRC model; several (one resolution) "
+                        "pool their pairs")
     p.add_argument("--data", default=None, help="Parquet dataset the teacher was trained on")
     p.add_argument("--pairs", default=None, help=f"comma-separated of {', '.join(PAIR_KINDS)}")
     p.add_argument("--train-images", type=int, default=None, help="use at most N training images")
@@ -143,19 +151,29 @@ def run(args) -> dict:
                                   "--tracking-uri": tracking.configured_uri(args.tracking_uri)})
     device = devices.resolve(args.device, "distill")
     uri = tracking.tracking_uri(args.tracking_uri)
-    if args.teacher.startswith(("runs:/", "models:/")):
+    if any(t.startswith(("runs:/", "models:/")) for t in args.teacher):
         import mlflow
         mlflow.set_tracking_uri(uri)
-    teacher = load(args.teacher, device)
-    if teacher.kind != LANGEVIN:
-        raise ModelError(f"--teacher {args.teacher} is already a distilled student, not a DRC model")
+    teachers = [load(t, device) for t in args.teacher]
+    for t in teachers:
+        if t.kind != LANGEVIN:
+            raise ModelError(f"--teacher {t.source} is already a distilled student, not a DRC model")
+        if t.resolution != teachers[0].resolution:
+            raise ModelError(f"--teacher {t.source} has resolution {t.resolution}, --teacher {args.teacher[0]} "
+                             f"{teachers[0].resolution}: pooled teachers share one resolution")
+    teacher = teachers[0]                # the student keeps the first teacher's config (resolution, test steps)
     from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
     try:
         targets = None if args.targets == "soft" else ThresholdPolicy.parse(args.targets or DEFAULT.name)
     except PolicyError as exc:
         raise ModelError(f"--targets: {exc}") from None
-    max_border = resolve_max_border(args.max_border, teacher)
-    default = ["chains" if teacher.checkpoint is not None else "posterior", "prior"] if args.data else ["prior"]
+    borders = {resolve_max_border(args.max_border, t) for t in teachers}
+    if len(borders) > 1:
+        raise ModelError(f"--max-border {args.max_border}: the teachers were trained on different kinds of data "
+                         f"({', '.join(sorted({t.cfg.data.dataset for t in teachers}))}); give a fraction or 'off'")
+    max_border = borders.pop()
+    checkpoints = all(t.checkpoint is not None for t in teachers)
+    default = ["chains" if checkpoints else "posterior", "prior"] if args.data else ["prior"]
     kinds = args.pairs.split(",") if args.pairs else default
     bad = [k for k in kinds if k not in PAIR_KINDS]
     if bad:
@@ -164,7 +182,7 @@ def run(args) -> dict:
     out = Path(args.out or f"runs/distill/{name}")
     out.mkdir(parents=True, exist_ok=True)
     scfg = StudentConfig(resolution=teacher.resolution, width=args.width, levels=args.levels).validate()
-    params = {"teacher": args.teacher, "data": args.data, "device": str(device), "pairs": ",".join(kinds),
+    params = {"teacher": ",".join(args.teacher), "teachers": len(teachers), "data": args.data, "device": str(device), "pairs": ",".join(kinds),
               "targets": "soft" if targets is None else targets.name, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "prior_images": args.prior_images,
               "train_images": args.train_images, "seed": args.seed,
@@ -175,13 +193,19 @@ def run(args) -> dict:
     try:
         t0 = time.perf_counter()
         say = (lambda m: None) if args.quiet else (lambda m: print(f"distill: {m}", flush=True))
-        pairs = _pairs(kinds, teacher, args, say)
+        train = _train_images(kinds, teacher.resolution, args)
+        pairs, names = [], []            # one pair set per (teacher, kind); 'kind' alone with one teacher
+        for i, t in enumerate(teachers):
+            if len(teachers) > 1:
+                say(f"teacher {i + 1}/{len(teachers)}: {t.source}")
+            pairs += _pairs(kinds, t, train, args, say)
+            names += [k if len(teachers) == 1 else f"{i}:{k}" for k in kinds]
         totals = [x.shape[0] for x, _ in pairs]
         try:                             # hard targets; the boundary prior drops pairs whose mask fills the frame
             pairs = training_pairs(pairs, targets, max_border)
         except ValueError as exc:
             raise ModelError(f"--max-border: {exc}") from None
-        kept = {k: [x.shape[0], n] for k, (x, _), n in zip(kinds, pairs, totals)}
+        kept = {k: [x.shape[0], n] for k, (x, _), n in zip(names, pairs, totals)}
         if max_border is not None:
             say(f"pairs kept (mask on ≤ {max_border:g} of the frame): "
                 + ", ".join(f"{k} {a}/{n}" for k, (a, n) in kept.items()))
@@ -201,6 +225,7 @@ def run(args) -> dict:
         student = distill(pairs, scfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           device=device, on_step=on_step)
         summary = {"name": name, "mlflow_run_id": run_id, "tracking_uri": uri, "out": str(out), "pairs": kinds,
+                   "teachers": list(args.teacher),
                    "pairs_kept": kept, "max_border": max_border,
                    "pair_seconds": pair_seconds, "train_seconds": time.perf_counter() - t1,
                    "final_loss": float(np.mean(losses[-50:]))}

@@ -366,3 +366,30 @@ def test_distill_keeps_only_pairs_whose_mask_stays_off_the_frame(world, tmp_path
     for bad in ("2", "-0.1", "half"):
         with pytest.raises(SystemExit, match=f"distill: --max-border '{bad}': expected a fraction in"):
             distill.main([*args, "--max-border", bad, "--out", str(tmp_path / "bad")])
+
+
+def test_distill_pools_the_pairs_of_several_teachers(world, tmp_path):
+    import mlflow
+    from drc_core.model import DRCModel
+    from drc_core.presets import get_config
+    from pipelines.lib.models import save_drc
+    cfg = world["cfg"]
+    torch.manual_seed(1)
+    other = save_drc(tmp_path / "other.pt", cfg, DRCModel(cfg.model, cfg.ablation).state_dict())
+    args = ["--data", world["data"], "--steps", "5", "--prior-images", "32", "--tracking-uri", world["uri"],
+            "--no-model", "--quiet", "--max-border", "off"]
+    s = distill.main(["--teacher", world["ckpt"], "--teacher", str(other), "--pairs", "prior", *args,
+                      "--out", str(tmp_path / "pool")])
+    assert s["teachers"] == [world["ckpt"], str(other)]
+    assert s["pairs_kept"] == {"0:prior": [32, 32], "1:prior": [32, 32]}       # --max-border off keeps all
+    run = mlflow.tracking.MlflowClient(world["uri"]).get_run(s["mlflow_run_id"])
+    assert run.data.params["teachers"] == "2" and run.data.metrics["pairs_kept"] == 64
+    assert run.data.params["teacher"] == f"{world['ckpt']},{other}"
+    # chain pairs need every teacher to be a checkpoint folder: the error names the one that is not
+    with pytest.raises(SystemExit, match=f"--pairs chains needs a training checkpoint folder as --teacher, not {other}"):
+        distill.main(["--teacher", world["ckpt"], str(other), "--pairs", "chains", *args, "--out", str(tmp_path / "c")])
+    # one resolution: a 64² teacher beside a 32² one is refused before any pair is made
+    big = get_config("cpu-64")
+    wide = save_drc(tmp_path / "wide.pt", big, DRCModel(big.model, big.ablation).state_dict())
+    with pytest.raises(SystemExit, match=f"--teacher {wide} has resolution 64, --teacher {world['ckpt']} 32"):
+        distill.main(["--teacher", world["ckpt"], str(wide), "--pairs", "prior", *args, "--out", str(tmp_path / "w")])
