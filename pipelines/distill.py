@@ -3,7 +3,7 @@
     python -m pipelines.distill --teacher runs/ray/<name>/checkpoint_000300 --data data/tmds-32
     python -m pipelines.distill --teacher runs/<name>/model.pt --data data/tmds-32 --pairs prior,posterior
     python -m pipelines.distill --teacher runs:/<run_id>/model --pairs prior --out runs/distill/mine
-    python -m pipelines.distill --teacher runs/ray/a/checkpoint_000150 runs/ray/b/checkpoint_000150 --data data/photos-32
+    python -m pipelines.distill --teacher runs/ray/a/checkpoint_000150 runs/ray/b/checkpoint_000150 --data data/p-32
 
 Pairs (drc_core/amortized.py): `chains` — the training images with π_f decoded from the
 checkpoint's persistent chains (needs a checkpoint folder and --data); `posterior` — training
@@ -16,8 +16,9 @@ mask covers more than `--max-border` of the image's frame are dropped (the bound
 default 0.1 for a teacher trained on photos, off for the synthetic benchmarks: docs/quality.md §3).
 Several teachers (`--teacher A B …`, models of one resolution, e.g. the same preset trained with
 different seeds) pool their pairs: the student learns from all of them, which on photos beats each
-teacher's own student (five seeds: docs/quality.md §3). Writes <out>/student.pt and logs an MLflow run (params, loss curve, held-out IoU/Dice when the data
-has masks, the student as a pyfunc model that segments images).
+teacher's own student (docs/quality.md §3). Writes <out>/student.pt and logs an MLflow run (params,
+loss curve, held-out IoU/Dice when the data has masks, the student as a pyfunc model that segments
+images).
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def _pairs(kinds: list[str], teacher, train: dict | None, args, log) -> list[tup
         t0 = time.perf_counter()
         if kind == "chains":
             if teacher.checkpoint is None:
-                raise ModelError(f"--pairs chains needs a training checkpoint folder as --teacher, not {teacher.source}")
+                raise ModelError(f"--pairs chains needs a training checkpoint folder as --teacher, "
+                                 f"not {teacher.source}")
             from pipelines.lib.checkpoints import ChainReader
             z = ChainReader(teacher.checkpoint).get(train["sample_id"])
             out.append(chain_pairs(model, train["images"], z))
@@ -182,7 +184,8 @@ def run(args) -> dict:
     out = Path(args.out or f"runs/distill/{name}")
     out.mkdir(parents=True, exist_ok=True)
     scfg = StudentConfig(resolution=teacher.resolution, width=args.width, levels=args.levels).validate()
-    params = {"teacher": ",".join(args.teacher), "teachers": len(teachers), "data": args.data, "device": str(device), "pairs": ",".join(kinds),
+    params = {"teacher": ",".join(args.teacher), "teachers": len(teachers), "data": args.data, "device": str(device),
+              "pairs": ",".join(kinds),
               "targets": "soft" if targets is None else targets.name, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr, "prior_images": args.prior_images,
               "train_images": args.train_images, "seed": args.seed,

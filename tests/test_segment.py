@@ -386,7 +386,7 @@ def test_distill_pools_the_pairs_of_several_teachers(world, tmp_path):
     assert run.data.params["teachers"] == "2" and run.data.metrics["pairs_kept"] == 64
     assert run.data.params["teacher"] == f"{world['ckpt']},{other}"
     # chain pairs need every teacher to be a checkpoint folder: the error names the one that is not
-    with pytest.raises(SystemExit, match=f"--pairs chains needs a training checkpoint folder as --teacher, not {other}"):
+    with pytest.raises(SystemExit, match=f"chains needs a training checkpoint folder as --teacher, not {other}"):
         distill.main(["--teacher", world["ckpt"], str(other), "--pairs", "chains", *args, "--out", str(tmp_path / "c")])
     # one resolution: a 64² teacher beside a 32² one is refused before any pair is made
     big = get_config("cpu-64")
