@@ -84,7 +84,8 @@ def _images(args, cfg):
 
 def _student(args, run_dir: Path, train, images, truth) -> dict:
     """Distil the seed's model as `drc distill` does by default (posterior + prior pairs, default-policy
-    targets, the boundary prior where `--max-border auto` turns it on) and score the student on `images`.
+    targets, the boundary prior and GrabCut's re-drawn masks where `--max-border auto` / `--refine auto`
+    turn them on) and score the student on `images`.
     Cached in <run>/student.json for --reuse."""
     cache = run_dir / "student.json"
     if args.reuse and cache.exists():
@@ -93,13 +94,15 @@ def _student(args, run_dir: Path, train, images, truth) -> dict:
     from drc_core.amortized import StudentConfig, distill, posterior_pairs, predict, prior_pairs, training_pairs
     from drc_core.metrics import mean_iou_dice
     from drc_core.threshold import DEFAULT
-    from pipelines.distill import resolve_max_border
+    from pipelines.distill import refine_pairs, resolve_max_border, resolve_refine
     from pipelines.lib.models import load
     teacher = load(str(run_dir / "model.pt"))
     t0 = time.perf_counter()
     n = min(args.student_images, len(train))
     pairs = [posterior_pairs(teacher.net, train[:n], teacher.cfg, sample_ids=np.arange(n)),
              prior_pairs(teacher.net, teacher.cfg, 2000, generator=torch.Generator().manual_seed(1))]
+    if resolve_refine("auto", teacher):
+        pairs = refine_pairs(pairs, ["posterior", "prior"], train[:n], DEFAULT)
     pairs = training_pairs(pairs, DEFAULT, resolve_max_border("auto", teacher))
     student = distill(pairs, StudentConfig(resolution=teacher.resolution), steps=args.student_steps)
     seconds = time.perf_counter() - t0                   # pairs + training: what a user waits for after training

@@ -393,3 +393,50 @@ def test_distill_pools_the_pairs_of_several_teachers(world, tmp_path):
     wide = save_drc(tmp_path / "wide.pt", big, DRCModel(big.model, big.ablation).state_dict())
     with pytest.raises(SystemExit, match=f"--teacher {wide} has resolution 64, --teacher {world['ckpt']} 32"):
         distill.main(["--teacher", world["ckpt"], str(wide), "--pairs", "prior", *args, "--out", str(tmp_path / "w")])
+
+
+def test_distill_refine_grabcut_redraws_the_chain_masks_and_keeps_the_prior_ones(world, tmp_path):
+    import mlflow
+    from types import SimpleNamespace
+    from drc_core.amortized import chain_pairs
+    from drc_core.presets import get_config
+    from pipelines.lib.checkpoints import ChainReader
+    from pipelines.lib.grabcut import grabcut_refine
+    from pipelines.lib.models import load
+    teacher, train = load(world["ckpt"]), world["train"]
+    _, prob = chain_pairs(teacher.net, train["images"], ChainReader(teacher.checkpoint).get(train["sample_id"]))
+    refined = grabcut_refine(train["images"], prob.numpy(), DEFAULT.masks(prob).numpy())
+    assert (refined != DEFAULT.masks(prob).numpy()).any()        # GrabCut moved some of the teacher's masks
+    pairs = [(torch.zeros(48, 3, 32, 32), prob), (torch.zeros(32, 3, 32, 32), torch.rand(32, 32, 32))]
+    out = distill.refine_pairs(pairs, ["chains", "prior"], train["images"], DEFAULT)
+    assert torch.equal(out[0][1].bool(), torch.from_numpy(refined))   # the pool gives the one-process masks
+    assert out[1][1] is pairs[1][1]                                   # prior pairs keep their exact masks
+    # a 0/1 map passes the threshold policy unchanged, so the student learns GrabCut's masks as drawn
+    assert torch.equal(DEFAULT.masks(out[0][1]), out[0][1].bool())
+    args = ["--teacher", world["ckpt"], "--data", world["data"], "--steps", "5", "--prior-images", "32",
+            "--tracking-uri", world["uri"], "--no-model", "--quiet", "--max-border", "off"]
+    s = distill.main([*args, "--refine", "grabcut", "--out", str(tmp_path / "r")])
+    assert s["refine"] == "grabcut" and s["pairs_kept"]["chains"] == [48, 48]
+    run = mlflow.tracking.MlflowClient(world["uri"]).get_run(s["mlflow_run_id"])
+    assert run.data.params["refine"] == "grabcut"
+    assert world["distill"]["refine"] == "off"                   # 'auto' on TM-dSprites: off
+    assert distill.resolve_refine("auto", SimpleNamespace(cfg=get_config("photo-32"))) is True
+    with pytest.raises(SystemExit, match="--refine grabcut re-draws masks: it needs a threshold policy"):
+        distill.main([*args, "--refine", "grabcut", "--targets", "soft", "--out", str(tmp_path / "soft")])
+
+
+def test_grabcut_refine_snaps_a_rough_mask_to_the_object():
+    from pipelines.lib.grabcut import grabcut_refine, grabcut_refine_all
+    from drc_core.metrics import mean_iou_dice
+    rng = np.random.default_rng(0)
+    images = np.clip(rng.normal(60, 12, (6, 32, 32, 3)), 0, 255).astype(np.uint8)
+    truth = np.zeros((6, 32, 32), bool)
+    truth[:, 10:22, 8:20] = True
+    images[truth] = np.clip(rng.normal(200, 12, (int(truth.sum()), 3)), 0, 255).astype(np.uint8)
+    prob = np.zeros((6, 32, 32), np.float32)
+    prob[:, 8:26, 6:24] = 0.7                     # a blob too large, no pixel sure
+    prob[:, 14:18, 12:16] = 0.95                  # and a sure core
+    rough = prob > 0.5
+    refined = grabcut_refine(images, prob, rough)
+    assert mean_iou_dice(rough, truth)["iou"] < 50 < 90 < mean_iou_dice(refined, truth)["iou"]
+    assert np.array_equal(grabcut_refine_all(images, prob, rough, workers=2, chunk=2), refined)
