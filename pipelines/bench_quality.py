@@ -94,8 +94,8 @@ def _student(args, run_dir: Path, train, images, truth) -> dict:
     from drc_core.amortized import StudentConfig, distill, posterior_pairs, predict, prior_pairs, training_pairs
     from drc_core.metrics import mean_iou_dice
     from drc_core.threshold import DEFAULT
-    from pipelines.distill import refine_pairs, resolve_max_border, resolve_refine
-    from pipelines.lib.models import load
+    from pipelines.distill import refine_pairs, resolve_max_border
+    from pipelines.lib.models import load, resolve_refine
     teacher = load(str(run_dir / "model.pt"))
     t0 = time.perf_counter()
     n = min(args.student_images, len(train))

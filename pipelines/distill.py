@@ -39,12 +39,10 @@ import torch
 
 from pipelines.lib import devices, tracking
 from pipelines.lib.ray_env import ScratchPathError
-from pipelines.lib.models import LANGEVIN, ModelError, load, save_student
+from pipelines.lib.models import LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine, save_student
 
 PAIR_KINDS = ("chains", "posterior", "prior")
-SYNTHETIC = ("tm-dsprites", "clevr-masks")     # benchmarks whose objects may touch the frame
 AUTO_MAX_BORDER = 0.1                           # measured on PASCAL-S, 5 teacher seeds: docs/quality.md §3
-REFINE = ("auto", "grabcut", "off")
 
 
 def _progress(what: str, log, every: float = 15.0):
@@ -112,13 +110,6 @@ def resolve_max_border(arg: str, teacher) -> float | None:
     if not 0.0 <= value <= 1.0:
         raise ModelError(f"--max-border {arg!r}: expected a fraction in [0, 1], 'auto' or 'off'")
     return value
-
-
-def resolve_refine(arg: str, teacher) -> bool:
-    """--refine → whether the training images' masks are re-drawn by GrabCut from the teacher's."""
-    if arg not in REFINE:
-        raise ModelError(f"--refine {arg!r}: expected one of {', '.join(REFINE)}")
-    return teacher.cfg.data.dataset not in SYNTHETIC if arg == "auto" else arg == "grabcut"
 
 
 def refine_pairs(pairs, kinds: list[str], images: np.ndarray, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:

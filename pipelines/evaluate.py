@@ -9,7 +9,9 @@ GrabCut (OpenCV, initialised with the image minus a margin as the box), the all-
 and the best centred disc (its area chosen with the ground truth, so an optimistic baseline).
 Methods are compared on the images every method covers; coverage is reported. A Parquet dataset
 is scored at the model's resolution; a photo folder with `--masks` at each photo's own size (the
-segmentation's π_f mapped back through the crop/resize it recorded, baselines on the full photo). Writes
+segmentation's π_f mapped back through the crop/resize it recorded, baselines on the full photo). An
+output of `segment --refine grabcut` is scored by its refined masks, with π_f's own mask beside them
+as "<name>, π_f's mask before GrabCut". Writes
 <out>/report.html (table, IoU histograms, worst-case gallery with overlays), metrics.json and
 per_image.csv, and logs them to an MLflow run.
 """
@@ -35,14 +37,18 @@ from pipelines.lib.parquet_store import DatasetError, Store, load_arrays, read_p
 def read_predictions(uri: str) -> dict:
     """A segmentation output → {"manifest", "sample_id" (N,), "masks" (N, H, W) bool, "prob" (N, H, W)
     float32 π_f, "key", "geometry" (per row: the photo's (height, width, region, threshold) for image
-    files, None for Parquet rows); prob/key/geometry None for outputs written before π_f was stored}."""
+    files, None for Parquet rows), "refined" (segment --refine grabcut: per row the uint8 mask GrabCut
+    re-drew, at the photo's size; None without); prob/key/geometry None for outputs written before π_f
+    was stored}."""
     from PIL import Image
     store = Store(uri)
     manifest = store.read_manifest()
     if manifest.get("kind") != "segmentation":
         raise DatasetError(f"{uri} is not a pipelines.segment output (manifest kind {manifest.get('kind')!r})")
     has_prob = "prob_encoding" in manifest
-    cols = ["sample_id", "mask"] + (["prob", "key", "threshold", "height", "width", "region"] if has_prob else [])
+    refined = bool(manifest.get("refine"))
+    cols = ["sample_id", "mask"] + (["prob", "key", "threshold", "height", "width", "region"] if has_prob else []) \
+        + (["refined"] if refined else [])
     tables = [read_part(store, name, cols) for name in manifest["file_names"]]
     ids = np.concatenate([t["sample_id"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     size = manifest["resolution"]
@@ -55,7 +61,9 @@ def read_predictions(uri: str) -> dict:
         values = [v for t in tables for v in t[name].to_pylist()]
         return [values[i] for i in order]
     out = {"manifest": manifest, "sample_id": ids[order], "masks": stack("mask", lambda a: a > 127, bool),
-           "prob": None, "key": None, "geometry": None}
+           "prob": None, "key": None, "geometry": None, "refined": None}
+    if refined:                            # uint8 0/255 (NOT_SEGMENTED outside a centre crop), each at its size
+        out["refined"] = [np.asarray(Image.open(io.BytesIO(b))) for b in column("refined")]
     if has_prob:
         out.update(prob=stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32), key=column("key"),
                    # image-file rows: (height, width, region, threshold) of the photo; None for Parquet rows
@@ -65,6 +73,7 @@ def read_predictions(uri: str) -> dict:
 
 
 PROTOCOL_LABEL = "π_f > ½, DRC protocol"
+BEFORE_REFINE = "π_f's mask before GrabCut"         # the row of a refined output's unrefined mask
 
 
 def policy_label(name: str) -> str:
@@ -169,7 +178,11 @@ def _model_size_inputs(data: str, split: str | None, loaded: dict, extra: list[s
     methods = {}
     for name, p in loaded.items():
         sel = np.searchsorted(p["sample_id"], common)
-        methods[name] = p["masks"][sel]
+        if p["refined"] is not None:       # the product's mask is GrabCut's; π_f's mask stays beside it
+            methods[name] = np.stack([p["refined"][i] == 255 for i in sel])
+            methods[f"{name}, {BEFORE_REFINE}"] = p["masks"][sel]
+        else:
+            methods[name] = p["masks"][sel]
         policies = _policy_masks(p, extra, lambda policy: policy.masks(p["prob"][sel]).numpy())
         methods.update({f"{name}, {label}": m for label, m in policies.items()})
     return {"ids": common, "images": gt["images"][rows], "masks": gt["masks"][rows] > 0, "splits": gt["split"][rows],
@@ -215,7 +228,11 @@ def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str
 
         def at_size(thresholds, sel=sel, geo=geo, prob=p["prob"]):  # as segment writes it; unsegmented = bg
             return [full_size_mask(prob[i], t, g[2], g[0], g[1]) == 255 for i, g, t in zip(sel, geo, thresholds)]
-        methods[name] = at_size([g[3] for g in geo])
+        if p["refined"] is not None:
+            methods[name] = [p["refined"][i] == 255 for i in sel]
+            methods[f"{name}, {BEFORE_REFINE}"] = at_size([g[3] for g in geo])
+        else:
+            methods[name] = at_size([g[3] for g in geo])
         policies = _policy_masks(p, extra, lambda policy: at_size(policy.thresholds(p["prob"][sel]).numpy()))
         methods.update({f"{name}, {label}": m for label, m in policies.items()})
     return {"ids": np.arange(len(common)), "images": images, "masks": masks,

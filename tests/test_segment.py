@@ -76,7 +76,7 @@ def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path)
         df = _read(out)
         assert len(df) == 14 and set(df.columns) == {"sample_id", "key", "split", "mask", "fg_fraction",
                                                      "confidence", "recon_l1", "prob", "threshold",
-                                                     "height", "width", "region"}
+                                                     "height", "width", "region", "refined"}
         masks = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in df["mask"]])
         assert masks.shape == (14, 32, 32) and set(np.unique(masks)) <= {0, 255}
         # the stored π_f (8 bits) reproduces the mask under the recorded threshold, up to quantisation
@@ -247,7 +247,7 @@ def test_full_size_masks_line_up_with_an_object_in_a_large_non_square_photo(tmp_
     actor = SegmentBatch.__new__(SegmentBatch)
     actor.seg, actor.steps, actor.seed, actor.batch_size, actor.chains = _Oracle(), 0, 0, 4, None
     actor.png, actor.max_pixels, actor.crop = tmp_path / "png", 10 ** 8, crop
-    actor.policy = ThresholdPolicy.parse("0.5")
+    actor.policy, actor.refine = ThresholdPolicy.parse("0.5"), False
     rows = pd.DataFrame([{"sample_id": i, "key": k, "split": "", "path": str(folder / f"{k}.png")}
                          for i, k in enumerate(["tall", "wide"])])
     table = actor(rows).to_pandas()
@@ -270,6 +270,61 @@ def test_full_size_masks_line_up_with_an_object_in_a_large_non_square_photo(tmp_
         else:                                                               # outside the centred square
             side = min(want.shape)
             assert outside.sum() == want.size - side * side
+
+
+class _Blurry(_Oracle):
+    """A model whose π_f is the object grown by three model pixels (0.7, no pixel sure) around a sure
+    core (0.95): the coarse blob a 32² model paints."""
+
+    def segment(self, images, ids, **kw):
+        bright = images.mean(-1) > 127
+        grown, core = bright.copy(), bright.copy()
+        for axis in (1, 2):
+            for shift in (-3, -2, -1, 1, 2, 3):
+                grown |= np.roll(bright, shift, axis)
+                if abs(shift) == 1:
+                    core &= np.roll(bright, shift, axis)
+        return {"prob": np.where(core, 0.95, np.where(grown, 0.7, 0.0)).astype(np.float32), "recon_l1": None}
+
+
+@pytest.mark.parametrize("crop", ["resize", "center"])
+@pytest.mark.parametrize("max_side", [2000, 400])
+def test_segment_refine_redraws_a_blurred_mask_on_the_object_at_the_photos_size(tmp_path, crop, max_side):
+    """--refine grabcut: the blob π_f > ½ (too large) becomes the object's outline at the photo's own
+    size, directly or via a copy scaled to --refine-max-side; the `refined` column is the mask --png
+    writes; a centre crop leaves the outside not segmented."""
+    from pipelines.segment import SegmentBatch
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 90, (600, 1000, 3), dtype=np.uint8)
+    photo[200:420, 540:780] = rng.integers(190, 255, (220, 240, 3), dtype=np.uint8)   # a textured object
+    truth = np.zeros((600, 1000), bool)
+    truth[200:420, 540:780] = True
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(photo).save(tmp_path / "photos" / "wide.png")
+    actor = SegmentBatch.__new__(SegmentBatch)
+    actor.seg, actor.steps, actor.seed, actor.batch_size, actor.chains = _Blurry(), 0, 0, 4, None
+    actor.png, actor.max_pixels, actor.crop = tmp_path / "png", 10 ** 8, crop
+    actor.policy = ThresholdPolicy.parse("0.5")
+    rows = pd.DataFrame([{"sample_id": 3, "key": "wide", "split": "", "path": str(tmp_path / "photos" / "wide.png")}])
+
+    def iou(mask):
+        return (mask & truth).sum() / (mask | truth).sum()
+    actor.refine, actor.max_side = False, max_side
+    plain = actor(rows).to_pandas().iloc[0]
+    assert plain["refined"] is None
+    with Image.open(tmp_path / "png" / "masks" / mask_files.safe_name(3, "wide")) as f:
+        blob = np.asarray(f)
+    actor.refine = True
+    row = actor(rows).to_pandas().iloc[0]
+    refined = np.asarray(Image.open(io.BytesIO(row["refined"])))
+    with Image.open(tmp_path / "png" / "masks" / mask_files.safe_name(3, "wide")) as f:
+        assert np.array_equal(np.asarray(f), refined)                # --png writes the refined mask
+    assert refined.shape == truth.shape
+    assert iou(blob == 255) < 0.75 < 0.95 < iou(refined == 255), (iou(blob == 255), iou(refined == 255))
+    assert np.array_equal(refined == 128, blob == 128)               # the same pixels stay not segmented
+    assert (refined == 128).any() == (crop == "center")
+    assert row["mask"] == plain["mask"] and row["prob"] == plain["prob"]   # π_f's own outputs unchanged
+    assert actor(rows).to_pandas().iloc[0]["refined"] == row["refined"]  # deterministic
 
 
 def test_the_pyfunc_and_segment_prepare_a_photo_identically_and_return_full_size_masks():
@@ -304,22 +359,33 @@ def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, 
         Image.fromarray((train["masks"][i] > 0).astype(np.uint8) * 255).resize((w, h), Image.NEAREST) \
             .save(truth / f"p{i}.png")
     (truth / "p7.png").unlink()                                  # a photo without a mask is not scored
-    segment.main(["--input", str(photos), "--output", str(tmp_path / "seg"), "--quiet", "--model", world["student"],
-                  "--png", str(tmp_path / "png")])
+    seg = segment.main(["--input", str(photos), "--output", str(tmp_path / "seg"), "--quiet", "--model",
+                        world["student"], "--png", str(tmp_path / "png")])
+    assert seg["refine"] is None                                 # auto: a TM-dSprites model is not refined
+    segment.main(["--input", str(photos), "--output", str(tmp_path / "seg-r"), "--quiet", "--model", world["student"],
+                  "--png", str(tmp_path / "png-r"), "--refine", "grabcut"])
     r = evaluate.main(["--data", str(photos), "--masks", str(truth), "--pred", f"student={tmp_path / 'seg'}",
+                       "--pred", f"refined={tmp_path / 'seg-r'}",
                        "--out", str(tmp_path / "eval"), "--tracking-uri", world["uri"]])
     assert r["scored_at"] == "original size" and r["coverage"]["evaluated (covered by every method)"] == 7
     rows = {row["method"]: row for row in r["table"]}
     pred = evaluate.read_predictions(str(tmp_path / "seg"))
-    ious = []
+    ious, refined_ious = [], []
     for i in range(7):
         gt = np.asarray(Image.open(truth / f"p{i}.png")) > 127
         sid = pred["sample_id"][pred["key"].index(f"p{i}")]
         with Image.open(tmp_path / "png" / "masks" / mask_files.safe_name(sid, f"p{i}")) as f:
             written = np.asarray(f) == 255
-        assert written.shape == gt.shape == sizes[i % 4]
+        with Image.open(tmp_path / "png-r" / "masks" / mask_files.safe_name(sid, f"p{i}")) as f:
+            refined = np.asarray(f) == 255
+        assert written.shape == refined.shape == gt.shape == sizes[i % 4]
         ious.append(mean_iou_dice(written, gt)["iou"])
+        refined_ious.append(mean_iou_dice(refined, gt)["iou"])
     assert rows["student"]["iou"] == pytest.approx(np.mean(ious), abs=1e-6)
+    # a refined output is scored by the masks GrabCut drew, with π_f's own mask beside them
+    assert rows["refined"]["iou"] == pytest.approx(np.mean(refined_ious), abs=1e-6)
+    assert rows[f"refined, {evaluate.BEFORE_REFINE}"]["iou"] == pytest.approx(rows["student"]["iou"])
+    assert f"student, {evaluate.BEFORE_REFINE}" not in rows
     allfg = np.mean([mean_iou_dice(np.ones_like(g), g)["iou"] for g in
                      (np.asarray(Image.open(truth / f"p{i}.png")) > 127 for i in range(7))])
     assert rows["all foreground"]["iou"] == pytest.approx(allfg)

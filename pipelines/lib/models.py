@@ -28,6 +28,18 @@ class ModelError(ValueError):
     pass
 
 
+SYNTHETIC = ("tm-dsprites", "clevr-masks")     # benchmarks whose objects may touch the frame
+REFINE = ("auto", "grabcut", "off")
+
+
+def resolve_refine(arg: str, model) -> bool:
+    """--refine (distill, segment) → whether masks are re-drawn by GrabCut started from the model's
+    partition: 'auto' refines for a model trained on photos, not on the synthetic benchmarks."""
+    if arg not in REFINE:
+        raise ModelError(f"--refine {arg!r}: expected one of {', '.join(REFINE)}")
+    return model.cfg.data.dataset not in SYNTHETIC if arg == "auto" else arg == "grabcut"
+
+
 @dataclass
 class Segmenter:
     kind: str                                    # "langevin" (DRC) or "amortized" (student)
