@@ -30,8 +30,9 @@ on photos, off for the synthetic benchmarks) re-draws each mask with GrabCut sta
 model's partition at the photo's own size (π_f > 0.9 definite foreground, the frame definite
 background, the rest probable as the mask says): that mask is the `refined` column (PNG at the
 photo's size; model resolution for Parquet rows) and what `--png` writes; on PASCAL-S it lifts the
-distilled student from 39.4 / 41.2 to 45.4 / 47.9 IoU (docs/quality.md §3, stop 31). Each image's chain depends only on (seed, sample_id): the same input,
-model and seed give the same masks however the work is batched.
+distilled student from 39.4 / 41.2 to 45.4 / 47.9 IoU (docs/quality.md §3, stop 31). Each image's
+chain depends only on (seed, sample_id): the same input, model and seed give the same masks however
+the work is batched.
 """
 from __future__ import annotations
 
@@ -148,13 +149,14 @@ class SegmentBatch:
             if self.refine:
                 mask = refine_at_size(image, prob, row["threshold"], seed=row["sample_id"], max_side=self.max_side)
             return np.where(mask, 255, 0).astype(np.uint8)
-        full = full_size_mask(prob, row["threshold"], row["region"], row["height"], row["width"])
-        if self.refine:
-            left, top, right, bottom = row["region"]
-            up = to_original(quantised(prob), row["region"], row["height"], row["width"])[top:bottom, left:right]
-            refined = refine_at_size(image[top:bottom, left:right], up, row["threshold"], seed=row["sample_id"],
-                                     max_side=self.max_side)
-            full[top:bottom, left:right] = np.where(refined, 255, 0)
+        if not self.refine:
+            return full_size_mask(prob, row["threshold"], row["region"], row["height"], row["width"])
+        left, top, right, bottom = row["region"]
+        up = to_original(quantised(prob), row["region"], row["height"], row["width"])[top:bottom, left:right]
+        refined = refine_at_size(image[top:bottom, left:right], up, row["threshold"], seed=row["sample_id"],
+                                 max_side=self.max_side)
+        full = np.full((row["height"], row["width"]), NOT_SEGMENTED, np.uint8)   # outside a centre crop
+        full[top:bottom, left:right] = np.where(refined, 255, 0)
         return full
 
     def _finish(self, row: dict, source: dict, image: np.ndarray, prob: np.ndarray, mask: np.ndarray) -> None:
