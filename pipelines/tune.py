@@ -245,14 +245,19 @@ def released_resources(before: set[str], timeout: float = 60.0) -> dict:
     while True:
         left = sorted(k for k, v in ray.util.placement_group_table().items()
                       if k not in before and v["state"] != "REMOVED")
-        if not left or time.monotonic() > deadline:
+        out = {"placement_groups_left": left, "cpus_free": ray.available_resources().get("CPU", 0.0),
+               "cpus_total": ray.cluster_resources().get("CPU", 0.0)}
+        # a removed group's CPUs reach available_resources() a moment later (the resource view is
+        # synced asynchronously), so wait for both rather than read the CPUs once
+        if (not left and out["cpus_free"] == out["cpus_total"]) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    out = {"placement_groups_left": left, "cpus_free": ray.available_resources().get("CPU", 0.0),
-           "cpus_total": ray.cluster_resources().get("CPU", 0.0)}
     if left:
         print(f"WARNING: {len(left)} placement group(s) of this study still reserved {timeout:.0f} s after "
               f"it ended: {left}", flush=True)
+    elif out["cpus_free"] < out["cpus_total"]:
+        print(f"WARNING: {out['cpus_total'] - out['cpus_free']:g} CPU(s) still held {timeout:.0f} s after the "
+              f"study ended", flush=True)
     return out
 
 
