@@ -18,8 +18,6 @@ per_image.csv, and logs them to an MLflow run.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import io
 import json
 import re
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.lib import tracking
+from pipelines.lib import report, tracking
 from pipelines.lib.grabcut import grabcut_all
 from pipelines.lib.parquet_store import DatasetError, Store, load_arrays, read_part
 
@@ -81,76 +79,6 @@ def policy_label(name: str) -> str:
     return PROTOCOL_LABEL if ThresholdPolicy.parse(name).is_protocol else f"threshold {name}"
 
 
-def _png_b64(arr: np.ndarray) -> str:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _histogram(per_image: dict[str, np.ndarray], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.linspace(0, 100, 21)
-    for name, iou in per_image.items():
-        ax.hist(100 * iou, bins=bins, histtype="step", linewidth=1.8, label=f"{name} (mean {100 * iou.mean():.1f})")
-    ax.set_xlabel("per-image IoU (%)")
-    ax.set_ylabel("images")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _tile(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: int) -> np.ndarray:
-    """image | ground truth | prediction over the image (red = predicted fg, green edge = truth)."""
-    from pipelines.lib.mask_files import overlay
-    over = overlay(image, pred, min_size=1)
-    gt_rgb = np.repeat((gt * 255).astype(np.uint8)[..., None], 3, 2)
-    strip = np.concatenate([image, np.full((image.shape[0], 2, 3), 255, np.uint8), gt_rgb,
-                            np.full((image.shape[0], 2, 3), 255, np.uint8), over], 1)
-    return strip.repeat(scale, 0).repeat(scale, 1)
-
-
-def img_tag(png_path: Path, css: str = "") -> str:
-    data = base64.b64encode(Path(png_path).read_bytes()).decode()
-    return f"<img {css} src='data:image/png;base64,{data}'>"
-
-
-def write_report(path: Path, *, title: str, table: list[dict], coverage: dict, hist_png: Path,
-                 gallery: list[dict], notes: list[str], sections: list[tuple[str, str]] = ()) -> None:
-    """A self-contained HTML page; `sections` are extra (heading, HTML body) blocks shown first."""
-    splits = sorted({r["split"] for r in table})
-    methods = list(dict.fromkeys(r["method"] for r in table))
-    cell = {(r["method"], r["split"]): r for r in table}
-    head = "".join(f"<th colspan=2>{html.escape(s)}</th>" for s in splits)
-    sub = "".join("<th>IoU</th><th>Dice</th>" for _ in splits)
-    rows = []
-    for m in methods:
-        tds = "".join(f"<td>{cell[(m, s)]['iou']:.1f}</td><td>{cell[(m, s)]['dice']:.1f}</td>" if (m, s) in cell
-                      else "<td>–</td><td>–</td>" for s in splits)
-        rows.append(f"<tr><th>{html.escape(m)}</th>{tds}</tr>")
-    cov = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in coverage.items())
-    gal = "".join(f"<figure><img class=px src='data:image/png;base64,{g['png']}'><figcaption>"
-                  f"{html.escape(str(g['key']))} — IoU {g['iou']:.1f}</figcaption></figure>" for g in gallery)
-    extra = "".join(f"<h2>{html.escape(h)}</h2>{body}" for h, body in sections)
-    note = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #bbb;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}
-img.px{{image-rendering:pixelated}} figure{{display:inline-block;margin:6px}}
-figcaption{{font-size:12px}}</style></head><body>
-<h1>{html.escape(title)}</h1>{extra}
-<h2>IoU / Dice (%), per-image mean</h2>
-<table id="results"><tr><th rowspan=2>method</th>{head}</tr><tr>{sub}</tr>{''.join(rows)}</table>
-<h3>Coverage</h3><ul>{cov}</ul><ul>{note}</ul>
-<h2>Per-image IoU</h2>{img_tag(hist_png)}
-<h2>Worst cases ({html.escape(methods[0]) if methods else ''}): image | ground truth | prediction</h2>{gal}
-</body></html>""")
-
-
 def _policy_masks(p: dict, extra: list[str], masks_of) -> dict[str, object]:
     """`masks_of(policy)` for each policy of `extra` other than the one the output was written
     with (none for outputs without stored π_f): {"<policy label>": masks}."""
@@ -160,6 +88,19 @@ def _policy_masks(p: dict, extra: list[str], masks_of) -> dict[str, object]:
     written = p["manifest"].get("threshold_policy")
     return {policy_label(policy.name): masks_of(policy)
             for policy in map(ThresholdPolicy.parse, extra) if policy.name != written}
+
+
+def _methods_of(name: str, p: dict, sel: np.ndarray, own, extra: list[str], masks_of) -> dict[str, object]:
+    """Output `name`'s masks on its rows `sel`: the product's (GrabCut's re-drawn mask where segment
+    refined, with π_f's own mask `own` beside it; else `own`), then one per extra policy."""
+    if p["refined"] is None:
+        methods = {name: own}
+    else:
+        refined = [p["refined"][i] == 255 for i in sel]
+        methods = {name: np.stack(refined) if isinstance(own, np.ndarray) else refined,
+                   f"{name}, {BEFORE_REFINE}": own}
+    methods.update({f"{name}, {label}": m for label, m in _policy_masks(p, extra, masks_of).items()})
+    return methods
 
 
 def _model_size_inputs(data: str, split: str | None, loaded: dict, extra: list[str]) -> dict:
@@ -178,13 +119,8 @@ def _model_size_inputs(data: str, split: str | None, loaded: dict, extra: list[s
     methods = {}
     for name, p in loaded.items():
         sel = np.searchsorted(p["sample_id"], common)
-        if p["refined"] is not None:       # the product's mask is GrabCut's; π_f's mask stays beside it
-            methods[name] = np.stack([p["refined"][i] == 255 for i in sel])
-            methods[f"{name}, {BEFORE_REFINE}"] = p["masks"][sel]
-        else:
-            methods[name] = p["masks"][sel]
-        policies = _policy_masks(p, extra, lambda policy: policy.masks(p["prob"][sel]).numpy())
-        methods.update({f"{name}, {label}": m for label, m in policies.items()})
+        methods.update(_methods_of(name, p, sel, p["masks"][sel], extra,
+                                   lambda policy: policy.masks(p["prob"][sel]).numpy()))
     return {"ids": common, "images": gt["images"][rows], "masks": gt["masks"][rows] > 0, "splits": gt["split"][rows],
             "keys": gt["key"][rows], "methods": methods, "truth": f"{int(gt['sample_id'].size)} ground-truth images"}
 
@@ -228,13 +164,8 @@ def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str
 
         def at_size(thresholds, sel=sel, geo=geo, prob=p["prob"]):  # as segment writes it; unsegmented = bg
             return [full_size_mask(prob[i], t, g[2], g[0], g[1]) == 255 for i, g, t in zip(sel, geo, thresholds)]
-        if p["refined"] is not None:
-            methods[name] = [p["refined"][i] == 255 for i in sel]
-            methods[f"{name}, {BEFORE_REFINE}"] = at_size([g[3] for g in geo])
-        else:
-            methods[name] = at_size([g[3] for g in geo])
-        policies = _policy_masks(p, extra, lambda policy: at_size(policy.thresholds(p["prob"][sel]).numpy()))
-        methods.update({f"{name}, {label}": m for label, m in policies.items()})
+        methods.update(_methods_of(name, p, sel, at_size([g[3] for g in geo]), extra,
+                                   lambda policy: at_size(policy.thresholds(p["prob"][sel]).numpy())))
     return {"ids": np.arange(len(common)), "images": images, "masks": masks,
             "splits": np.array([records[k]["split"] for k in common]), "keys": np.array(common),
             "methods": methods, "truth": f"{len(records)} photos with a mask, scored at their own size"}
@@ -291,11 +222,11 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
             table.append({"method": name, "split": s, "images": int(sel.sum()),
                           "iou": 100 * float(iou[sel].mean()), "dice": 100 * float(dice[sel].mean())})
     out.mkdir(parents=True, exist_ok=True)
-    _histogram({k: v for k, v in per_image.items() if k in loaded or k == "GrabCut"} or per_image, out / "iou_hist.png")
+    report.histogram({k: v for k, v in per_image.items() if k in loaded or k == "GrabCut"} or per_image, out / "iou_hist.png")
     first = next(iter(loaded), next(iter(methods)))
     worst = np.argsort(per_image[first], kind="stable")[:gallery]
     tiles = [{"key": keys[i], "iou": 100 * float(per_image[first][i]),
-              "png": _png_b64(_tile(images[i], masks[i], methods[first][i], max(1, 96 // images[i].shape[0])))}
+              "png": report.png_b64(report.tile(images[i], masks[i], methods[first][i], max(1, 96 // images[i].shape[0])))}
              for i in worst]
     import pandas as pd
     frame = pd.DataFrame({"sample_id": got["ids"], "key": keys, "split": splits,
@@ -309,7 +240,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     notes.append(f"GrabCut box: the image minus {margin:.0%} on each side, 5 iterations")
     notes.append("scored at each photo's own size (π_f mapped back through segment's crop/resize)" if masks_dir
                  else "scored at the model's resolution")
-    write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
+    report.write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
                  coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
     result = {"data": data, "preds": preds, "table": table, "coverage": coverage, **seconds,
               "scored_at": "original size" if masks_dir else "model resolution", "report": str(out / "report.html")}

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from pipelines import distill, evaluate, preprocess, segment, train
-    from pipelines.lib import tracking
+    from pipelines.lib import report, tracking
     from pipelines.local import save_grid
     from pipelines.lib.models import load
     from pipelines.lib.parquet_store import load_arrays
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     sections = [
         ("Pipeline", f"<table>{stage_rows}</table><ul>{speed}</ul>"),
         ("Samples: observed | reconstruction | foreground | background | π_f | ground truth",
-         evaluate.img_tag(out / "sample_grid.png", "class=px width=640")),
-        ("Learning curves (training run)", evaluate.img_tag(curve)),
+         report.img_tag(out / "sample_grid.png", "class=px width=640")),
+        ("Learning curves (training run)", report.img_tag(curve)),
     ]
     result = evaluate.evaluate(data, {m: str(out / f"seg-{m}") for m in seg}, out / "report", split="test",
                                title="DRC on Ray — quickstart report", sections=sections)

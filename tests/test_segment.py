@@ -184,6 +184,17 @@ def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path):
     assert next(row["iou"] for row in r["table"] if row["method"] == f"langevin, {evaluate.PROTOCOL_LABEL}"
                 and row["split"] == "all") == pytest.approx(want)
     assert any(m.startswith("centred disc") for m in methods)
+    # Parquet rows refined by GrabCut are scored at model resolution by the refined column, π_f's own
+    # mask (the plain amortized output's) beside them
+    _segment(world, tmp_path / "r", "--model", world["student"], "--refine", "grabcut")
+    r2 = evaluate.main(["--data", world["data"], "--pred", f"refined={tmp_path / 'r'}", "--out",
+                        str(tmp_path / "eval-r"), "--tracking-uri", world["uri"], "--no-grabcut"])
+    at = {row["method"]: row["iou"] for row in r2["table"] if row["split"] == "all"}
+    refined = evaluate.read_predictions(str(tmp_path / "r"))
+    assert refined["sample_id"].tolist() == sorted(gt["sample_id"].tolist())
+    assert at["refined"] == pytest.approx(miou(np.stack(refined["refined"]) == 255, gt["masks"] > 0)["iou"])
+    assert at[f"refined, {evaluate.BEFORE_REFINE}"] == pytest.approx(
+        next(row["iou"] for row in r["table"] if row["method"] == "amortized" and row["split"] == "all"))
     assert {row["split"] for row in r["table"]} == {"train", "test", "all"}
     allfg = next(row for row in r["table"] if row["method"] == "all foreground" and row["split"] == "test")
     test = load_arrays(world["data"], "test")
