@@ -222,11 +222,13 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
             table.append({"method": name, "split": s, "images": int(sel.sum()),
                           "iou": 100 * float(iou[sel].mean()), "dice": 100 * float(dice[sel].mean())})
     out.mkdir(parents=True, exist_ok=True)
-    report.histogram({k: v for k, v in per_image.items() if k in loaded or k == "GrabCut"} or per_image, out / "iou_hist.png")
+    report.histogram({k: v for k, v in per_image.items() if k in loaded or k == "GrabCut"} or per_image,
+                     out / "iou_hist.png")
     first = next(iter(loaded), next(iter(methods)))
     worst = np.argsort(per_image[first], kind="stable")[:gallery]
     tiles = [{"key": keys[i], "iou": 100 * float(per_image[first][i]),
-              "png": report.png_b64(report.tile(images[i], masks[i], methods[first][i], max(1, 96 // images[i].shape[0])))}
+              "png": report.png_b64(report.tile(images[i], masks[i], methods[first][i],
+                                                max(1, 96 // images[i].shape[0])))}
              for i in worst]
     import pandas as pd
     frame = pd.DataFrame({"sample_id": got["ids"], "key": keys, "split": splits,
@@ -241,7 +243,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     notes.append("scored at each photo's own size (π_f mapped back through segment's crop/resize)" if masks_dir
                  else "scored at the model's resolution")
     report.write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
-                 coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
+                        coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
     result = {"data": data, "preds": preds, "table": table, "coverage": coverage, **seconds,
               "scored_at": "original size" if masks_dir else "model resolution", "report": str(out / "report.html")}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
