@@ -37,7 +37,7 @@ import numpy as np
 
 def add_parser(sub) -> None:
     q = sub.add_parser("quality", help="train with several seeds, IoU/Dice under both threshold policies vs GrabCut")
-    q.add_argument("--preset", default="cpu-32")
+    q.add_argument("--preset", default=None, help="default: cpu-32, or photo-32 with --recipe photos")
     q.add_argument("--data", default="tmds", help="'tmds' (the preset's TM-dSprites) or a Parquet dataset with masks")
     q.add_argument("--eval-split", default=None, choices=("train", "val", "test"), help="with a Parquet --data")
     q.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per seed")
@@ -55,7 +55,18 @@ def add_parser(sub) -> None:
     q.add_argument("--student-images", type=int, default=250,
                    help="training images whose fresh posterior chains teach the student (default %(default)s)")
     q.add_argument("--student-steps", type=int, default=1500, help="student optimiser steps (drc distill's default)")
-    q.add_argument("overrides", nargs="*", help="section.key=value, applied to every seed")
+    r = q.add_argument_group("the photo recipe (--recipe photos; pipelines/bench_recipe.py)")
+    r.add_argument("--recipe", default=None, choices=("photos",),
+                   help="run the README's photo recipe (preprocess → train × T → distill → segment → evaluate) "
+                        "for --sets sets of teachers instead of one pipelines.local run per seed")
+    r.add_argument("--photos", default=None, metavar="DIR", help="the photo folder (--recipe photos)")
+    r.add_argument("--masks", default=None, metavar="DIR", help="their masks, only to score (--recipe photos)")
+    r.add_argument("--sets", type=int, default=2, help="sets of teachers; set k trains seeds k·T+1 … k·T+T")
+    r.add_argument("--teachers", type=int, default=4, help="teachers per set, distilled into one student")
+    r.add_argument("--iterations", type=int, default=150, help="EM iterations per teacher")
+    r.add_argument("--workers", type=int, default=2, help="Ray Train workers per teacher")
+    r.add_argument("--resolution", type=int, default=None, help="preprocess resolution (default: the preset's)")
+    q.add_argument("overrides", nargs="*", help="section.key=value, applied to every seed (every teacher)")
 
 
 def _run_seed(args, seed: int, out: Path, threads: int) -> subprocess.Popen:
@@ -153,6 +164,11 @@ def run(args) -> dict:
     from pipelines.lib.grabcut import grabcut_masks
     import torch
 
+    if args.recipe:
+        from pipelines import bench_recipe
+        args.preset = args.preset or "photo-32"
+        return bench_recipe.run(args)
+    args.preset = args.preset or "cpu-32"
     cfg = get_config(args.preset, parse_override_args(args.overrides))       # fail fast on a bad override
     if args.data != "tmds" and not Path(args.data).exists() and "://" not in args.data:
         raise SystemExit(f"bench quality: --data {args.data}: no such dataset")

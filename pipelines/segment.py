@@ -50,8 +50,8 @@ from pipelines.lib.checkpoints import CheckpointError
 from pipelines.lib.errors import find_cause
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
 from pipelines.lib.grabcut import REFINE_MAX_SIDE, refine_at_size
-from pipelines.lib.imaging import (MAX_PIXELS, NOT_SEGMENTED, BadInput, full_size_mask, model_input, quantised,
-                                   read_photo, to_original)
+from pipelines.lib.imaging import (MAX_PIXELS, NOT_SEGMENTED, BadInput, full_size_mask, model_input, read_photo,
+                                   refined_full_size_mask)
 from pipelines.lib.mask_files import overlay, safe_name, write_pair
 from pipelines.lib.models import AMORTIZED, LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine
 from pipelines.lib.ray_env import ScratchPathError
@@ -152,13 +152,8 @@ class SegmentBatch:
             return np.where(mask, 255, 0).astype(np.uint8)
         if not self.refine:
             return full_size_mask(prob, row["threshold"], row["region"], row["height"], row["width"])
-        left, top, right, bottom = row["region"]
-        up = to_original(quantised(prob), row["region"], row["height"], row["width"])[top:bottom, left:right]
-        refined = refine_at_size(image[top:bottom, left:right], up, row["threshold"], seed=row["sample_id"],
-                                 max_side=self.max_side)
-        full = np.full((row["height"], row["width"]), NOT_SEGMENTED, np.uint8)   # outside a centre crop
-        full[top:bottom, left:right] = np.where(refined, 255, 0)
-        return full
+        return refined_full_size_mask(image, prob, row["threshold"], row["region"], seed=row["sample_id"],
+                                      max_side=self.max_side)
 
     def _finish(self, row: dict, source: dict, image: np.ndarray, prob: np.ndarray, mask: np.ndarray) -> None:
         """The row's `refined` mask when refining, and DIR/masks/<name>.png + DIR/overlays/<name>.png

@@ -176,3 +176,18 @@ def full_size_mask(prob: np.ndarray, threshold: float, region, height: int, widt
     out = np.where(full > threshold, 255, 0).astype(np.uint8)
     out[np.isnan(full)] = NOT_SEGMENTED
     return out
+
+
+def refined_full_size_mask(photo: np.ndarray, prob: np.ndarray, threshold: float, region, *, seed: int,
+                           max_side: int) -> np.ndarray:
+    """full_size_mask's partition re-drawn by GrabCut (pipelines.lib.grabcut.refine_at_size) on the
+    photo (uint8 (H, W, 3)) inside the region the model saw; NOT_SEGMENTED outside it. segment
+    --refine grabcut and the pyfunc's `refine` param make the same mask of the same photo and seed."""
+    from pipelines.lib.grabcut import refine_at_size
+    height, width = photo.shape[:2]
+    left, top, right, bottom = region
+    up = to_original(quantised(prob), region, height, width)[top:bottom, left:right]
+    refined = refine_at_size(photo[top:bottom, left:right], up, threshold, seed=seed, max_side=max_side)
+    full = np.full((height, width), NOT_SEGMENTED, np.uint8)
+    full[top:bottom, left:right] = np.where(refined, 255, 0)
+    return full

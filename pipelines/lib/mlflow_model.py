@@ -8,7 +8,9 @@ photo stretched to the model's square exactly as `pipelines.segment --crop resiz
 uint8 array (N, H, W, 3) at the model's resolution. Output: one row per image with
 `fg_fraction`, `confidence`, `mask_png` (PNG bytes, 0/255, π_f above the threshold of the
 `threshold` policy param, default drc_core.threshold.DEFAULT; at the photo's own size for encoded
-inputs), `threshold`, `prob_png` (π_f in 8 bits, model resolution) and `recon_l1`. The
+inputs; re-drawn by GrabCut from that partition as `pipelines.segment --refine` does when the
+`refine` param is `grabcut`, or `auto` (default) and the model was trained on photos), `threshold`,
+`prob_png` (π_f in 8 bits, model resolution) and `recon_l1`. The
 same class serves the DRC model (posterior Langevin, `steps`/`seed` params) and the distilled
 amortised segmenter (one forward pass; params ignored). The model is logged
 from code (pipelines/lib/pyfunc_entry.py) and its weights load with `torch.load(weights_only=True)`:
@@ -43,7 +45,7 @@ def _as_images(model_input, size: int) -> tuple[np.ndarray, list[dict] | None]:
             photo = decode_image(bytes(data), what=f"row {i}")
             img, region = prepare(photo, size, "resize")
             arr.append(img)
-            geometry.append({"height": photo.shape[0], "width": photo.shape[1], "region": region})
+            geometry.append({"height": photo.shape[0], "width": photo.shape[1], "region": region, "photo": photo})
         arr = np.stack(arr) if arr else np.zeros((0, size, size, 3), np.uint8)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
         raise ValueError(f"DRC model input array must be uint8 (N, {size}, {size}, 3), got "
@@ -101,31 +103,40 @@ class DRCSegmenter(PythonModel):
         """`model_input`: a DataFrame with an `image` column (or a uint8 array; the hint tells MLflow
         to validate against the logged signature rather than infer one)."""
         from drc_core.threshold import DEFAULT, ThresholdPolicy
+        from pipelines.lib.grabcut import REFINE_MAX_SIDE
+        from pipelines.lib.models import resolve_refine
         params = params or {}
         images, geometry = _as_images(model_input, self.segmenter.resolution)
         policy = ThresholdPolicy.parse(params.get("threshold") or DEFAULT.name)
+        refine = resolve_refine(params.get("refine") or "auto", self.segmenter)
         if len(images) == 0:
             return result_frame(np.zeros((0, 1, 1)), None, policy)[0]
         ids = np.arange(len(images))
         out = self.segmenter.segment(images, ids, steps=params.get("steps"), seed=int(params.get("seed", 0)))
-        frame = result_frame(out["prob"], out["recon_l1"], policy)[0]
+        frame, masks = result_frame(out["prob"], out["recon_l1"], policy)
         if geometry is not None:                 # encoded photos: the mask at each photo's own size
-            from pipelines.lib.imaging import full_size_mask
-            frame["mask_png"] = [mask_png(full_size_mask(p, t, g["region"], g["height"], g["width"]) == 255)
-                                 for p, t, g in zip(out["prob"], frame["threshold"], geometry)]
+            from pipelines.lib.imaging import full_size_mask, refined_full_size_mask
+            frame["mask_png"] = [mask_png((refined_full_size_mask(g["photo"], p, t, g["region"], seed=i,
+                                                                  max_side=REFINE_MAX_SIDE) if refine else
+                                           full_size_mask(p, t, g["region"], g["height"], g["width"])) == 255)
+                                 for i, (p, t, g) in enumerate(zip(out["prob"], frame["threshold"], geometry))]
+        elif refine:                             # an array at model resolution: refined there, as segment does
+            from pipelines.lib.grabcut import refine_at_size
+            frame["mask_png"] = [mask_png(refine_at_size(im, p, t, seed=i, max_side=REFINE_MAX_SIDE))
+                                 for i, (im, p, t) in enumerate(zip(images, out["prob"], frame["threshold"]))]
         return frame
 
 
 def signature(test_steps: int):
     """Input: encoded image bytes; output: fg_fraction, confidence, mask_png, threshold, prob_png,
-    recon_l1; params: steps, seed, threshold (a drc_core.threshold policy)."""
+    recon_l1; params: steps, seed, threshold (a drc_core.threshold policy), refine (auto, grabcut, off)."""
     from mlflow.models import infer_signature
     import pandas as pd
     from drc_core.threshold import DEFAULT
     return infer_signature(pd.DataFrame({"image": [b"png"]}),
                            pd.DataFrame({"fg_fraction": [0.5], "confidence": [0.5], "mask_png": [b"png"],
                                          "threshold": [0.5], "prob_png": [b"png"], "recon_l1": [0.1]}),
-                           params={"steps": int(test_steps), "seed": 0, "threshold": DEFAULT.name})
+                           params={"steps": int(test_steps), "seed": 0, "threshold": DEFAULT.name, "refine": "auto"})
 
 
 def log_pyfunc(uri: str, run_id: str, weights_path: str | Path, test_steps: int) -> str:
