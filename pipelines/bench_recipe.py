@@ -166,7 +166,7 @@ def format_result(r: dict, cell) -> str:
     lines = [f"quality: the photo recipe ({r['preset']} {' '.join(r['overrides'])}".rstrip()
              + f", {len(r['sets'])} set(s) of {r['teachers']} teachers × {r['iterations']} EM iterations, "
              f"{r['resolution']}²) on {r['photos']}",
-             f"  {r['images']} photos scored at their {r["scored_at"]}; {r['cpu']}, {r['cores']} cores",
+             f"  {r['images']} photos scored at their {r['scored_at']}; {r['cpu']}, {r['cores']} cores",
              f"{'method':<52}{'IoU':>14}{'Dice':>14}"]
     lines += [f"{row['method']:<52}{cell(row['iou']):>14}{cell(row['dice']):>14}" for row in r["rows"]]
     lines.append(f"minutes: preprocess {m['preprocess']:.1f}; each set: train {cell(m['train (each set)'])} "
