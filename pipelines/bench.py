@@ -5,6 +5,7 @@
     python -m pipelines.bench train [--preset cpu-32 --workers 1 2 --iterations 30]
     python -m pipelines.bench segment [--preset cpu-32 --train-iterations 300]   (pipelines/bench_segment.py)
     python -m pipelines.bench quality [--preset cpu-32 --minutes 20 --seeds 2]   (pipelines/bench_quality.py)
+    python -m pipelines.bench quality --recipe photos --photos DIR --masks DIR [--sets 2]   (pipelines/bench_recipe.py)
 
 `core` (pipelines/bench_core.py, `--device cpu|cuda`) measures, per preset and batch size: seconds
 per EM iteration, per posterior Langevin step per image, images/s, peak memory, and the achieved

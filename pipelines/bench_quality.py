@@ -6,6 +6,7 @@ beside GrabCut, the best centred disc and all-foreground on the same images.
     python -m pipelines.bench quality --preset cpu-32 --minutes 20 --seeds 2 loss.area_weight=0.05
     python -m pipelines.bench quality --preset photo-64 --data data/pascal-s-64 --minutes 30 --seeds 2
     python -m pipelines.bench quality --preset cpu-64 --minutes 20 --seeds 2 --parallel 1 --student data.train_size=1000
+    python -m pipelines.bench quality --recipe photos --photos photos/ --masks masks/ --sets 2
 
 Each seed is one `pipelines.local` run (a subprocess; `--parallel` of them at a time, the cores
 split between them), so every figure here can be reproduced run by run. `--data tmds` (default)
@@ -21,6 +22,9 @@ curve (`<out>/curve.png`, `<out>/quality.json`). Nothing but the scoring looks a
 chains — fresh posterior pairs of `--student-images` training images plus 2,000 prior pairs, the
 default policy's masks as targets, the boundary prior for a model trained on photos — and scores
 the student on the same held-out images (its rows: `student, …`).
+
+`--recipe photos` runs the README's photo recipe instead — its five `drc` commands, several teachers
+per set, scored at each photo's own size — for `--sets` sets of teachers (pipelines/bench_recipe.py).
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def add_parser(sub) -> None:
                         "for --sets sets of teachers instead of one pipelines.local run per seed")
     r.add_argument("--photos", default=None, metavar="DIR", help="the photo folder (--recipe photos)")
     r.add_argument("--masks", default=None, metavar="DIR", help="their masks, only to score (--recipe photos)")
-    r.add_argument("--sets", type=int, default=2, help="sets of teachers; set k trains seeds k·T+1 … k·T+T")
+    r.add_argument("--sets", type=int, default=2, help="sets of teachers; set k = 1, 2, … trains seeds (k−1)·T+1 … k·T")
     r.add_argument("--teachers", type=int, default=4, help="teachers per set, distilled into one student")
     r.add_argument("--iterations", type=int, default=150, help="EM iterations per teacher")
     r.add_argument("--workers", type=int, default=2, help="Ray Train workers per teacher")

@@ -6,9 +6,9 @@ table of what they give beside GrabCut, the best centred ellipse and all-foregro
         --masks ../shared/data/pascal-s/masks --sets 2
 
 Each command is a `python -m pipelines.<stage>` subprocess with the README's arguments (its log in
-<out>/logs/): `preprocess --source folder --crop resize` once; per set k (seeds k·T+1 … k·T+T, so
-set 1 is the README's seeds 1–4) T × `train --preset P --workers 2 --iterations I seed=S`, one
-`distill` of the T teachers, `segment --png` of the photos with the student (its default GrabCut
+<out>/logs/): `preprocess --source folder --crop resize` once; per set k = 1, 2, … (seeds
+(k−1)·T+1 … k·T, so set 1 is the README's seeds 1–4) T × `train --preset P --workers 2 --iterations I
+seed=S`, one `distill` of the T teachers, `segment --png` of the photos with the student (its default GrabCut
 refinement for a model trained on photos); then one `evaluate --masks` of every set's output,
 which scores them at each photo's own size beside the baselines on the same photos. Training is
 unsupervised: `--masks` only reaches `evaluate`.

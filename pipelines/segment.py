@@ -180,7 +180,8 @@ def _ok_rows(table: pa.Table) -> pa.Table:
 
 def run(args) -> dict:
     import ray
-    from pipelines.lib.ray_env import actor_restarts, check_job_outputs, init_ray, joins_cluster, set_progress_bars
+    from pipelines.lib.ray_env import (actor_restarts, check_job_outputs, init_ray, joins_cluster, set_progress_bars,
+                                       wait_for_free_cpus)
 
     if args.tracking_uri:
         import mlflow
@@ -224,6 +225,7 @@ def run(args) -> dict:
     if args.limit:
         ds = ds.limit(args.limit)
     cpus = args.cpus_per_actor
+    wait_for_free_cpus(cpus)          # the input blocks' conversion tasks: no false "will hang" warning
     with warnings.catch_warnings():
         # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
         # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated

@@ -78,3 +78,75 @@ def test_grabcut_in_a_process_pool_gives_the_single_process_masks():
     pooled = grabcut_all(images, workers=2, quiet=True)
     assert len(pooled) == 40 and all((a == b).all() for a, b in zip(one, pooled))
     assert 0 < np.mean(one) < 1                                        # GrabCut did cut something
+
+
+def _photos(root, n: int = 12):
+    """n photos of dark noise, each with a bright textured object, of a few sizes, and their masks."""
+    from PIL import Image
+    rng = np.random.default_rng(5)
+    (root / "photos").mkdir()
+    (root / "masks").mkdir()
+    for i in range(n):
+        h, w = (48, 64) if i % 2 else (60, 40)
+        photo = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        y, x = rng.integers(h // 6, h // 3), rng.integers(w // 6, w // 3)
+        photo[y:y + h // 2, x:x + w // 2] = rng.integers(170, 255, (h // 2, w // 2, 3), dtype=np.uint8)
+        mask[y:y + h // 2, x:x + w // 2] = 255
+        Image.fromarray(photo).save(root / "photos" / f"p{i:02d}.jpg", quality=95)
+        Image.fromarray(mask).save(root / "masks" / f"p{i:02d}.png")
+    return root / "photos", root / "masks"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_recipe_benchmark_runs_the_readme_commands_and_tabulates_what_evaluate_scored(tmp_path, capsys):
+    """--recipe photos: the README's photo commands run as subprocesses (one preprocess; per set its
+    teachers' seeds, a distill of them, a segment --png), one evaluate --masks of every set; the table's
+    student rows are evaluate's rows of the sets (mean over sets), the baselines evaluate's own; a
+    second run with --reuse runs nothing and reads the same figures; a missing step is named."""
+    photos, masks = _photos(tmp_path)
+    out = tmp_path / "recipe"
+    argv = ["quality", "--recipe", "photos", "--photos", str(photos), "--masks", str(masks), "--sets", "2",
+            "--teachers", "1", "--iterations", "2", "--student-steps", "10", "--out", str(out),
+            "optim.batch_size=4"]
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    result = json.loads((out / "recipe.json").read_text())
+    steps = json.loads((out / "steps.json").read_text())
+    assert list(steps) == ["preprocess", "train-s1", "distill-set1", "segment-set1", "train-s2", "distill-set2",
+                           "segment-set2", "evaluate"]
+    assert steps["train-s2"]["command"].startswith("drc train ") and "--preset photo-32" in steps["train-s2"]["command"]
+    assert "seed=2" in steps["train-s2"]["command"] and "--iterations 2" in steps["train-s2"]["command"]
+    assert "--crop resize" in steps["preprocess"]["command"] and "--masks" not in steps["preprocess"]["command"]
+    assert "photos-s1/checkpoint_00000002" in steps["distill-set1"]["command"]
+    assert all(s["seconds"] > 0 for s in steps.values())
+    table = json.loads((out / "eval" / "metrics.json").read_text())["table"]
+    scored = {r["method"]: r for r in table}
+    assert json.loads((out / "png" / "set1" / "segmentation" / "_manifest.json").read_text())["refine"]  # photo model
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["student + GrabCut refinement (segment's default)"]["iou"]["values"] == [
+        scored["set1"]["iou"], scored["set2"]["iou"]]
+    assert rows["student, π_f's own mask (Otsu per image)"]["dice"]["values"] == [
+        scored["set1, π_f's mask before GrabCut"]["dice"], scored["set2, π_f's mask before GrabCut"]["dice"]]
+    assert rows["student, π_f > ½ (DRC protocol)"]["iou"]["mean"] == pytest.approx(
+        np.mean([scored[f"set{k}, π_f > ½, DRC protocol"]["iou"] for k in (1, 2)]))
+    for name in ("GrabCut", "all foreground"):
+        assert rows[name]["iou"]["values"] == [scored[name]["iou"]]
+    assert any(m.startswith("centred disc") for m in rows) and len(rows) == 6
+    assert result["images"] == 12 and result["scored_at"] == "original size"
+    assert "GrabCut" in printed and "minutes: preprocess" in printed and result["cpu"]
+    assert (out / "mlflow.db").exists()
+    bench.main([*argv, "--reuse"])                                      # nothing runs again
+    assert json.loads((out / "steps.json").read_text()) == steps
+    assert json.loads((out / "recipe.json").read_text())["rows"] == result["rows"]
+    (out / "eval" / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match="step evaluate has not run"):
+        bench.main([*argv, "--reuse"])
+
+
+def test_recipe_benchmark_needs_photos_and_masks(tmp_path):
+    with pytest.raises(SystemExit, match="--masks DIR"):
+        bench.main(["quality", "--recipe", "photos", "--photos", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--photos .*nowhere: no such folder"):
+        bench.main(["quality", "--recipe", "photos", "--photos", str(tmp_path / "nowhere"), "--masks", str(tmp_path)])

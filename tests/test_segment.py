@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from drc_core.fit import TrainState
+from drc_core.presets import get_config
 from drc_core.inference import decode, images_to_tensor
 from pipelines.lib import checkpoints as ckpt
 from drc_core.threshold import DEFAULT, ThresholdPolicy
@@ -238,6 +239,7 @@ class _Oracle:
     shows up as a misaligned mask."""
     resolution = 32
     kind = "amortized"
+    cfg = get_config("cpu-32")                                            # TM-dSprites: no refinement by default
 
     def segment(self, images, ids, **kw):
         return {"prob": (images.mean(-1) > 127).astype(np.float32), "recon_l1": None}
@@ -298,12 +300,9 @@ class _Blurry(_Oracle):
         return {"prob": np.where(core, 0.95, np.where(grown, 0.7, 0.0)).astype(np.float32), "recon_l1": None}
 
 
-@pytest.mark.parametrize("crop", ["resize", "center"])
-@pytest.mark.parametrize("max_side", [2000, 400])
-def test_segment_refine_redraws_a_blurred_mask_on_the_object_at_the_photos_size(tmp_path, crop, max_side):
-    """--refine grabcut: the blob π_f > ½ (too large) becomes the object's outline at the photo's own
-    size, directly or via a copy scaled to --refine-max-side; the `refined` column is the mask --png
-    writes; a centre crop leaves the outside not segmented."""
+def _wide_photo(tmp_path, sample_id: int, crop: str = "resize"):
+    """(a 600 × 1000 photo of dark noise with a textured bright object, its true mask, a SegmentBatch
+    over the _Blurry model that writes PNGs under tmp_path/png, the photo's one row with `sample_id`)."""
     from pipelines.segment import SegmentBatch
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 90, (600, 1000, 3), dtype=np.uint8)
@@ -316,10 +315,25 @@ def test_segment_refine_redraws_a_blurred_mask_on_the_object_at_the_photos_size(
     actor.seg, actor.steps, actor.seed, actor.batch_size, actor.chains = _Blurry(), 0, 0, 4, None
     actor.png, actor.max_pixels, actor.crop = tmp_path / "png", 10 ** 8, crop
     actor.policy = ThresholdPolicy.parse("0.5")
-    rows = pd.DataFrame([{"sample_id": 3, "key": "wide", "split": "", "path": str(tmp_path / "photos" / "wide.png")}])
+    rows = pd.DataFrame([{"sample_id": sample_id, "key": "wide", "split": "",
+                          "path": str(tmp_path / "photos" / "wide.png")}])
+    return photo, truth, actor, rows
+
+
+def _iou(mask, truth):
+    return (mask & truth).sum() / (mask | truth).sum()
+
+
+@pytest.mark.parametrize("crop", ["resize", "center"])
+@pytest.mark.parametrize("max_side", [2000, 400])
+def test_segment_refine_redraws_a_blurred_mask_on_the_object_at_the_photos_size(tmp_path, crop, max_side):
+    """--refine grabcut: the blob π_f > ½ (too large) becomes the object's outline at the photo's own
+    size, directly or via a copy scaled to --refine-max-side; the `refined` column is the mask --png
+    writes; a centre crop leaves the outside not segmented."""
+    photo, truth, actor, rows = _wide_photo(tmp_path, 3, crop)
 
     def iou(mask):
-        return (mask & truth).sum() / (mask | truth).sum()
+        return _iou(mask, truth)
     actor.refine, actor.max_side = False, max_side
     plain = actor(rows).to_pandas().iloc[0]
     assert plain["refined"] is None
@@ -346,12 +360,41 @@ def test_the_pyfunc_and_segment_prepare_a_photo_identically_and_return_full_size
     Image.fromarray(photo).save(buf, format="PNG")
     arr, geometry = _as_images(pd.DataFrame({"image": [buf.getvalue()]}), 32)
     expected, region = model_input(photo, 32, "resize")
-    assert np.array_equal(arr[0], expected) and geometry == [{"height": 120, "width": 200, "region": region}]
+    assert np.array_equal(arr[0], expected) and np.array_equal(geometry[0].pop("photo"), photo)
+    assert geometry == [{"height": 120, "width": 200, "region": region}]
     model = DRCSegmenter()
     model.segmenter = _Oracle()
     out = model.predict(None, pd.DataFrame({"image": [buf.getvalue()]}), params={"threshold": "0.5"})
     with Image.open(io.BytesIO(out["mask_png"][0])) as f:
         assert f.size == (200, 120)
+
+
+class _PhotoBlurry(_Blurry):
+    cfg = get_config("photo-32")                                          # trained on photos: refined by default
+
+
+def test_the_pyfunc_refines_a_photo_models_mask_with_grabcut_as_segment_does(tmp_path):
+    """The pyfunc's `refine` param: 'auto' (default) re-draws a photo model's mask with GrabCut at the
+    photo's own size, the very mask `segment --refine grabcut` stores for the same photo and seed;
+    'off' keeps π_f's blob; a model trained on TM-dSprites is not refined unless asked."""
+    from pipelines.lib.mlflow_model import DRCSegmenter
+    photo, truth, actor, rows = _wide_photo(tmp_path, 0)
+    actor.seg, actor.refine, actor.max_side = _PhotoBlurry(), True, segment.REFINE_MAX_SIDE
+    stored = np.asarray(Image.open(io.BytesIO(actor(rows).to_pandas().iloc[0]["refined"]))) == 255
+    frame = pd.DataFrame({"image": [(tmp_path / "photos" / "wide.png").read_bytes()]})
+    model = DRCSegmenter()
+
+    def mask(**params):
+        with Image.open(io.BytesIO(model.predict(None, frame, params={"threshold": "0.5", **params})["mask_png"][0])) as f:
+            return np.asarray(f) == 255
+    model.segmenter = _PhotoBlurry()
+    refined, blob = mask(), mask(refine="off")
+    assert np.array_equal(refined, stored) and refined.shape == truth.shape
+    assert _iou(blob, truth) < 0.75 < 0.95 < _iou(refined, truth), (_iou(blob, truth), _iou(refined, truth))
+    model.segmenter = _Blurry()                                           # cpu-32, TM-dSprites
+    assert np.array_equal(mask(), blob) and np.array_equal(mask(refine="grabcut"), refined)
+    with pytest.raises(ValueError, match="--refine 'sometimes'"):
+        mask(refine="sometimes")
 
 
 def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, tmp_path):

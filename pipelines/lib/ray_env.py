@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 # Quiet, fast defaults for local runs; a cluster's own environment wins (setdefault).
@@ -110,6 +111,20 @@ def actor_restarts(address: str | None = None) -> int:
     is a crash that would recur, and with restarts on Ray logs an E-level line for every pool
     ("constructor arguments in the object store and max_restarts > 0"): 0."""
     return -1 if joins_cluster(address) else 0
+
+
+def wait_for_free_cpus(cpus: float, timeout: float = 10.0) -> bool:
+    """Wait until `cpus` CPUs show as free in Ray's resource view, or `timeout` seconds; whether they
+    did. The view is synced asynchronously, so the CPUs of tasks that have just run (Ray Data's
+    conversions of the input blocks) show as held a moment longer, and Ray Data warns that the
+    cluster "does not have any available CPUs … will hang" when it starts a dataset then."""
+    import ray
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class _DropProgressBarsDisabled(logging.Filter):
