@@ -271,8 +271,9 @@ def track(result: dict, out: Path, uri: str, experiment: str, params: dict) -> s
 
 
 def format_table(table: list[dict]) -> str:
-    lines = [f"{'method':<34}{'split':<8}{'images':>8}{'IoU':>8}{'Dice':>8}"]
-    lines += [f"{r['method']:<34}{r['split']:<8}{r['images']:>8}{r['iou']:>8.1f}{r['dice']:>8.1f}" for r in table]
+    w = max([34, *(len(r["method"]) + 2 for r in table)])     # "<name>, π_f's mask before GrabCut" is longer
+    lines = [f"{'method':<{w}}{'split':<8}{'images':>8}{'IoU':>8}{'Dice':>8}"]
+    lines += [f"{r['method']:<{w}}{r['split']:<8}{r['images']:>8}{r['iou']:>8.1f}{r['dice']:>8.1f}" for r in table]
     return "\n".join(lines)
 
 

@@ -560,3 +560,12 @@ def test_grabcut_refine_snaps_a_rough_mask_to_the_object():
     refined = grabcut_refine(images, prob, rough)
     assert mean_iou_dice(rough, truth)["iou"] < 50 < 90 < mean_iou_dice(refined, truth)["iou"]
     assert np.array_equal(grabcut_refine_all(images, prob, rough, workers=2, chunk=2), refined)
+
+
+def test_evaluate_table_keeps_its_columns_for_long_method_names():
+    """A refined output's "<name>, π_f's mask before GrabCut" row is wider than the old fixed column."""
+    rows = [{"method": m, "split": "test", "images": 200, "iou": 67.1, "dice": 79.9}
+            for m in ("amortized", "amortized, π_f's mask before GrabCut", "GrabCut")]
+    lines = evaluate.format_table(rows).splitlines()
+    assert len({line.index("test") for line in lines[1:]}) == 1
+    assert all(line.split()[-4:] == ["test", "200", "67.1", "79.9"] for line in lines[1:])
