@@ -58,7 +58,7 @@ class Recipe:
         print(f"bench quality: {name}: drc {stage} {shlex.join(argv)}", flush=True)
         t0 = time.perf_counter()
         with open(self.out / "logs" / f"{name}.log", "w") as log:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy()).returncode
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         seconds = time.perf_counter() - t0
         if code or not done.exists():
             tail = (self.out / "logs" / f"{name}.log").read_text().strip().splitlines()[-5:]
@@ -139,8 +139,7 @@ def run(args) -> dict:
     students, baselines = _evaluate_rows(metrics, names)
     rows = [{"method": m, "iou": _stat([r["iou"] for r in rs]), "dice": _stat([r["dice"] for r in rs])}
             for m, rs in students.items()]
-    rows += [{"method": m, "iou": _stat([r["iou"] for r in [row]]), "dice": _stat([r["dice"] for r in [row]])}
-             for m, row in baselines.items()]
+    rows += [{"method": m, "iou": _stat([row["iou"]]), "dice": _stat([row["dice"]])} for m, row in baselines.items()]
     minutes = {"preprocess": prep / 60, "evaluate": evaluate / 60,
                "train (each set)": _stat([sum(s["train_seconds"]) / 60 for s in sets]),
                "train (each teacher)": _stat([t / 60 for s in sets for t in s["train_seconds"]]),

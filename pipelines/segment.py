@@ -225,7 +225,7 @@ def run(args) -> dict:
     if args.limit:
         ds = ds.limit(args.limit)
     cpus = args.cpus_per_actor
-    wait_for_free_cpus(cpus)          # the input blocks' conversion tasks: no false "will hang" warning
+    wait_for_free_cpus(cpus)          # no false "will hang" warning from Ray Data on a just-started cluster
     with warnings.catch_warnings():
         # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
         # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated

@@ -101,36 +101,32 @@ def _photos(root, n: int = 12):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_recipe_benchmark_runs_the_readme_commands_and_tabulates_what_evaluate_scored(tmp_path, capsys):
-    """--recipe photos: the README's photo commands run as subprocesses (one preprocess; per set its
-    teachers' seeds, a distill of them, a segment --png), one evaluate --masks of every set; the table's
-    student rows are evaluate's rows of the sets (mean over sets), the baselines evaluate's own; a
-    second run with --reuse runs nothing and reads the same figures; a missing step is named."""
+    """--recipe photos: the README's photo commands run as subprocesses (preprocess; the set's teachers'
+    seeds, a distill of them, a segment --png; evaluate --masks); the table's student rows are evaluate's
+    rows of the set, the baselines evaluate's own; a second run with --reuse runs nothing and reads the
+    same figures; a missing step is named."""
     photos, masks = _photos(tmp_path)
     out = tmp_path / "recipe"
-    argv = ["quality", "--recipe", "photos", "--photos", str(photos), "--masks", str(masks), "--sets", "2",
-            "--teachers", "1", "--iterations", "2", "--student-steps", "10", "--out", str(out),
+    argv = ["quality", "--recipe", "photos", "--photos", str(photos), "--masks", str(masks), "--sets", "1",
+            "--teachers", "2", "--iterations", "2", "--student-steps", "10", "--out", str(out),
             "optim.batch_size=4"]
     bench.main(argv)
     printed = capsys.readouterr().out
     result = json.loads((out / "recipe.json").read_text())
     steps = json.loads((out / "steps.json").read_text())
-    assert list(steps) == ["preprocess", "train-s1", "distill-set1", "segment-set1", "train-s2", "distill-set2",
-                           "segment-set2", "evaluate"]
+    assert list(steps) == ["preprocess", "train-s1", "train-s2", "distill-set1", "segment-set1", "evaluate"]
     assert steps["train-s2"]["command"].startswith("drc train ") and "--preset photo-32" in steps["train-s2"]["command"]
     assert "seed=2" in steps["train-s2"]["command"] and "--iterations 2" in steps["train-s2"]["command"]
     assert "--crop resize" in steps["preprocess"]["command"] and "--masks" not in steps["preprocess"]["command"]
-    assert "photos-s1/checkpoint_00000002" in steps["distill-set1"]["command"]
+    assert all(f"photos-s{s}/checkpoint_00000002" in steps["distill-set1"]["command"] for s in (1, 2))
     assert all(s["seconds"] > 0 for s in steps.values())
-    table = json.loads((out / "eval" / "metrics.json").read_text())["table"]
-    scored = {r["method"]: r for r in table}
+    scored = {r["method"]: r for r in json.loads((out / "eval" / "metrics.json").read_text())["table"]}
     assert json.loads((out / "png" / "set1" / "segmentation" / "_manifest.json").read_text())["refine"]  # photo model
     rows = {r["method"]: r for r in result["rows"]}
-    assert rows["student + GrabCut refinement (segment's default)"]["iou"]["values"] == [
-        scored["set1"]["iou"], scored["set2"]["iou"]]
+    assert rows["student + GrabCut refinement (segment's default)"]["iou"]["values"] == [scored["set1"]["iou"]]
     assert rows["student, π_f's own mask (Otsu per image)"]["dice"]["values"] == [
-        scored["set1, π_f's mask before GrabCut"]["dice"], scored["set2, π_f's mask before GrabCut"]["dice"]]
-    assert rows["student, π_f > ½ (DRC protocol)"]["iou"]["mean"] == pytest.approx(
-        np.mean([scored[f"set{k}, π_f > ½, DRC protocol"]["iou"] for k in (1, 2)]))
+        scored["set1, π_f's mask before GrabCut"]["dice"]]
+    assert rows["student, π_f > ½ (DRC protocol)"]["iou"]["values"] == [scored["set1, π_f > ½, DRC protocol"]["iou"]]
     for name in ("GrabCut", "all foreground"):
         assert rows[name]["iou"]["values"] == [scored[name]["iou"]]
     assert any(m.startswith("centred disc") for m in rows) and len(rows) == 6
@@ -143,6 +139,20 @@ def test_recipe_benchmark_runs_the_readme_commands_and_tabulates_what_evaluate_s
     (out / "eval" / "metrics.json").unlink()
     with pytest.raises(SystemExit, match="step evaluate has not run"):
         bench.main([*argv, "--reuse"])
+
+
+def test_recipe_rows_gather_each_sets_rows_on_the_all_split():
+    """Several sets: each student row holds one value per set (from evaluate's 'all' split when the
+    photos have several); the baselines are evaluate's own rows; other policies' rows are left out."""
+    from pipelines.bench_recipe import _evaluate_rows
+    table = [{"method": m, "split": sp, "iou": v + (sp == "all"), "dice": 2 * v}
+             for sp in ("test", "train", "all")
+             for m, v in (("set1", 40), ("set1, π_f's mask before GrabCut", 35), ("set1, π_f > ½, DRC protocol", 34),
+                          ("set2", 42), ("set2, π_f's mask before GrabCut", 37), ("set2, π_f > ½, DRC protocol", 36),
+                          ("set2, threshold gmm", 30), ("GrabCut", 39), ("all foreground", 20))]
+    students, baselines = _evaluate_rows({"table": table}, ["set1", "set2"])
+    assert [[r["iou"] for r in rs] for rs in students.values()] == [[41, 43], [36, 38], [35, 37]]
+    assert {m: r["iou"] for m, r in baselines.items()} == {"GrabCut": 40, "all foreground": 21}
 
 
 def test_recipe_benchmark_needs_photos_and_masks(tmp_path):

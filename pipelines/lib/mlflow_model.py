@@ -113,7 +113,7 @@ class DRCSegmenter(PythonModel):
             return result_frame(np.zeros((0, 1, 1)), None, policy)[0]
         ids = np.arange(len(images))
         out = self.segmenter.segment(images, ids, steps=params.get("steps"), seed=int(params.get("seed", 0)))
-        frame, masks = result_frame(out["prob"], out["recon_l1"], policy)
+        frame = result_frame(out["prob"], out["recon_l1"], policy)[0]
         if geometry is not None:                 # encoded photos: the mask at each photo's own size
             from pipelines.lib.imaging import full_size_mask, refined_full_size_mask
             frame["mask_png"] = [mask_png((refined_full_size_mask(g["photo"], p, t, g["region"], seed=i,

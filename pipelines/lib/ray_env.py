@@ -115,9 +115,9 @@ def actor_restarts(address: str | None = None) -> int:
 
 def wait_for_free_cpus(cpus: float, timeout: float = 10.0) -> bool:
     """Wait until `cpus` CPUs show as free in Ray's resource view, or `timeout` seconds; whether they
-    did. The view is synced asynchronously, so the CPUs of tasks that have just run (Ray Data's
-    conversions of the input blocks) show as held a moment longer, and Ray Data warns that the
-    cluster "does not have any available CPUs … will hang" when it starts a dataset then."""
+    did. The view is synced asynchronously, so the CPUs of tasks that have just run show as held a
+    moment longer, and Ray Data warns that the cluster "does not have any available CPUs … will
+    hang" when it starts a dataset then (segment on 2 cores, both CPUs shown held 2 s after start)."""
     import ray
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0.0) < cpus:
