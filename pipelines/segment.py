@@ -49,9 +49,8 @@ from pipelines.lib import devices, locations
 from pipelines.lib.checkpoints import CheckpointError
 from pipelines.lib.errors import find_cause
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
-from pipelines.lib.grabcut import REFINE_MAX_SIDE, refine_at_size
-from pipelines.lib.imaging import (MAX_PIXELS, NOT_SEGMENTED, BadInput, full_size_mask, model_input, read_photo,
-                                   refined_full_size_mask)
+from pipelines.lib.grabcut import REFINE_MAX_SIDE
+from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, model_input, product_mask, read_photo
 from pipelines.lib.mask_files import overlay, safe_name, write_pair
 from pipelines.lib.models import AMORTIZED, LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine
 from pipelines.lib.ray_env import ScratchPathError
@@ -142,18 +141,10 @@ class SegmentBatch:
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
     def _final_mask(self, row: dict, image: np.ndarray, prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """uint8 (255 foreground, 0 background): at the photo's own size for image files (π_f mapped
-        back through the crop/resize, thresholded at the image's threshold; NOT_SEGMENTED outside a
-        centre crop), at model resolution for Parquet rows; re-drawn by GrabCut from that partition
-        inside the region the model saw when refining."""
-        if row["region"] is None:
-            if self.refine:
-                mask = refine_at_size(image, prob, row["threshold"], seed=row["sample_id"], max_side=self.max_side)
-            return np.where(mask, 255, 0).astype(np.uint8)
-        if not self.refine:
-            return full_size_mask(prob, row["threshold"], row["region"], row["height"], row["width"])
-        return refined_full_size_mask(image, prob, row["threshold"], row["region"], seed=row["sample_id"],
-                                      max_side=self.max_side)
+        """pipelines.lib.imaging.product_mask of the row: at the photo's own size for image files, at
+        model resolution for Parquet rows; re-drawn by GrabCut when refining."""
+        return product_mask(image, prob, row["threshold"], mask, row["region"], refine=self.refine,
+                            seed=row["sample_id"], max_side=self.max_side)
 
     def _finish(self, row: dict, source: dict, image: np.ndarray, prob: np.ndarray, mask: np.ndarray) -> None:
         """The row's `refined` mask when refining, and DIR/masks/<name>.png + DIR/overlays/<name>.png

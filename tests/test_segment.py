@@ -260,7 +260,7 @@ def test_full_size_masks_line_up_with_an_object_in_a_large_non_square_photo(tmp_
     actor = SegmentBatch.__new__(SegmentBatch)
     actor.seg, actor.steps, actor.seed, actor.batch_size, actor.chains = _Oracle(), 0, 0, 4, None
     actor.png, actor.max_pixels, actor.crop = tmp_path / "png", 10 ** 8, crop
-    actor.policy, actor.refine = ThresholdPolicy.parse("0.5"), False
+    actor.policy, actor.refine, actor.max_side = ThresholdPolicy.parse("0.5"), False, segment.REFINE_MAX_SIDE
     rows = pd.DataFrame([{"sample_id": i, "key": k, "split": "", "path": str(folder / f"{k}.png")}
                          for i, k in enumerate(["tall", "wide"])])
     table = actor(rows).to_pandas()

@@ -178,16 +178,26 @@ def full_size_mask(prob: np.ndarray, threshold: float, region, height: int, widt
     return out
 
 
-def refined_full_size_mask(photo: np.ndarray, prob: np.ndarray, threshold: float, region, *, seed: int,
-                           max_side: int) -> np.ndarray:
-    """full_size_mask's partition re-drawn by GrabCut (pipelines.lib.grabcut.refine_at_size) on the
-    photo (uint8 (H, W, 3)) inside the region the model saw; NOT_SEGMENTED outside it. segment
-    --refine grabcut and the pyfunc's `refine` param make the same mask of the same photo and seed."""
+
+def product_mask(image: np.ndarray, prob: np.ndarray, threshold: float, mask: np.ndarray, region, *, refine: bool,
+                 seed: int, max_side: int) -> np.ndarray:
+    """The mask `segment` writes and the pyfunc returns, uint8 (255 foreground, 0 background). With
+    `region` None, at model resolution: `image` is the model input and `mask` its π_f > threshold.
+    Otherwise at the photo's own size: `image` is the photo, π_f is mapped back through the
+    crop/resize (full_size_mask; NOT_SEGMENTED outside the region the model saw). With `refine`, the
+    partition is re-drawn by GrabCut on the image (pipelines.lib.grabcut.refine_at_size, seeded with
+    `seed`; photos whose long side exceeds `max_side` are refined on a smaller copy)."""
     from pipelines.lib.grabcut import refine_at_size
-    height, width = photo.shape[:2]
+    if region is None:
+        if refine:
+            mask = refine_at_size(image, prob, threshold, seed=seed, max_side=max_side)
+        return np.where(mask, 255, 0).astype(np.uint8)
+    height, width = image.shape[:2]
+    if not refine:
+        return full_size_mask(prob, threshold, region, height, width)
     left, top, right, bottom = region
     up = to_original(quantised(prob), region, height, width)[top:bottom, left:right]
-    refined = refine_at_size(photo[top:bottom, left:right], up, threshold, seed=seed, max_side=max_side)
+    refined = refine_at_size(image[top:bottom, left:right], up, threshold, seed=seed, max_side=max_side)
     full = np.full((height, width), NOT_SEGMENTED, np.uint8)
     full[top:bottom, left:right] = np.where(refined, 255, 0)
     return full

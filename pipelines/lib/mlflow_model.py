@@ -113,17 +113,15 @@ class DRCSegmenter(PythonModel):
             return result_frame(np.zeros((0, 1, 1)), None, policy)[0]
         ids = np.arange(len(images))
         out = self.segmenter.segment(images, ids, steps=params.get("steps"), seed=int(params.get("seed", 0)))
-        frame = result_frame(out["prob"], out["recon_l1"], policy)[0]
-        if geometry is not None:                 # encoded photos: the mask at each photo's own size
-            from pipelines.lib.imaging import full_size_mask, refined_full_size_mask
-            frame["mask_png"] = [mask_png((refined_full_size_mask(g["photo"], p, t, g["region"], seed=i,
-                                                                  max_side=REFINE_MAX_SIDE) if refine else
-                                           full_size_mask(p, t, g["region"], g["height"], g["width"])) == 255)
-                                 for i, (p, t, g) in enumerate(zip(out["prob"], frame["threshold"], geometry))]
-        elif refine:                             # an array at model resolution: refined there, as segment does
-            from pipelines.lib.grabcut import refine_at_size
-            frame["mask_png"] = [mask_png(refine_at_size(im, p, t, seed=i, max_side=REFINE_MAX_SIDE))
-                                 for i, (im, p, t) in enumerate(zip(images, out["prob"], frame["threshold"]))]
+        frame, masks = result_frame(out["prob"], out["recon_l1"], policy)
+        if geometry is not None or refine:       # as segment writes it: at each photo's size, refined by GrabCut
+            from pipelines.lib.imaging import product_mask
+            sources = images if geometry is None else [g["photo"] for g in geometry]
+            regions = [None] * len(images) if geometry is None else [g["region"] for g in geometry]
+            frame["mask_png"] = [mask_png(product_mask(im, p, t, m, r, refine=refine, seed=i,
+                                                       max_side=REFINE_MAX_SIDE) == 255)
+                                 for i, (im, p, t, m, r) in enumerate(zip(sources, out["prob"], frame["threshold"],
+                                                                          masks, regions))]
         return frame
 
 
