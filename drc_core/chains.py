@@ -6,7 +6,8 @@ several of these with disjoint id sets (one per Ray Train worker), each checkpoi
 and re-sharded through `state_dict` + `merge` when the number of workers changes; no process
 ever holds all chains. A chain's initial value is a function of (seed, sample_id) only, so the
 same sample starts from the same point however the ids are sharded. Storage may be fp16 to halve
-memory; chains are returned as fp32.
+memory; chains are returned as fp32. A buffer remembers which chains changed since `take_changed`
+last ran, so a checkpoint can write only those (`apply` replays such a delta onto a saved state).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class InMemoryChainBuffer:
         self.ids = ids.clone()
         self.z = initial_chains(ids, dim, seed).to(dtype)
         self.visits = torch.zeros(ids.numel(), dtype=torch.int32)
+        self.changed = torch.zeros(ids.numel(), dtype=torch.bool)
 
     @classmethod
     def for_range(cls, count: int, dim: int, *, offset: int = 0, seed: int = 0,
@@ -87,6 +89,33 @@ class InMemoryChainBuffer:
         rows = self._rows(ids)
         self.z[rows] = z.detach().to(device="cpu", dtype=self.z.dtype)
         self.visits[rows] += 1
+        self.changed[rows] = True
+
+    @property
+    def n_changed(self) -> int:
+        return int(self.changed.sum())
+
+    def take_changed(self) -> dict:
+        """The state dict of the chains changed since the last call (or since creation / loading), and
+        forget them: a delta for `apply`."""
+        rows = self.changed.nonzero()[:, 0]
+        self.changed.zero_()
+        return {"ids": self.ids[rows].clone(), "z": self.z[rows].clone(), "visits": self.visits[rows].clone()}
+
+    def mark_saved(self) -> None:
+        """Everything is now in a saved state: nothing has changed since."""
+        self.changed.zero_()
+
+    @staticmethod
+    def apply(state: dict, delta: dict) -> dict:
+        """`state` (a state dict) with the rows of `delta` (a state dict of some of its ids) replaced."""
+        if delta["ids"].numel():
+            rows = torch.searchsorted(state["ids"], delta["ids"])
+            if rows.max() >= state["ids"].numel() or not bool((state["ids"][rows] == delta["ids"]).all()):
+                raise KeyError("a chain delta holds sample ids its base does not")
+            state["z"][rows] = delta["z"].to(state["z"].dtype)
+            state["visits"][rows] = delta["visits"]
+        return state
 
     def state_dict(self) -> dict:
         return {"ids": self.ids.clone(), "z": self.z.clone(), "visits": self.visits.clone()}
@@ -95,6 +124,7 @@ class InMemoryChainBuffer:
     def from_state_dict(cls, state: dict) -> "InMemoryChainBuffer":
         buf = cls.__new__(cls)
         buf.ids, buf.z, buf.visits = (state[k].clone() for k in ("ids", "z", "visits"))
+        buf.changed = torch.zeros(buf.ids.numel(), dtype=torch.bool)
         return buf
 
     @classmethod
@@ -109,6 +139,7 @@ class InMemoryChainBuffer:
         buf.ids = ids.clone()
         buf.z = torch.empty(ids.numel(), dim, dtype=dtype)
         buf.visits = torch.zeros(ids.numel(), dtype=torch.int32)
+        buf.changed = torch.zeros(ids.numel(), dtype=torch.bool)
         covered = torch.zeros(ids.numel(), dtype=torch.bool)
         for s in shards:
             inside = torch.isin(s["ids"], ids)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PROTOCOL = 0.5            # the DRC paper's threshold
@@ -27,6 +28,12 @@ MIN_SEPARATION = 0.2      # class means of a split closer than this: keep ½ for
 
 class PolicyError(ValueError):
     """A threshold policy string that cannot be used; the message names it."""
+
+
+def histogram(prob) -> torch.Tensor:
+    """(N, H, W) π_f in [0, 1] → (N, BINS) counts (float64): summed over a corpus, what
+    `ThresholdPolicy.corpus_threshold` calibrates on, so a corpus can be counted in pieces."""
+    return _histograms(torch.as_tensor(prob))
 
 
 def _histograms(prob: torch.Tensor) -> torch.Tensor:
@@ -129,6 +136,14 @@ class ThresholdPolicy:
         th, gap = (otsu if self.kind == "otsu" else gmm)(hist)
         th = torch.where(gap >= MIN_SEPARATION, th, torch.full_like(th, PROTOCOL))
         return th.expand(n).clone() if self.corpus else th
+
+    def corpus_threshold(self, hist) -> float:
+        """A corpus policy's one threshold from the corpus's summed `histogram` (BINS,)."""
+        if self.kind == "fixed":
+            return self.value
+        h = torch.as_tensor(np.asarray(hist), dtype=torch.float64).reshape(1, -1)
+        th, gap = (otsu if self.kind == "otsu" else gmm)(h)
+        return float(th[0]) if float(gap[0]) >= MIN_SEPARATION else PROTOCOL
 
     def apply(self, prob) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H, W) π_f → (bool masks (N, H, W), float64 thresholds (N,)); a single (H, W) map

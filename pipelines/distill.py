@@ -60,17 +60,18 @@ def _progress(what: str, log, every: float = 15.0):
 
 
 def _train_images(kinds: list[str], resolution: int, args) -> dict | None:
-    """The training images the chain / posterior pairs need (None when only prior pairs are made)."""
-    from pipelines.lib.parquet_store import load_arrays
+    """The training images the chain / posterior pairs need (None when only prior pairs are made):
+    the first --train-images of the training split, read from the parts that hold them only."""
+    from pipelines.lib.parquet_store import Store, load_range, split_range
     if not {"chains", "posterior"} & set(kinds):
         return None
     if not args.data:
         raise ModelError(f"--pairs {','.join(kinds)} needs --data (the training images)")
-    train = load_arrays(args.data, "train")
-    if train["images"].shape[1] != resolution:
-        raise ModelError(f"--data {args.data} has resolution {train['images'].shape[1]}, the teacher {resolution}")
-    n = min(len(train["sample_id"]), args.train_images or len(train["sample_id"]))
-    return {k: v[:n] for k, v in train.items()}
+    manifest = Store(args.data).read_manifest()
+    if manifest["resolution"] != resolution:
+        raise ModelError(f"--data {args.data} has resolution {manifest['resolution']}, the teacher {resolution}")
+    lo, hi = split_range(manifest, "train")
+    return load_range(args.data, lo, min(hi, lo + args.train_images))
 
 
 def _pairs(kinds: list[str], teacher, train: dict | None, args, log) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,7 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pool their pairs")
     p.add_argument("--data", default=None, help="Parquet dataset the teacher was trained on")
     p.add_argument("--pairs", default=None, help=f"comma-separated of {', '.join(PAIR_KINDS)}")
-    p.add_argument("--train-images", type=int, default=None, help="use at most N training images")
+    p.add_argument("--train-images", type=int, default=20_000,
+                   help="use the first N training images (default %(default)s: the student trains in memory)")
     p.add_argument("--prior-images", type=int, default=2000, help="images synthesised from the prior")
     p.add_argument("--targets", default=None, metavar="POLICY",
                    help="what the student learns: 'soft' (the teacher's π_f) or the masks a threshold policy "
@@ -268,12 +270,13 @@ def run(args) -> dict:
             agree = torch.sigmoid(student(x[:512].to(device)))[:, 0].cpu() > 0.5
         summary["train_agreement_iou"] = mean_iou_dice(agree, y[:512] > 0.5)["iou"]
         if args.data:
-            from pipelines.lib.parquet_store import load_arrays
-            test = load_arrays(args.data, "test")
+            from pipelines.lib.parquet_store import Store, load_range, split_range
+            lo, hi = split_range(Store(args.data).read_manifest(), "test")
+            test = load_range(args.data, lo, min(hi, lo + args.eval_images))
             if "masks" in test and len(test["sample_id"]):
-                n = min(args.eval_images, len(test["sample_id"]))
-                prob = predict(student, test["images"][:n])
-                truth = test["masks"][:n] > 0
+                n = len(test["sample_id"])
+                prob = predict(student, test["images"])
+                truth = test["masks"] > 0
                 summary["eval"] = {"images": n, "threshold": DEFAULT.name,
                                    **mean_iou_dice(DEFAULT.masks(prob), truth),
                                    "protocol": mean_iou_dice(prob > 0.5, truth)}

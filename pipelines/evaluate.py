@@ -11,13 +11,23 @@ Methods are compared on the images every method covers; coverage is reported. A 
 is scored at the model's resolution; a photo folder with `--masks` at each photo's own size (the
 segmentation's π_f mapped back through the crop/resize it recorded, baselines on the full photo). An
 output of `segment --refine grabcut` is scored by its refined masks, with π_f's own mask beside them
-as "<name>, π_f's mask before GrabCut". Writes
-<out>/report.html (table, IoU histograms, worst-case gallery with overlays), metrics.json and
-per_image.csv, and logs them to an MLflow run.
+as "<name>, π_f's mask before GrabCut".
+
+At any corpus size, on Ray: the ground truth is cut into units (a few hundred images of one part),
+and one Ray Data task per unit reads its images and masks, the rows of every prediction that hold
+the same sample ids (only the parts whose id range meets the unit's) and scores every method there;
+only per-image scores travel to the driver, which streams them into `per_image.parquet` and keeps
+running sums, histograms and the worst cases, so its memory does not grow with the corpus. GrabCut
+runs on every image up to `--baseline-images` (default BASELINE_LIMIT) and on a fixed, seeded
+sample of that many beyond; the predictions are then also reported on that sample, beside it, with
+the share of images on which each beats it. Writes <out>/report.html (table, IoU histograms,
+worst-case gallery with overlays), metrics.json, per_image.parquet (and per_image.csv up to
+CSV_LIMIT images), and logs them to an MLflow run.
 """
 from __future__ import annotations
 
 import argparse
+import heapq
 import io
 import json
 import re
@@ -26,52 +36,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipelines.lib import report, tracking
-from pipelines.lib.grabcut import grabcut_all
-from pipelines.lib.parquet_store import DatasetError, Store, load_arrays, read_part
-
-
-def read_predictions(uri: str) -> dict:
-    """A segmentation output → {"manifest", "sample_id" (N,), "masks" (N, H, W) bool, "prob" (N, H, W)
-    float32 π_f, "key", "geometry" (per row: the photo's (height, width, region, threshold) for image
-    files, None for Parquet rows), "refined" (segment --refine grabcut: per row the uint8 mask GrabCut
-    re-drew, at the photo's size; None without); prob/key/geometry None for outputs written before π_f
-    was stored}."""
-    from PIL import Image
-    store = Store(uri)
-    manifest = store.read_manifest()
-    if manifest.get("kind") != "segmentation":
-        raise DatasetError(f"{uri} is not a pipelines.segment output (manifest kind {manifest.get('kind')!r})")
-    has_prob = "prob_encoding" in manifest
-    refined = bool(manifest.get("refine"))
-    cols = ["sample_id", "mask"] + (["prob", "key", "threshold", "height", "width", "region"] if has_prob else []) \
-        + (["refined"] if refined else [])
-    tables = [read_part(store, name, cols) for name in manifest["file_names"]]
-    ids = np.concatenate([t["sample_id"].to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
-    size = manifest["resolution"]
-    order = np.argsort(ids, kind="stable")
-
-    def stack(column, convert, dtype):
-        arrs = [convert(np.asarray(Image.open(io.BytesIO(b)))) for t in tables for b in t[column].to_pylist()]
-        return (np.stack(arrs) if arrs else np.zeros((0, size, size), dtype))[order]
-    def column(name):                      # in sample_id order
-        values = [v for t in tables for v in t[name].to_pylist()]
-        return [values[i] for i in order]
-    out = {"manifest": manifest, "sample_id": ids[order], "masks": stack("mask", lambda a: a > 127, bool),
-           "prob": None, "key": None, "geometry": None, "refined": None}
-    if refined:                            # uint8 0/255 (NOT_SEGMENTED outside a centre crop), each at its size
-        out["refined"] = [np.asarray(Image.open(io.BytesIO(b))) for b in column("refined")]
-    if has_prob:
-        out.update(prob=stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32), key=column("key"),
-                   # image-file rows: (height, width, region, threshold) of the photo; None for Parquet rows
-                   geometry=[None if r is None else (h, w, tuple(r), t) for h, w, r, t in
-                             zip(column("height"), column("width"), column("region"), column("threshold"))])
-    return out
-
+from pipelines.lib import listing, locations, report, tracking
+from pipelines.lib.parquet_store import DatasetError, Store, read_part, read_range, split_range
 
 PROTOCOL_LABEL = "π_f > ½, DRC protocol"
 BEFORE_REFINE = "π_f's mask before GrabCut"         # the row of a refined output's unrefined mask
+BASELINE_LIMIT = 5000        # GrabCut on every image up to this many, on a seeded sample of this many beyond
+CSV_LIMIT = 100_000          # per_image.csv next to per_image.parquet up to this many images
+UNIT = 256                   # ground-truth images per scoring task
+HIST_BINS = 20
 
 
 def policy_label(name: str) -> str:
@@ -79,175 +55,430 @@ def policy_label(name: str) -> str:
     return PROTOCOL_LABEL if ThresholdPolicy.parse(name).is_protocol else f"threshold {name}"
 
 
-def _policy_masks(p: dict, extra: list[str], masks_of) -> dict[str, object]:
-    """`masks_of(policy)` for each policy of `extra` other than the one the output was written
-    with (none for outputs without stored π_f): {"<policy label>": masks}."""
+# ---- what is scored ---------------------------------------------------------------------------------
+def _prediction(name: str, uri: str) -> dict:
+    """A segmentation output's manifest facts: where it is, its parts with id ranges, whether it
+    was refined and stored π_f, the policy its masks were made with."""
+    store = Store(uri)
+    manifest = store.read_manifest()
+    if manifest.get("kind") != "segmentation":
+        raise DatasetError(f"{uri} is not a pipelines.segment output (manifest kind {manifest.get('kind')!r})")
+    return {"name": name, "where": store.location, "manifest": manifest,
+            "parts": [p for p in manifest["parts"] if p["ok"]], "refined": bool(manifest.get("refine")),
+            "written": manifest.get("threshold_policy"), "photos": manifest["source"]["kind"] == "folder",
+            "predicted": manifest["counts"]["ok"]}
+
+
+def _methods(preds: list[dict], extra: list[str]) -> list[dict]:
+    """The rows of the table, in order: per prediction its product (GrabCut's re-drawn mask where
+    segment refined), π_f's own mask beside a refined product, and π_f under each extra policy;
+    then the baselines."""
+    from drc_core.metrics import DISC_AREAS
+    out = []
+    for i, p in enumerate(preds):
+        out.append({"name": p["name"], "pred": i, "kind": "refined" if p["refined"] else "own"})
+        if p["refined"]:
+            out.append({"name": f"{p['name']}, {BEFORE_REFINE}", "pred": i, "kind": "own"})
+        for policy in extra:
+            if policy != p["written"]:
+                out.append({"name": f"{p['name']}, {policy_label(policy)}", "pred": i, "kind": "policy",
+                            "policy": policy})
+    out.append({"name": "GrabCut", "kind": "grabcut"})
+    out.append({"name": "all foreground", "kind": "all"})
+    out += [{"name": f"centred disc {f:.0%}", "kind": "disc", "area": f} for f in DISC_AREAS]
+    return out
+
+
+def _corpus_thresholds(preds: list[dict], extra: list[str]) -> dict:
+    """{(prediction, policy): threshold} for the corpus-wide policies among `extra`: one histogram of
+    π_f over every image a prediction segmented, summed by one task per output part."""
+    import ray
     from drc_core.threshold import ThresholdPolicy
-    if p["prob"] is None:
+    corpus = [ThresholdPolicy.parse(e) for e in extra if ThresholdPolicy.parse(e).corpus]
+    if not corpus:
         return {}
-    written = p["manifest"].get("threshold_policy")
-    return {policy_label(policy.name): masks_of(policy)
-            for policy in map(ThresholdPolicy.parse, extra) if policy.name != written}
+    hist = ray.remote(num_cpus=0.5)(_prob_histogram)
+    out = {}
+    for i, p in enumerate(preds):
+        total = sum(ray.get([hist.remote(p["where"], part["name"]) for part in p["parts"]]))
+        for policy in corpus:
+            out[(i, policy.name)] = float(policy.corpus_threshold(total))
+    return out
 
 
-def _methods_of(name: str, p: dict, sel: np.ndarray, own, extra: list[str], masks_of) -> dict[str, object]:
-    """Output `name`'s masks on its rows `sel`: the product's (GrabCut's re-drawn mask where segment
-    refined, with π_f's own mask `own` beside it; else `own`), then one per extra policy."""
-    if p["refined"] is None:
-        methods = {name: own}
-    else:
-        refined = [p["refined"][i] == 255 for i in sel]
-        methods = {name: np.stack(refined) if isinstance(own, np.ndarray) else refined,
-                   f"{name}, {BEFORE_REFINE}": own}
-    methods.update({f"{name}, {label}": m for label, m in _policy_masks(p, extra, masks_of).items()})
-    return methods
+def _prob_histogram(where: str, name: str) -> np.ndarray:
+    """The summed π_f histogram of one output part's segmented rows."""
+    from drc_core.threshold import BINS, histogram
+    t = read_part(Store(where), name, ["status", "prob"])
+    total = np.zeros(BINS)
+    for b in t.filter(pc.equal(t["status"], "ok"))["prob"].to_pylist():
+        total += histogram(_png(b)[None].astype(np.float32) / 255.0).numpy()[0]
+    return total
 
 
-def _model_size_inputs(data: str, split: str | None, loaded: dict, extra: list[str]) -> dict:
-    """Ground truth from a Parquet dataset; every method's masks at the model's resolution."""
-    gt = load_arrays(data, split)
-    if "masks" not in gt:
-        raise DatasetError(f"--data {data}: not every image has a ground-truth mask; nothing to evaluate against")
-    common = gt["sample_id"]
-    for name, p in loaded.items():
-        if p["masks"].shape[1:] != gt["images"].shape[1:3]:
-            raise DatasetError(f"--pred {name}: masks are {p['masks'].shape[1:]}, the data {gt['images'].shape[1:3]}")
-        common = np.intersect1d(common, p["sample_id"])
-    if common.size == 0:
-        raise DatasetError("no image is covered by every prediction and the ground truth (check --split)")
-    rows = np.searchsorted(gt["sample_id"], common)
-    methods = {}
-    for name, p in loaded.items():
-        sel = np.searchsorted(p["sample_id"], common)
-        methods.update(_methods_of(name, p, sel, p["masks"][sel], extra,
-                                   lambda policy: policy.masks(p["prob"][sel]).numpy()))
-    return {"ids": common, "images": gt["images"][rows], "masks": gt["masks"][rows] > 0, "splits": gt["split"][rows],
-            "keys": gt["key"][rows], "methods": methods, "truth": f"{int(gt['sample_id'].size)} ground-truth images"}
+def _png(data: bytes) -> np.ndarray:
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
 
 
-def _full_size_inputs(photos: str, masks_dir: str, loaded: dict, extra: list[str], max_pixels: int) -> dict:
-    """Ground truth from the original mask files; π_f mapped back onto each photo (the crop/resize
-    segment recorded), thresholded per image as at model resolution. Pixels a centre crop left
-    unsegmented count as background."""
-    from pipelines.lib import sources
-    from pipelines.lib.imaging import BadInput, decode_image, full_size_mask, read_photo
-    from pipelines.lib.locations import read_bytes
-    records = {r["key"]: r for r in sources.folder(photos, masks_dir) if r.get("mask_path")}
-    if not records:
-        raise DatasetError(f"--masks {masks_dir}: no mask file matches an image under --photos {photos}")
-    common = sorted(records)
-    for name, p in loaded.items():
-        if p["geometry"] is None or not any(g is not None for g in p["geometry"]):
-            raise DatasetError(f"--pred {name}: not a segmentation of image files (segment --input <folder>); "
-                               f"score it against a Parquet dataset with --data")
-        have = set(p["key"])
-        common = [k for k in common if k in have]
-    if not common:
-        raise DatasetError(f"no photo under {photos} with a mask under {masks_dir} is covered by every prediction")
-    images, masks = [], []
-    for k in common:
+# ---- one unit: read where the data is, score every method ------------------------------------------
+PRED_COLUMNS = ["sample_id", "key", "status", "mask", "prob", "threshold", "height", "width", "region", "refined"]
+
+
+def _pred_rows(pred: dict, lo: int, hi: int) -> dict[int, dict]:
+    """A prediction's segmented rows with sample ids in [lo, hi), by id: only the parts whose id range
+    meets it are read."""
+    store = Store(pred["where"])
+    cols = [c for c in PRED_COLUMNS if c != "refined" or pred["refined"]]
+    rows = {}
+    for part in pred["parts"]:
+        if part["id_max"] < lo or part["id_min"] >= hi:
+            continue
+        t = read_part(store, part["name"], cols, [("sample_id", ">=", lo), ("sample_id", "<", hi)])
+        for r in t.filter(pc.equal(t["status"], "ok")).to_pylist():
+            rows[r["sample_id"]] = r
+    return rows
+
+
+def _ground_truth(unit: dict, job: dict, ids: set | None = None):
+    """The unit's images with masks: (sample_id, position, key, split, image, truth) per image, in id
+    order; `position` is the image's place among the evaluated ones (GrabCut's seed)."""
+    if job["kind"] == "parquet":
+        t = read_range(job["where"], unit["lo"], unit["hi"], ["sample_id", "key", "split", "image", "mask"])
+        size = job["resolution"]
+        for r in t.to_pylist():
+            if ids is not None and r["sample_id"] not in ids:
+                continue
+            if r["mask"] is None:
+                raise DatasetError(f"--data {job['where']}: sample {r['sample_id']} ({r['key']}) has no mask")
+            image = np.frombuffer(r["image"], np.uint8).reshape(size, size, 3)
+            truth = np.frombuffer(r["mask"], np.uint8).reshape(size, size) > 0
+            yield r["sample_id"], r["sample_id"] - job["first"], r["key"], r["split"], image, truth
+        return
+    from pipelines.lib.imaging import BadInput, decode_image, read_photo
+    masks = {}
+    for m in map(listing.table, unit["masks"]):
+        masks.update(zip(m["key"].to_pylist(), m["path"].to_pylist()))
+    for r in listing.table(unit["source"]).to_pylist():
+        if r["key"] not in masks or (ids is not None and r["index"] not in ids):
+            continue
         try:
-            images.append(read_photo(records[k]["path"], max_pixels))
-            masks.append(decode_image(read_bytes(records[k]["mask_path"]), "mask", max_pixels).max(-1) > 127)
+            image = read_photo(r["path"], job["max_pixels"])
+            truth = decode_image(locations.read_bytes(masks[r["key"]]), "mask", job["max_pixels"]).max(-1) > 127
         except (BadInput, OSError) as exc:
-            raise DatasetError(f"--photos/--masks: {k}: {exc}") from None
-        if masks[-1].shape != images[-1].shape[:2]:
-            raise DatasetError(f"--masks {masks_dir}: {k}: mask {masks[-1].shape} is not the photo's size "
-                               f"{images[-1].shape[:2]}")
-    methods = {}
-    for name, p in loaded.items():
-        row_of = {k: i for i, k in enumerate(p["key"])}
-        sel = np.array([row_of[k] for k in common])
-        geo = [p["geometry"][i] for i in sel]
-        if any(g is None for g in geo):
-            raise DatasetError(f"--pred {name}: some rows have no photo geometry")
-
-        def at_size(thresholds, sel=sel, geo=geo, prob=p["prob"]):  # as segment writes it; unsegmented = bg
-            return [full_size_mask(prob[i], t, g[2], g[0], g[1]) == 255 for i, g, t in zip(sel, geo, thresholds)]
-        methods.update(_methods_of(name, p, sel, at_size([g[3] for g in geo]), extra,
-                                   lambda policy: at_size(policy.thresholds(p["prob"][sel]).numpy())))
-    return {"ids": np.arange(len(common)), "images": images, "masks": masks,
-            "splits": np.array([records[k]["split"] for k in common]), "keys": np.array(common),
-            "methods": methods, "truth": f"{len(records)} photos with a mask, scored at their own size"}
+            raise DatasetError(f"--data/--masks: {r['key']}: {exc}") from None
+        if truth.shape != image.shape[:2]:
+            raise DatasetError(f"--masks: {r['key']}: mask {truth.shape} is not the photo's size {image.shape[:2]}")
+        yield r["index"], r["index"], r["key"], r["split"], image, truth
 
 
-def _score(pred, truth) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image IoU and Dice of stacked (N, H, W) masks, or of lists of masks of any sizes."""
-    from drc_core.metrics import iou_dice
-    if isinstance(pred, list) or isinstance(truth, list):
-        pairs = [iou_dice(p, t) for p, t in zip(pred, truth)]
-        return np.array([float(i) for i, _ in pairs]), np.array([float(d) for _, d in pairs])
-    return tuple(t.numpy() for t in iou_dice(pred, truth))
+def _masks_of(method: dict, row: dict | None, truth: np.ndarray, job: dict) -> np.ndarray | None:
+    """One method's bool mask of one image at the ground truth's size (None: not scored here)."""
+    from drc_core.metrics import centre_ellipse
+    from drc_core.threshold import ThresholdPolicy
+    from pipelines.lib.imaging import full_size_mask
+    kind = method["kind"]
+    if kind == "all":
+        return np.ones_like(truth)
+    if kind == "disc":
+        return centre_ellipse(*truth.shape, method["area"]).numpy()
+    if kind == "refined":
+        return _png(row["refined"]) == 255
+    at_size = job["kind"] == "photos"
+    if kind == "own":
+        if not at_size:
+            return _png(row["mask"]) > 127
+        th = row["threshold"]
+    else:                                        # another threshold policy, applied to the stored π_f
+        prob = _png(row["prob"]).astype(np.float32) / 255.0
+        corpus = job["corpus"].get((method["pred"], method["policy"]))
+        th = corpus if corpus is not None else float(ThresholdPolicy.parse(method["policy"]).thresholds(prob[None])[0])
+        if not at_size:
+            return prob > th
+    h, w = truth.shape
+    return full_size_mask(_png(row["prob"]).astype(np.float32) / 255.0, th, tuple(row["region"]), h, w) == 255
+
+
+def _iou_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    inter, union = np.count_nonzero(pred & truth), np.count_nonzero(pred | truth)
+    total = np.count_nonzero(pred) + np.count_nonzero(truth)
+    return (inter / union if union else 1.0), (2 * inter / total if total else 1.0)
+
+
+def _unit_rows(unit: dict, job: dict, ids: set | None = None):
+    """Per image of the unit: (ground truth facts, the predictions' rows or None where one has none)."""
+    lo, hi = unit["lo"], unit["hi"]
+    preds = [_pred_rows(p, lo, hi) for p in job["preds"]]
+    for sid, pos, key, split, image, truth in _ground_truth(unit, job, ids):
+        rows = [p.get(sid) for p in preds]
+        for p, row in zip(job["preds"], rows):
+            if row is not None and job["kind"] == "photos" and row["key"] != key:
+                raise DatasetError(f"--pred {p['name']}: sample {sid} is {row['key']!r} there but {key!r} in "
+                                   f"--data: it was segmented from another listing of the folder")
+        yield sid, pos, key, split, image, truth, rows
+
+
+def score_unit(batch: pa.Table, units: list[dict], job: dict) -> pa.Table:
+    """Ray Data map: the per-image scores of the unit in `batch` (one row: its index)."""
+    from pipelines.lib.grabcut import grabcut_masks
+    out = {"sample_id": [], "key": [], "split": [], "covered": [], "baseline": []}
+    scores = {m["name"]: ([], []) for m in job["methods"]}
+    sample = job["sample"]
+    for u in batch["unit"].to_pylist():
+        for sid, pos, key, split, image, truth, rows in _unit_rows(units[u], job):
+            covered = all(r is not None for r in rows)
+            in_sample = covered and job["grabcut"] and (sample is None or _member(sample, pos))
+            out["sample_id"].append(sid)
+            out["key"].append(key)
+            out["split"].append(split)
+            out["covered"].append(covered)
+            out["baseline"].append(in_sample)
+            for m in job["methods"]:
+                mask = None
+                if covered and m["kind"] == "grabcut":
+                    mask = grabcut_masks(image[None], job["margin"], start=pos)[0] if in_sample else None
+                elif covered:
+                    mask = _masks_of(m, rows[m["pred"]] if "pred" in m else None, truth, job)
+                iou, dice = _iou_dice(mask, truth) if mask is not None else (np.nan, np.nan)
+                scores[m["name"]][0].append(iou)
+                scores[m["name"]][1].append(dice)
+    cols = {**out, **{f"iou[{k}]": pa.array(v[0], pa.float32()) for k, v in scores.items()},
+            **{f"dice[{k}]": pa.array(v[1], pa.float32()) for k, v in scores.items()}}
+    return pa.table(cols)
+
+
+def _member(sample: np.ndarray, pos: int) -> bool:
+    i = np.searchsorted(sample, pos)
+    return bool(i < len(sample) and sample[i] == pos)
+
+
+# ---- the driver: units, the stream of scores, the table ---------------------------------------------
+def _units(data: str, split: str | None, masks_dir: str | None, job: dict) -> tuple[list[dict], int, str]:
+    """(units, candidate images, what the ground truth is)."""
+    if masks_dir is None:
+        manifest = Store(data).read_manifest()
+        if manifest["counts"].get("with_mask", 0) < manifest["counts"]["ok"]:
+            raise DatasetError(f"--data {data}: not every image has a ground-truth mask; nothing to evaluate against")
+        lo, hi = split_range(manifest, split)
+        job.update(kind="parquet", where=Store(data).location, resolution=manifest["resolution"], first=lo)
+        units = [{"lo": a, "hi": min(hi, a + UNIT)} for a in range(lo, hi, UNIT)]
+        return units, hi - lo, f"{hi - lo} ground-truth images"
+    photos = listing.list_folder(data, rows=UNIT)
+    masks = listing.list_folder(masks_dir, rows=UNIT * 4)
+    if not masks.total:
+        raise DatasetError(f"--masks {masks_dir}: no mask file")
+    job.update(kind="photos", where=data)
+    units = [{"lo": p.first, "hi": p.first + p.count, "source": p.source,
+              "masks": [m.source for m in masks.overlapping(p.lo, p.hi)]} for p in photos.parts]
+    units = [u for u in units if u["masks"]]
+    if split:
+        a, b = photos.splits.get(split, (0, 0))
+        units = [u for u in units if u["lo"] < b and u["hi"] > a]
+    return units, photos.total, f"photos with a mask under {masks_dir}, scored at their own size"
+
+
+class Totals:
+    """What the driver keeps of the stream: sums per method and split, IoU histograms, the worst
+    images of the first method, wins against GrabCut on its sample; all of fixed size."""
+
+    def __init__(self, methods: list[str], first: str, gallery: int):
+        self.methods, self.first, self.k = methods, first, gallery
+        self.sums: dict[tuple[str, str, str], list[float]] = {}     # (method, split, scope) → [n, iou, dice]
+        self.hist = {m: np.zeros(HIST_BINS, np.int64) for m in methods}
+        self.worst: list[tuple[float, int, str]] = []
+        self.wins = {m: [0, 0] for m in methods}
+        self.covered = self.seen = 0
+
+    def add(self, t: pa.Table) -> None:
+        self.seen += t.num_rows
+        covered = t["covered"].to_numpy(zero_copy_only=False)
+        self.covered += int(covered.sum())
+        baseline = t["baseline"].to_numpy(zero_copy_only=False)
+        splits = np.asarray(t["split"].to_pylist())
+        grab = t["iou[GrabCut]"].to_numpy(zero_copy_only=False)
+        for m in self.methods:
+            iou = t[f"iou[{m}]"].to_numpy(zero_copy_only=False).astype(np.float64)
+            dice = t[f"dice[{m}]"].to_numpy(zero_copy_only=False).astype(np.float64)
+            ok = covered & ~np.isnan(iou)
+            for s in np.unique(splits[ok]):
+                for scope, sel in (("all", ok & (splits == s)), ("sample", ok & baseline & (splits == s))):
+                    acc = self.sums.setdefault((m, str(s), scope), [0, 0.0, 0.0])
+                    acc[0] += int(sel.sum())
+                    acc[1] += float(iou[sel].sum())
+                    acc[2] += float(dice[sel].sum())
+            self.hist[m] += np.histogram(iou[ok], bins=HIST_BINS, range=(0, 1))[0]
+            both = ok & baseline & ~np.isnan(grab)
+            self.wins[m][0] += int((iou[both] > grab[both]).sum())
+            self.wins[m][1] += int(both.sum())
+            if m == self.first:
+                keys, ids = t["key"].to_pylist(), t["sample_id"].to_pylist()
+                for i in np.flatnonzero(ok):
+                    item = (-float(iou[i]), ids[i], keys[i])
+                    if len(self.worst) < self.k:
+                        heapq.heappush(self.worst, item)
+                    elif item > self.worst[0]:
+                        heapq.heapreplace(self.worst, item)
+
+    def mean(self, m: str, split: str | None, scope: str = "all") -> tuple[int, float, float]:
+        keys = [k for k in self.sums if k[0] == m and k[2] == scope and (split is None or k[1] == split)]
+        n = sum(self.sums[k][0] for k in keys)
+        return n, (sum(self.sums[k][1] for k in keys) / n if n else float("nan")), \
+            (sum(self.sums[k][2] for k in keys) / n if n else float("nan"))
 
 
 def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
              margin: float = 0.05, gallery: int = 12, title: str | None = None,
              sections: list[tuple[str, str]] = (), thresholds: tuple[str, ...] = ("0.5",),
-             masks_dir: str | None = None, max_pixels: int | None = None, quiet: bool = False) -> dict:
+             masks_dir: str | None = None, max_pixels: int | None = None, quiet: bool = False,
+             baseline_images: int | None = BASELINE_LIMIT, seed: int = 0) -> dict:
     """Score each segmentation output's masks (row `name`, the policy it was segmented with) and,
     from its stored π_f, the same π_f under each policy of `thresholds` (row `name, <policy>`; the
     DRC protocol's ½ is always among them), beside GrabCut and trivial masks on the same images.
 
     `data` is a Parquet dataset with masks (scored at the model's resolution), or, with
     `masks_dir`, the folder of photos that segment read (scored at each photo's own size against
-    the mask files there, keyed like the photos)."""
-    from drc_core.metrics import DISC_AREAS, centre_ellipse
+    the mask files there, keyed like the photos). `baseline_images`: GrabCut on every image up to
+    this many, else on a seeded sample of this many (None: every image)."""
+    import pyarrow.parquet as pq
+    import ray
     from pipelines.lib.imaging import MAX_PIXELS
-    loaded = {name: read_predictions(uri) for name, uri in preds.items()}
+    from pipelines.lib.ray_env import init_ray, set_progress_bars
+    t0 = time.perf_counter()
+    init_ray()
+    set_progress_bars(ray.data.DataContext.get_current(), not quiet)
+    loaded = [_prediction(name, uri) for name, uri in preds.items()]
+    if masks_dir is None and any(p["photos"] for p in loaded):
+        bad = next(p for p in loaded if p["photos"])
+        raise DatasetError(f"--pred {bad['name']}: a segmentation of image files; score it with --data <photos> "
+                           f"--masks <masks>")
+    if masks_dir is not None:
+        bad = next((p for p in loaded if not p["photos"]), None)
+        if bad:
+            raise DatasetError(f"--pred {bad['name']}: not a segmentation of image files (segment --input <folder>); "
+                               f"score it against a Parquet dataset with --data")
     extra = list(dict.fromkeys(["0.5", *thresholds]))
-    got = (_model_size_inputs(data, split, loaded, extra) if masks_dir is None
-           else _full_size_inputs(data, masks_dir, loaded, extra, max_pixels or MAX_PIXELS))
-    images, masks, splits, keys, methods = got["images"], got["masks"], got["splits"], got["keys"], got["methods"]
-    coverage = {"ground truth": got["truth"], "evaluated (covered by every method)": len(keys)}
-    coverage.update({f"{name}: predicted": int(p["sample_id"].size) for name, p in loaded.items()})
-    shapes = [m.shape for m in masks]
-    seconds = {}
-    if grabcut:
-        t0 = time.perf_counter()
-        methods["GrabCut"] = grabcut_all(images, margin, quiet=quiet)
-        seconds["grabcut_images_per_s"] = len(images) / (time.perf_counter() - t0)
-    methods["all foreground"] = [np.ones(s, bool) for s in shapes]
-
-    def discs(f):
-        return [centre_ellipse(*s, f).numpy() for s in shapes]
-    disc = max(DISC_AREAS, key=lambda f: _score(discs(f), masks)[0].mean())
-    methods[f"centred disc (best area {disc:.0%})"] = discs(disc)
-    per_image, table = {}, []
-    for name, pred in methods.items():
-        iou, dice = _score(pred, masks)
-        per_image[name] = iou
-        present = sorted(set(splits.tolist()))
-        for s in present + (["all"] if len(present) > 1 else []):
-            sel = np.ones(len(iou), bool) if s == "all" else splits == s
-            table.append({"method": name, "split": s, "images": int(sel.sum()),
-                          "iou": 100 * float(iou[sel].mean()), "dice": 100 * float(dice[sel].mean())})
+    methods = _methods(loaded, extra)
+    job = {"preds": [{k: p[k] for k in ("name", "where", "parts", "refined")} for p in loaded], "methods": methods,
+           "margin": margin, "grabcut": grabcut, "max_pixels": max_pixels or MAX_PIXELS,
+           "corpus": _corpus_thresholds(loaded, extra)}
+    units, candidates, truth = _units(data, split, masks_dir, job)
+    if not units:
+        raise DatasetError("no image is covered by the ground truth (check --split and --masks)")
+    limit = candidates if baseline_images is None else baseline_images
+    job["sample"] = (None if limit >= candidates else
+                     np.sort(np.random.default_rng(seed).choice(candidates, limit, replace=False)))
+    names = [m["name"] for m in methods if m["kind"] != "grabcut" or grabcut]
+    totals = Totals(names, methods[0]["name"] if loaded else names[0], gallery)
     out.mkdir(parents=True, exist_ok=True)
-    report.histogram({k: v for k, v in per_image.items() if k in loaded or k == "GrabCut"} or per_image,
-                     out / "iou_hist.png")
-    first = next(iter(loaded), next(iter(methods)))
-    worst = np.argsort(per_image[first], kind="stable")[:gallery]
-    tiles = [{"key": keys[i], "iou": 100 * float(per_image[first][i]),
-              "png": report.png_b64(report.tile(images[i], masks[i], methods[first][i],
-                                                max(1, 96 // images[i].shape[0])))}
-             for i in worst]
-    import pandas as pd
-    frame = pd.DataFrame({"sample_id": got["ids"], "key": keys, "split": splits,
-                          **{f"iou[{k}]": 100 * v for k, v in per_image.items()}})
-    frame.to_csv(out / "per_image.csv", index=False)
-    notes = [f"{k}: {v.get('mode', '?')} mode, {v.get('steps', 0)} steps, model {v.get('model')}, masks by "
-             f"threshold policy {v.get('threshold_policy', '0.5')}"
-             for k, v in ((n, p["manifest"]) for n, p in loaded.items())]
+    ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
+    ds = ds.map_batches(score_unit, batch_size=None, batch_format="pyarrow", fn_kwargs={"units": units, "job": job})
+    writer, last = None, time.perf_counter()
+    for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer = writer or pq.ParquetWriter(out / "per_image.parquet", t.schema)
+        writer.write_table(t)
+        totals.add(t)
+        if not quiet and time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            print(f"evaluate: {totals.seen} images scored, {totals.seen / (last - t0):.1f}/s", flush=True)
+    if writer:
+        writer.close()
+    if not totals.covered:
+        raise DatasetError("no image is covered by every prediction and the ground truth (check --split)")
+    from drc_core.metrics import DISC_AREAS
+    discs = [f"centred disc {f:.0%}" for f in DISC_AREAS]
+    best = max(discs, key=lambda m: totals.mean(m, None)[1])
+    shown = [m for m in names if m not in discs] + [best]
+    present = sorted({k[1] for k in totals.sums})
+    table = []
+    for m in shown:
+        label = m.replace("centred disc ", "centred disc (best area ") + ")" if m == best else m
+        for s in present + (["all"] if len(present) > 1 else []):
+            n, iou, dice = totals.mean(m, None if s == "all" else s)
+            if n:
+                table.append({"method": label, "split": s, "images": n, "iou": 100 * iou, "dice": 100 * dice})
+    sampled = job["sample"] is not None and grabcut
+    if sampled:                                 # the predictions beside GrabCut on the very images it ran on
+        for m in [m["name"] for m in methods if "pred" in m]:
+            n, iou, dice = totals.mean(m, None, "sample")
+            table.append({"method": f"{m} (GrabCut's sample)", "split": "all", "images": n, "iou": 100 * iou,
+                          "dice": 100 * dice})
+    wins = {m: {"wins": w, "images": n, "share": w / n if n else None}
+            for m, (w, n) in totals.wins.items() if m in {x["name"] for x in methods if "pred" in x} and n}
+    coverage = {"ground truth": truth, "evaluated (covered by every method)": totals.covered,
+                **{f"{p['name']}: predicted": p["predicted"] for p in loaded},
+                "GrabCut": ("off" if not grabcut else f"every evaluated image" if not sampled else
+                            f"a seeded sample of {limit} of {candidates} images (seed {seed})")}
+    plotted = [m for m in shown if m == "GrabCut" or any(x["name"] == m and "pred" in x for x in methods)] or shown[:1]
+    report.histogram_counts({m: totals.hist[m] for m in plotted}, out / "iou_hist.png",
+                            {m: 100 * totals.mean(m, None)[1] for m in plotted})
+    tiles = _gallery(units, job, sorted(totals.worst, reverse=True), methods[0] if loaded else None)
+    n_rows = totals.seen
+    if n_rows <= CSV_LIMIT and (out / "per_image.parquet").exists():
+        frame = pq.read_table(out / "per_image.parquet").to_pandas()
+        keep = ["sample_id", "key", "split"] + [f"iou[{m}]" for m in shown]
+        frame = frame[frame["covered"]][keep].rename(columns={f"iou[{best}]": f"iou[{best} (best area)]"})
+        frame[[c for c in frame.columns if c.startswith("iou[")]] *= 100
+        frame.to_csv(out / "per_image.csv", index=False)
+    notes = [f"{p['name']}: {p['manifest'].get('mode', '?')} mode, {p['manifest'].get('steps', 0)} steps, model "
+             f"{p['manifest'].get('model')}, masks by threshold policy {p['manifest'].get('threshold_policy', '0.5')}"
+             for p in loaded]
     notes.append(f"'{PROTOCOL_LABEL}': the same π_f thresholded at ½ as in the DRC paper; no threshold policy "
                  f"looks at the ground truth")
     notes.append(f"GrabCut box: the image minus {margin:.0%} on each side, 5 iterations")
+    for m, w in wins.items():
+        notes.append(f"{m} beats GrabCut on {w['wins']} of {w['images']} images ({100 * w['share']:.0f} %)")
     notes.append("scored at each photo's own size (π_f mapped back through segment's crop/resize)" if masks_dir
                  else "scored at the model's resolution")
     report.write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
                         coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
-    result = {"data": data, "preds": preds, "table": table, "coverage": coverage, **seconds,
-              "scored_at": "original size" if masks_dir else "model resolution", "report": str(out / "report.html")}
+    result = {"data": data, "preds": preds, "table": table, "coverage": coverage, "wins_vs_grabcut": wins,
+              "baseline": {"grabcut": bool(grabcut), "images": int(totals.mean("GrabCut", None)[0]) if grabcut else 0,
+                           "sampled": sampled, "seed": seed},
+              "seconds": time.perf_counter() - t0, "images_per_s": totals.seen / (time.perf_counter() - t0),
+              "scored_at": "original size" if masks_dir else "model resolution", "report": str(out / "report.html"),
+              "per_image": str(out / "per_image.parquet")}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _gallery(units: list[dict], job: dict, worst: list[tuple[float, int, str]], method: dict | None) -> list[dict]:
+    """Tiles (image | truth | prediction) of the worst images of the first method, read again by id."""
+    if method is None or not worst:
+        return []
+    wanted = {sid for _, sid, _ in worst}
+    found = {}
+    for unit in units:
+        if any(unit["lo"] <= sid < unit["hi"] for sid in wanted):
+            for sid, pos, key, split, image, truth, rows in _unit_rows(unit, job, wanted):
+                found[sid] = (key, image, truth, _masks_of(method, rows[method["pred"]], truth, job))
+    tiles = []
+    for neg, sid, key in worst:
+        if sid in found:
+            key, image, truth, pred = found[sid]
+            tiles.append({"key": key, "iou": -100 * neg, "png": report.png_b64(report.tile(image, truth, pred))})
+    return tiles
+
+
+def read_predictions(uri: str) -> dict:
+    """A small segmentation output in numpy (tests, notebooks): {"manifest", "sample_id" (N,), "masks"
+    (N, H, W) bool, "prob" (N, H, W) float32 π_f, "key", "geometry" (per row: the photo's (height,
+    width, region, threshold) for image files, None for Parquet rows), "refined" (per row the uint8
+    mask GrabCut re-drew, or None)}, in sample-id order. `evaluate` itself reads by id range."""
+    from pipelines.segment import read_output
+    manifest = Store(uri).read_manifest()
+    t = read_output(uri)
+    size = manifest["resolution"]
+    rows = t.to_pylist()
+    stack = (lambda col, f, dtype: np.stack([f(_png(r[col])) for r in rows]) if rows
+             else np.zeros((0, size, size), dtype))
+    return {"manifest": manifest, "sample_id": t["sample_id"].to_numpy(),
+            "masks": stack("mask", lambda a: a > 127, bool),
+            "prob": stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32),
+            "key": [r["key"] for r in rows],
+            "geometry": [None if r["region"] is None else (r["height"], r["width"], tuple(r["region"]), r["threshold"])
+                         for r in rows],
+            "refined": [_png(r["refined"]) for r in rows] if manifest.get("refine") else None}
 
 
 def metric_name(method: str, split: str, metric: str) -> str:
@@ -284,6 +515,18 @@ def _pred(text: str) -> tuple[str, str]:
     return name, uri
 
 
+def _baseline(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--baseline-images must be a count or 'all', got {text!r}")
+    return n
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True,
@@ -294,17 +537,23 @@ def main(argv=None) -> dict:
     p.add_argument("--pred", type=_pred, action="append", default=[], metavar="NAME=PATH",
                    help="a pipelines.segment output (repeatable)")
     p.add_argument("--split", default=None, choices=("train", "val", "test"))
-    p.add_argument("--out", "--output", dest="out", required=True, help="folder for report.html, metrics.json, per_image.csv")
+    p.add_argument("--out", "--output", dest="out", required=True,
+                   help="folder for report.html, metrics.json, per_image.parquet (and .csv)")
     p.add_argument("--threshold", action="append", default=[], metavar="POLICY",
                    help="also score the stored π_f under this policy (repeatable; 0.5, a number, otsu, "
                         "otsu-corpus, gmm, gmm-corpus); the ½ protocol is always scored")
     p.add_argument("--no-grabcut", action="store_true")
+    p.add_argument("--baseline-images", type=_baseline, default=BASELINE_LIMIT, metavar="N|all",
+                   help=f"GrabCut on every image up to N, on a seeded sample of N beyond (default {BASELINE_LIMIT}; "
+                        f"'all': every image)")
+    p.add_argument("--seed", type=int, default=0, help="seed of GrabCut's sample")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--grabcut-margin", type=float, default=0.05)
     p.add_argument("--gallery", type=int, default=12, help="worst cases shown")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default=tracking.default_experiment(),
                    help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or %(default)s)")
+    p.add_argument("--address", default=None, help="Ray address (default: local, or the job's cluster)")
     args = p.parse_args(argv)
     from pipelines.lib.ray_env import ScratchPathError, check_job_outputs
     try:
@@ -319,15 +568,29 @@ def main(argv=None) -> dict:
         thresholds = tuple(ThresholdPolicy.parse(t).name for t in args.threshold)
     except PolicyError as exc:
         sys.exit(f"evaluate: --threshold: {exc}")
+    if args.address:
+        from pipelines.lib.ray_env import init_ray
+        init_ray(args.address)
+    failed = None
     try:
         result = evaluate(args.data, preds, Path(args.out), split=args.split, grabcut=not args.no_grabcut,
                           margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds,
-                          masks_dir=args.masks, quiet=args.quiet)
+                          masks_dir=args.masks, quiet=args.quiet, baseline_images=args.baseline_images, seed=args.seed)
     except DatasetError as exc:
-        sys.exit(f"evaluate: {exc}")
+        failed = f"evaluate: {exc}"
+    except Exception as exc:
+        from pipelines.lib.errors import find_cause
+        clear = find_cause(exc, (DatasetError, OSError))
+        if clear is None:
+            raise
+        failed = f"evaluate: {clear}"
+    if failed:
+        sys.exit(failed)
     result["mlflow_run_id"] = track(result, Path(args.out), tracking.tracking_uri(args.tracking_uri), args.experiment,
                                     {"data": args.data, "split": args.split})
     print(format_table(result["table"]))
+    for m, w in result["wins_vs_grabcut"].items():
+        print(f"{m} beats GrabCut on {100 * w['share']:.0f} % of {w['images']} images")
     print(f"report: {result['report']}  (MLflow run {result['mlflow_run_id']})")
     return result
 

@@ -8,30 +8,38 @@
 Inputs and outputs are folders or URIs (pipelines/lib/locations.py: credentials and endpoint from
 the environment, e.g. AWS_* and AWS_ENDPOINT_URL for an S3-compatible store).
 
-Read, decode, crop/resize, validate and write all run as Ray Data tasks; the driver only lists
-inputs and assigns the dense `sample_id`s (sorted by split, then key) once validation is known.
-Output: `part-XXXXX.parquet` files + `_manifest.json`, written to a temporary folder and
-published by one rename (local) or by writing the manifest last (object stores). Bad inputs are
-quarantined with a reason and listed in the manifest; the job completes.
+Listing, decoding, cropping/resizing, validation and writing all run as Ray tasks. A folder is
+listed one directory per task (pipelines/lib/listing.py) into parts of `--rows-per-file` inputs in
+(split, key) order; each part is decoded by one task and written as one Parquet part as soon as
+its first dense `sample_id` is known (the good rows of the parts before it), so the corpus is
+never gathered anywhere and the driver holds one small summary per part. Output:
+`part-XXXXX.parquet` files + `_manifest.json` (counts from the written parts, each part's sample-id
+range, each split's id range), written to a hidden folder renamed into place at the end (local)
+or in place with the manifest last (object stores). Bad inputs are quarantined with a reason as
+rows of `_quarantine/` (the manifest names the first 1,000); the job completes. A killed job is
+continued by `--resume`: finished parts are kept and the same inputs get the same ids.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipelines.lib import sources
+from pipelines.lib import listing, locations, sources
 from pipelines.lib.locations import read_bytes
 from pipelines.lib.imaging import (CROPS, MAX_PIXELS, BadInput, crop_and_resize, crop_box, decode_image,
                                decode_mask, open_image)
-from pipelines.lib.parquet_store import SCHEMA_VERSION, DatasetError, DatasetExists, Store
+from pipelines.lib.parquet_store import DatasetError, DatasetExists, Output, part_metadata, write_table
 
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 CLEVR_CROP = (64, 29, 256, 221)       # (left, top, right, bottom) on 320×240 CLEVR frames
 
 
@@ -110,126 +118,249 @@ def _label_map(raw: bytes, max_pixels: int) -> np.ndarray:
     return arr
 
 
-def _process_batch(batch, opt: Options):
-    import pandas as pd
-    rows = [process_record(rec, opt) for rec in batch.to_dict("records")]
-    df = pd.DataFrame(rows, columns=["key", "split", "image", "mask", "height", "width", "status", "reason"])
-    df["has_mask"] = df["mask"].notna()
-    return df
+def check_inputs(args) -> None:
+    """Fail before Ray starts when --input (or --masks) is missing or cannot be read."""
+    if args.source == "tm-dsprites":
+        return
+    if not args.input:
+        raise sources.SourceError(f"--input is required for source {args.source!r}")
+    if args.source == "folder":
+        sources.need(args.input, "input folder")
+        if args.masks:
+            sources.need(args.masks, "mask folder")
 
 
-def _assign_ids(batch, id_of):
-    import pandas as pd
+def listing_maker(args, rows: int):
+    """A function that lists the inputs (it needs Ray): (listing, mask listing or None)."""
+    def make():
+        if args.source == "tm-dsprites":
+            return listing.tm_dsprites(args.train, args.test, rows), None
+        if args.source == "folder":
+            masks = listing.list_folder(args.masks, rows=rows) if args.masks else None
+            return listing.list_folder(args.input, rows=rows), masks
+        records = {"cub": lambda: sources.cub(args.input),
+                   "stanford-dogs": lambda: sources.stanford_dogs(args.input, args.masks),
+                   "stanford-cars": lambda: sources.stanford_cars(args.input, args.masks),
+                   "clevr-masks": lambda: sources.clevr_masks(args.input)}[args.source]()
+        return listing.from_records(records, rows), None
+    return make
+
+
+RESULT_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("image", pa.binary()),
+                           ("mask", pa.binary()), ("height", pa.int32()), ("width", pa.int32()),
+                           ("status", pa.string()), ("reason", pa.string()), ("input", pa.string())])
+PART_SCHEMA = pa.schema([("sample_id", pa.int64()), *(f for f in RESULT_SCHEMA if f.name not in ("status", "reason", "input"))])
+QUARANTINE_SCHEMA = pa.schema([("input", pa.string()), ("key", pa.string()), ("split", pa.string()),
+                               ("status", pa.string()), ("reason", pa.string())])
+QUARANTINE = "_quarantine"
+EXAMPLES = 1000                      # quarantined / filtered inputs listed in the manifest (all are in _quarantine/)
+
+
+def _records(t: pa.Table, masks: dict[str, str] | None) -> list[dict]:
+    """Listing rows as process_record's records (folder listings have no boxes; masks joined by key)."""
+    recs = t.to_pylist()
+    for r in recs:
+        r.setdefault("path", "")
+        r["index"] = r.pop("tmds_index", -1)
+        if masks is not None:
+            r["mask_path"] = masks.get(r["key"], "")
+        r.setdefault("mask_path", "")
+        for k in ("box_x", "box_y", "box_w", "box_h"):
+            r.setdefault(k, float("nan"))
+    return recs
+
+
+def _process_part(part, first: int, opt: Options, *mask_parts) -> tuple[dict, pa.Table]:
+    """One listing part decoded, cropped and validated: ({"ok": rows kept}, every row with its status)."""
+    masks = None
+    if mask_parts:
+        masks = {}
+        for m in map(listing.table, mask_parts):
+            masks.update(zip(m["key"].to_pylist(), m["path"].to_pylist()))
+    rows = []
+    for rec in _records(listing.table(part, first), masks):
+        row = process_record(rec, opt)
+        row["input"] = rec["path"] or rec["key"]
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    return {"ok": sum(r["status"] == "ok" for r in rows)}, table
+
+
+def _write_part(k: int, offset: int, processed: pa.Table, folder: str) -> dict:
+    """Part k: its good rows with sample ids offset, offset + 1, … (in listing order) as part-k, its
+    bad ones in _quarantine/part-k (written first: a part file exists only once its part is whole).
+    Returns the part's summary, also stored in its footer."""
     import ray
-    ids = id_of if isinstance(id_of, dict) else ray.get(id_of)   # a broadcast dict key → sample_id
-    out = batch[batch["status"] == "ok"].drop(columns=["status", "reason", "has_mask"]).copy()
-    out.insert(0, "sample_id", pd.array([ids[k] for k in out["key"]], dtype="int64"))
+    ok = processed.filter(pc.equal(processed["status"], "ok"))
+    bad = processed.filter(pc.not_equal(processed["status"], "ok"))
+    name = f"part-{k:05d}.parquet"
+    if bad.num_rows:
+        write_table(bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA),
+                    locations.join(folder, QUARANTINE, name))
+    ids = np.arange(offset, offset + ok.num_rows, dtype=np.int64)
+    data = pa.table([pa.array(ids, pa.int64()), *(ok[f.name] for f in PART_SCHEMA if f.name != "sample_id")],
+                    schema=PART_SCHEMA)
+    keys = ok["key"].to_pylist()
+    h = hashlib.sha256()
+    for i, key in zip(ids.tolist(), keys):
+        h.update(f"{i}\t{key}\n".encode())
+    statuses = bad["status"].to_pylist()
+    summary = {"part": k, "name": name, "offset": offset, "rows": ok.num_rows,
+               "id_min": offset if ok.num_rows else None, "id_max": offset + ok.num_rows - 1 if ok.num_rows else None,
+               "per_split": {s: int(n) for s, n in zip(*np.unique(ok["split"].to_numpy(zero_copy_only=False),
+                                                                  return_counts=True))} if ok.num_rows else {},
+               "with_mask": int(ok.num_rows - ok["mask"].null_count), "inputs": processed.num_rows,
+               "quarantined": statuses.count("quarantined"), "filtered": statuses.count("filtered"),
+               "digest": h.hexdigest(), "node": ray.get_runtime_context().get_node_id()}
+    summary["bytes"] = write_table(data, locations.join(folder, name), metadata=summary)
+    return summary
+
+
+def _split_ranges(parts: list[dict]) -> dict[str, list[int]]:
+    """Each split's [first id, last id + 1]: ids follow (split, key) order, so a split is one range."""
+    out = {}
+    for p in parts:
+        at = p["offset"]
+        for s in sorted(p["per_split"], key=lambda s: listing.SPLIT_ORDER.get(s, 9)):
+            n = p["per_split"][s]
+            out[s] = [out.get(s, [at])[0], at + n]
+            at += n
     return out
 
 
-def list_records(args) -> list[dict]:
-    root = args.input or None                                  # a folder or a URI (s3://bucket/photos/)
-    masks = getattr(args, "masks", None) or None
-    if args.source == "tm-dsprites":
-        return sources.tm_dsprites(args.train, args.test)
-    if root is None:
-        raise sources.SourceError(f"--input is required for source {args.source!r}")
-    if args.source == "folder":
-        return sources.folder(root, masks)
-    if args.source == "cub":
-        return sources.cub(root)
-    if args.source == "stanford-dogs":
-        return sources.stanford_dogs(root, masks)
-    if args.source == "stanford-cars":
-        return sources.stanford_cars(root, masks)
-    if args.source == "clevr-masks":
-        return sources.clevr_masks(root)
-    raise sources.SourceError(f"unknown source {args.source!r}; choose one of {', '.join(sources.SOURCES)}")
+def _examples(folder: str, names: list[str], duplicates: list) -> tuple[list[dict], list[dict]]:
+    """Up to EXAMPLES quarantined and filtered inputs (in listing order, duplicates first)."""
+    quarantine, filtered = [], []
+    tables = [listing.duplicates_table(d) for d in duplicates]
+    for name in names:
+        if len(quarantine) >= EXAMPLES and len(filtered) >= EXAMPLES:
+            break
+        loc = locations.join(folder, QUARANTINE, name)
+        if locations.exists(loc):
+            tables.append(pq.read_table(locations.resolve(loc)[1], filesystem=locations.resolve(loc)[0]))
+    for t in tables:
+        for r in t.to_pylist():
+            entry = {"input": r["input"], "key": r["key"], "reason": r["reason"]}
+            target = filtered if r.get("status") == "filtered" else quarantine
+            if len(target) < EXAMPLES:
+                target.append(entry)
+    return quarantine, filtered
 
 
-def run(records: list[dict], opt: Options, out: str, *, rows_per_file: int = 2000,
-        overwrite: bool = False, num_blocks: int | None = None, description: dict | None = None,
-        progress: bool = True) -> dict:
-    """Process `records` with Ray Data and publish the dataset at `out`; returns the manifest."""
+def run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, overwrite: bool = False,
+        resume: bool = False, description: dict | None = None, progress: bool = True, window: int | None = None) -> dict:
+    """Process the listing `make_listing()` returns ((listing, mask listing or None); called only when
+    no saved listing is resumed) with Ray tasks and publish the dataset at `out`; returns the manifest.
+
+    Dense ids in one pass: part k's ids start where part k − 1's good rows end, which is known only
+    once part k − 1 is decoded. Parts are decoded `window` at a time (by default four per CPU); as
+    each one's count of good rows arrives, in order, its write task starts with its first id, so
+    decoding runs ahead while writes follow, and the driver holds one small summary per part."""
     import ray
-    import pandas as pd
-
-    store = Store(out)
-    store.check_writable(overwrite)
-    t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
     from pipelines.lib.ray_env import set_progress_bars
-    set_progress_bars(ctx, progress)
-    # rows stay in (split, key) order end to end, so ids are contiguous per file without a shuffle
-    ctx.execution_options.preserve_order = True
+    t0 = time.perf_counter()
+    set_progress_bars(ray.data.DataContext.get_current(), progress)
+    output = Output(out)
+    job = {"kind": "dataset", "source": {"kind": opt.source, **(description or {})}, "options": asdict(opt),
+           "rows_per_file": rows_per_file}
+    verdict = output.begin(job, resume=resume, overwrite=overwrite)
+    if verdict == "complete":
+        manifest = output.target.read_manifest()
+        manifest["run"] = {"inputs_processed": 0, "parts_reused": len(manifest["parts"]), "seconds": 0.0}
+        return manifest
+    lists = [listing.load(output.file(f)) for f in ("_listing", "_listing_masks")] if verdict == "resume" else [None]
+    if lists[0] is None:
+        fresh, masks = make_listing()
+        if not fresh.total:
+            raise sources.SourceError("no inputs found")
+        if masks is not None:
+            masks = listing.save(masks, output.file("_listing_masks"))
+        lists = [listing.save(fresh, output.file("_listing")), masks]
+    inputs, masks = lists
+    done = {}
+    with ThreadPoolExecutor(16) as pool:                 # what an interrupted run finished (footers only)
+        for meta in pool.map(lambda n: part_metadata(output.file(n)), output.parts()):
+            if meta:
+                done[meta["part"]] = meta
+    process = ray.remote(num_returns=2)(_process_part)
+    write = ray.remote(num_cpus=0.25)(_write_part)
+    window = window or max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    queue, writes, summaries, offset, processed = deque(), [], {}, 0, 0
 
-    # duplicate keys: the first (in listing order) wins, the others are quarantined up front
-    seen: set[str] = set()
-    quarantine: list[dict] = []
-    unique = []
-    for rec in records:
-        if rec["key"] in seen:
-            quarantine.append({"input": rec["path"] or rec["key"], "key": rec["key"],
-                               "reason": f"duplicate key {rec['key']!r}"})
+    def settle(block: bool) -> None:
+        nonlocal writes
+        if not writes:
+            return
+        ready, writes = ray.wait(writes, num_returns=len(writes) if block else 1, timeout=None if block else 0)
+        for s in ray.get(ready):
+            summaries[s["part"]] = s
+    for k, part in enumerate(inputs.parts):
+        if k in done:
+            queue.append((k, None, None))
         else:
-            seen.add(rec["key"])
-            unique.append(rec)
-    n_inputs = len(records)
-    if not unique:
-        raise sources.SourceError("no inputs found")
-    unique.sort(key=lambda r: (SPLIT_ORDER.get(r["split"], 9), r["key"]))
-
-    blocks = num_blocks or max(1, min(len(unique) // 200, 1000))
-    frame = pd.DataFrame(unique)
-    bounds = np.linspace(0, len(frame), blocks + 1).astype(int)
-    # our own split: from_pandas(override_num_blocks=…) breaks on pandas 3 (np.array_split)
-    chunks = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    processed = (ray.data.from_pandas(chunks)
-                 .map_batches(_process_batch, fn_kwargs={"opt": opt}, batch_format="pandas", batch_size=32)
-                 .materialize())
-    status = processed.select_columns(["key", "split", "status", "reason", "has_mask"]).to_pandas()
-    path_of = {r["key"]: r["path"] for r in unique}
-    filtered = []
-    for r in status.itertuples():
-        if r.status == "quarantined":
-            quarantine.append({"input": path_of[r.key] or r.key, "key": r.key, "reason": r.reason})
-        elif r.status == "filtered":
-            filtered.append({"input": path_of[r.key] or r.key, "key": r.key, "reason": r.reason})
-    ok = status[status["status"] == "ok"]
-    ok = ok.assign(_order=ok["split"].map(lambda s: SPLIT_ORDER.get(s, 9))).sort_values(["_order", "key"])
-    id_of = dict(zip(ok["key"], range(len(ok))))
-    n_files = max(1, math.ceil(len(ok) / rows_per_file))
-    final = (processed.map_batches(_assign_ids, fn_kwargs={"id_of": ray.put(id_of)}, batch_format="pandas")
-             .repartition(n_files, shuffle=False))
+            mask_parts = masks.overlapping(part.lo, part.hi) if masks is not None else []
+            queue.append((k, *process.remote(part.source, part.first, opt, *(m.source for m in mask_parts))))
+            processed += part.count
+        while sum(1 for q in queue if q[1] is not None) >= window or (k == len(inputs.parts) - 1 and queue):
+            head, count_ref, table_ref = queue.popleft()
+            if count_ref is None:
+                meta = done[head]
+                if meta["offset"] != offset:
+                    raise DatasetError(f"{out}: --resume: part {head} of the interrupted run starts at sample id "
+                                       f"{meta['offset']}, not {offset}: the inputs changed since; use --overwrite")
+                summaries[head] = meta
+                offset += meta["rows"]
+                continue
+            writes.append(write.remote(head, offset, table_ref, output.folder))
+            offset += ray.get(count_ref)["ok"]
+            while len(writes) > window:
+                settle(False)
+    settle(True)
+    parts = [summaries[k] for k in range(len(inputs.parts))]
+    quarantine, filtered = _examples(output.folder, [p["name"] for p in parts], inputs.duplicates)
+    ok = sum(p["rows"] for p in parts)
+    per_split = {}
+    for p in parts:
+        for s, n in p["per_split"].items():
+            per_split[s] = per_split.get(s, 0) + n
+    digest = hashlib.sha256("".join(p["digest"] for p in parts).encode()).hexdigest()
+    listed = [p for p in parts if p["rows"]]
     manifest = {
-        "schema_version": SCHEMA_VERSION,
         "created_unix": time.time(),
-        "source": {"kind": opt.source, **(description or {})},
+        "source": job["source"],
         "resolution": opt.size,
         "crop": opt.crop,
         "image_encoding": "raw uint8, row-major (height, width, 3)",
         "mask_encoding": "raw uint8 {0,1}, row-major (height, width); null when the input has none",
-        "counts": {"inputs": n_inputs, "ok": len(ok), "quarantined": len(quarantine), "filtered": len(filtered),
-                   "per_split": {k: int(v) for k, v in ok["split"].value_counts().sort_index().items()},
-                   "with_mask": int(ok["has_mask"].sum())},
-        "files": n_files,
+        "counts": {"inputs": inputs.total + inputs.n_duplicates, "ok": ok,
+                   "quarantined": sum(p["quarantined"] for p in parts) + inputs.n_duplicates,
+                   "filtered": sum(p["filtered"] for p in parts), "per_split": dict(sorted(per_split.items())),
+                   "with_mask": sum(p["with_mask"] for p in parts)},
+        "rows": ok,
+        "files": len(listed),
+        "file_names": [p["name"] for p in listed],
+        "parts": [{"name": p["name"], "rows": p["rows"], "id_min": p["id_min"], "id_max": p["id_max"]} for p in listed],
+        "splits": _split_ranges(listed),
         "rows_per_file_target": rows_per_file,
-        "sample_id_checksum": id_checksum(ok["key"].tolist()),
-        "quarantine": sorted(quarantine, key=lambda q: q["key"]),
-        "filtered": sorted(filtered, key=lambda q: q["key"]),
+        "bytes": sum(p["bytes"] for p in parts),
+        "nodes": sorted({p["node"] for p in parts if p["part"] not in done}),
+        "sample_id_checksum": digest,
+        "quarantine": quarantine,
+        "filtered": filtered,
+        "quarantine_folder": QUARANTINE,
     }
-    store.publish(final, manifest, overwrite=overwrite)
-    manifest = store.read_manifest()
-    manifest["seconds"] = time.perf_counter() - t0
+    for name in (p["name"] for p in parts if not p["rows"]):     # empty parts only marked their part done
+        locations.delete(output.file(name))
+    for j, d in enumerate(inputs.duplicates):                    # duplicate keys: quarantined rows too
+        t = listing.duplicates_table(d)
+        t = t.append_column("split", pa.array([listing.split_of(k) for k in t["key"].to_pylist()], pa.string()))
+        t = t.append_column("status", pa.array(["quarantined"] * t.num_rows, pa.string()))
+        write_table(t.select(QUARANTINE_SCHEMA.names), output.file(f"{QUARANTINE}/duplicates-{j:05d}.parquet"))
+    for f in ("_listing", "_listing_masks"):
+        locations.delete(output.file(f))
+    manifest = output.finish(manifest)
+    manifest["run"] = {"inputs_processed": processed, "parts_reused": len(done), "seconds": time.perf_counter() - t0}
     return manifest
-
-
-def id_checksum(keys_in_id_order: list[str]) -> str:
-    """sha256 over 'sample_id\\tkey' lines: changes if any id ↔ key assignment changes."""
-    h = hashlib.sha256()
-    for i, k in enumerate(keys_in_id_order):
-        h.update(f"{i}\t{k}\n".encode())
-    return h.hexdigest()
 
 
 def summary_table(manifest: dict) -> str:
@@ -239,8 +370,9 @@ def summary_table(manifest: dict) -> str:
              f"{'filtered':<10}{c['filtered']:>10}", f"{'inputs':<10}{c['inputs']:>10}"]
     for q in manifest["quarantine"][:20]:
         lines.append(f"  quarantined {q['input']}: {q['reason']}")
-    if len(manifest["quarantine"]) > 20:
-        lines.append(f"  … {len(manifest['quarantine']) - 20} more in _manifest.json")
+    more = c["quarantined"] - min(20, len(manifest["quarantine"]))
+    if more > 0:
+        lines.append(f"  … {more} more in {manifest['quarantine_folder']}/ of the dataset")
     return "\n".join(lines)
 
 
@@ -260,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows-per-file", type=int, default=2000)
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="decompression-bomb limit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into --out: its finished parts are kept, the rest is done")
     p.add_argument("--address", default=None, help="Ray address (default: local, or the job's cluster)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the summary table is still printed)")
@@ -277,23 +411,33 @@ def main(argv: list[str] | None = None) -> dict:
     crop = args.crop or ("box" if args.source in ("cub", "stanford-dogs", "stanford-cars") else "center")
     opt = Options(source=args.source, size=size, crop=crop, margin=args.margin, max_pixels=args.max_pixels,
                   bank_seed=cfg.data.bank_seed, sprite_size=tuple(cfg.data.sprite_size))
-    try:
-        records = list_records(args)
-    except sources.SourceError as exc:
-        sys.exit(f"preprocess: {exc}")
-    from pipelines.lib.ray_env import init_ray
-    init_ray(address=args.address, num_cpus=args.num_cpus)
-    desc = {"input": args.input, "preset": args.preset}
+    desc = {"input": args.input, "masks": args.masks, "preset": args.preset}
     if args.source == "tm-dsprites":
-        desc.update(bank_seed=cfg.data.bank_seed, sprite_size=list(cfg.data.sprite_size))
+        desc.update(train=args.train, test=args.test, bank_seed=cfg.data.bank_seed,
+                    sprite_size=list(cfg.data.sprite_size))
     try:
-        manifest = run(records, opt, args.out, rows_per_file=args.rows_per_file, overwrite=args.overwrite,
-                       description=desc, progress=not args.quiet)
-    except (DatasetExists, DatasetError) as exc:        # an existing dataset, a failed write (disk full)
+        check_inputs(args)
+        Output(args.out).check(resume=args.resume, overwrite=args.overwrite)   # before Ray starts
+        from pipelines.lib.ray_env import init_ray
+        init_ray(address=args.address, num_cpus=args.num_cpus)
+        manifest = run(listing_maker(args, args.rows_per_file), opt, args.out, rows_per_file=args.rows_per_file,
+                       overwrite=args.overwrite, resume=args.resume, description=desc, progress=not args.quiet)
+    except (sources.SourceError, DatasetExists, DatasetError) as exc:   # no inputs, an existing dataset, a full disk
         sys.exit(f"preprocess: {exc}")
+    except Exception as exc:
+        from pipelines.lib.errors import find_cause
+        clear = find_cause(exc, (sources.SourceError, DatasetError, OSError))
+        if clear is None:
+            raise
+        failed = f"preprocess: {clear}"
+    else:
+        failed = None
+    if failed:
+        sys.exit(failed)
     print(summary_table(manifest))
-    print(f"wrote {manifest['counts']['ok']} rows in {manifest['files']} files to {args.out} "
-          f"in {manifest['seconds']:.1f} s")
+    r = manifest["run"]
+    print(f"wrote {manifest['counts']['ok']} rows in {manifest['files']} files to {args.out} in {r['seconds']:.1f} s"
+          + (f" ({r['parts_reused']} parts kept from the interrupted run)" if r["parts_reused"] else ""))
     return manifest
 
 

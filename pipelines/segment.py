@@ -44,18 +44,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
 
-from pipelines.lib import devices, locations
+from pipelines.lib import devices, listing, locations
 from pipelines.lib.checkpoints import CheckpointError
-from pipelines.lib.errors import find_cause
+from pipelines.lib.errors import find_cause, os_reason
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
 from pipelines.lib.grabcut import REFINE_MAX_SIDE
 from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, model_input, product_mask, read_photo
 from pipelines.lib.mask_files import overlay, safe_name, write_pair
 from pipelines.lib.models import AMORTIZED, LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine
 from pipelines.lib.ray_env import ScratchPathError
-from pipelines.lib.parquet_store import SCHEMA_VERSION, DatasetError, DatasetExists, Store
-from pipelines.lib.segment_inputs import input_dataset
+from pipelines.lib.parquet_store import DatasetError, DatasetExists, Output, Store, read_part
+from pipelines.lib.segment_inputs import Units, dataset_units, folder_units, is_dataset, read_unit
 
 OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
                            ("status", pa.string()), ("reason", pa.string()), ("mask", pa.binary()),
@@ -66,12 +69,16 @@ OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("sp
                            ("height", pa.int32()), ("width", pa.int32()), ("region", pa.list_(pa.int32())),
                            # --refine grabcut: the mask GrabCut re-drew from π_f's partition (PNG 0/255, at
                            # the photo's own size for image files, model resolution for Parquet rows)
-                           ("refined", pa.binary())])
+                           ("refined", pa.binary()),
+                           # image files: where the photo was read from
+                           ("input", pa.string())])
+RESULT_COLUMNS = [f.name for f in OUTPUT_SCHEMA if f.name not in ("status", "reason", "input")]
+EXAMPLES = 1000                    # quarantined inputs named in the manifest (every one is a row of the output)
 
 
 class SegmentBatch:
-    """Ray Data actor: loads the model once, then segments batches of rows. A row that cannot
-    be decoded is returned as quarantined with its reason; the batch goes on."""
+    """Ray Data actor: loads the model once, then segments one unit (a batch of inputs) per call.
+    A row that cannot be decoded is returned as quarantined with its reason; the batch goes on."""
 
     def __init__(self, model: str, *, steps: int | None, seed: int, from_chains: bool, png: str | None,
                  threads: int, batch_size: int, tracking_uri: str | None = None, max_pixels: int = MAX_PIXELS,
@@ -88,7 +95,7 @@ class SegmentBatch:
         if from_chains:
             from pipelines.lib.checkpoints import ChainReader
             self.chains = ChainReader(self.seg.checkpoint)
-        self.png = Path(png) if png else None
+        self.png = png
         self.max_pixels = max_pixels
         self.policy = ThresholdPolicy.parse(threshold)
         self.crop = crop
@@ -109,13 +116,11 @@ class SegmentBatch:
         image, region = model_input(photo, size, self.crop)
         return image, {"height": photo.shape[0], "width": photo.shape[1], "region": list(region)}
 
-    def __call__(self, batch) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from pipelines.lib.mlflow_model import result_frame
-        rows = batch.to_dict("records")
+        rows = batch.to_pylist()
         out = [{"sample_id": int(r["sample_id"]), "key": r["key"], "split": r["split"], "status": "ok",
-                "reason": "", "mask": None, "fg_fraction": None, "confidence": None, "recon_l1": None,
-                "prob": None, "threshold": None, "height": None, "width": None, "region": None,
-                "refined": None}
+                "reason": "", **dict.fromkeys(RESULT_COLUMNS[3:]), "input": r["path"] or None}
                for r in rows]
         images, good = [], []
         for i, r in enumerate(rows):
@@ -164,13 +169,59 @@ class SegmentBatch:
                        overlay(image, final, 128 if row["region"] is None else 1))
 
 
-def _ok_rows(table: pa.Table) -> pa.Table:
-    import pyarrow.compute as pc
-    return table.filter(pc.equal(table["status"], "ok")).drop_columns(["status", "reason"])
+class _PartNames(FilenameProvider):
+    """part-<write id>-<task>.parquet: a resumed run's files never replace the interrupted run's."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}-{task_index:06d}.parquet"
+
+    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
+        return self.get_filename_for_task(write_uuid, task_index)
+
+
+def scan_part(location: str, units: Units | None) -> dict:
+    """One output file's summary, read from its small columns: rows, ok / quarantined counts, per
+    split, sample-id range, its first quarantined rows and (with `units`) the units whose rows it
+    holds with their row counts. None when the file is unreadable (a write cut short)."""
+    import ray
+    fs, path = locations.resolve(location)
+    try:
+        with fs.open_input_file(path) as f:
+            t = pq.read_table(f, columns=["sample_id", "key", "split", "status", "reason", "input"])
+    except (OSError, pa.ArrowException):
+        return None
+    ids = t["sample_id"].to_numpy()
+    ok = np.asarray(t["status"].to_pylist()) == "ok"
+    splits, counts = np.unique(np.asarray(t["split"].to_pylist())[ok], return_counts=True)
+    bad = t.filter(pa.array(~ok)).slice(0, EXAMPLES).to_pylist()
+    out = {"name": location.rstrip("/").rsplit("/", 1)[-1], "rows": t.num_rows, "ok": int(ok.sum()),
+           "quarantined": int((~ok).sum()), "per_split": dict(zip(splits.tolist(), counts.tolist())),
+           "id_min": int(ids.min()) if len(ids) else None, "id_max": int(ids.max()) if len(ids) else None,
+           "examples": [{"input": r["input"] or r["key"], "key": r["key"], "sample_id": r["sample_id"],
+                         "reason": r["reason"]} for r in bad],
+           "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
+    if units is not None:
+        u, n = np.unique(units.of_ids(ids), return_counts=True)
+        out["units"] = [u, n]
+    return out
+
+
+def scan_output(output: Output, units: Units | None) -> list[dict]:
+    """Every readable output file's summary, one task per file; an unreadable one (cut short by a
+    kill) is deleted, so that its unit is done again."""
+    import ray
+    scan = ray.remote(num_cpus=0.25)(scan_part)
+    names = output.parts()
+    found = ray.get([scan.remote(output.file(n), units) for n in names])
+    for name, s in zip(names, found):
+        if s is None:
+            locations.delete(output.file(name))
+    return [s for s in found if s is not None]
 
 
 def run(args) -> dict:
     import ray
+    from ray.data import SaveMode
     from pipelines.lib.ray_env import (actor_restarts, check_job_outputs, init_ray, joins_cluster, set_progress_bars,
                                        wait_for_free_cpus)
 
@@ -201,65 +252,138 @@ def run(args) -> dict:
     if mode == LANGEVIN and steps is None:
         steps = args.refine_steps if args.from_chains else segmenter.cfg.langevin.test_steps
     check_job_outputs("segment", {"--output": args.output, "--png": args.png})
-    if args.png and locations.is_uri(args.png):
-        raise ModelError(f"--png {args.png}: PNG masks and overlays are written to a local folder; the masks "
-                         f"themselves are in --output, which may be a URI")
-    store = Store(args.output)
-    store.check_writable(args.overwrite)
+    dataset_input = is_dataset(args.input)
+    if args.from_chains and not dataset_input:
+        raise ModelError("--from-chains needs a Parquet dataset as --input (the one the model was trained on)")
+    png = locations.absolute(args.png) if args.png else None
+    settings = {"model": args.model, "mode": mode, "from_chains": bool(args.from_chains), "steps": steps,
+                "seed": args.seed, "input": locations.absolute(args.input), "split": args.split, "limit": args.limit,
+                "threshold": policy.name, "crop": args.crop, "refine": refine, "refine_max_side": args.refine_max_side,
+                "max_pixels": args.max_pixels, "batch_size": args.batch_size, "png": png}
+    output = Output(args.output)
+    output.check(resume=args.resume, overwrite=args.overwrite)     # before Ray starts
 
     init_ray(args.address, num_cpus=args.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     set_progress_bars(ctx, not args.quiet)
+    verdict = output.begin({"kind": "segmentation", **settings}, resume=args.resume, overwrite=args.overwrite)
+    if verdict == "complete":
+        manifest = output.target.read_manifest()
+        manifest["run"] = {"inputs_processed": 0, "units_reused": None, "seconds": 0.0}
+        return manifest
     gpu = devices.reserves_gpu(args.device, "segment", joined=joins_cluster(args.address))
-    ds, n_inputs, quarantine, source, paths = input_dataset(args, segmenter.resolution)
-    if args.limit:
-        ds = ds.limit(args.limit)
+    duplicates, n_dup = [], 0
+    if dataset_input:
+        units, source = dataset_units(args.input, args.split, args.batch_size, segmenter.resolution, args.limit)
+    else:
+        saved = listing.load(output.file("_listing")) if verdict == "resume" else None
+        if saved is None:
+            try:
+                fresh = listing.list_folder(args.input, rows=args.rows_per_file)
+            except Exception as exc:
+                clear = find_cause(exc, OSError)
+                raise ModelError(f"--input {args.input}: cannot list it ({os_reason(clear or exc)})") from None
+            saved = listing.save(fresh, output.file("_listing"))
+        units = folder_units(args.input, saved, args.split, args.batch_size, args.limit)
+        duplicates, n_dup = saved.duplicates, saved.n_duplicates
+        source = {"kind": "folder", "input": args.input}
+    done = np.zeros(units.count, np.int64)
+    if verdict == "resume":
+        for s in scan_output(output, units):
+            u, n = s["units"]
+            np.add.at(done, u[u >= 0], n[u >= 0])
+    sizes = units.sizes()
+    partial = np.flatnonzero((done > 0) & (done != sizes))
+    if partial.size:
+        raise DatasetError(f"{args.output}: --resume found unit {int(partial[0])} written in part only; "
+                           f"use --overwrite to start over")
+    pending = np.flatnonzero(done == 0)
     cpus = args.cpus_per_actor
     wait_for_free_cpus(cpus)          # no false "will hang" warning from Ray Data on a just-started cluster
-    with warnings.catch_warnings():
-        # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
-        # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated
-        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-        processed = ds.map_batches(
-            SegmentBatch, batch_size=args.batch_size, batch_format="pandas",
-            fn_constructor_kwargs=dict(model=args.model, steps=steps, seed=args.seed, from_chains=args.from_chains,
-                                       png=str(Path(args.png).resolve()) if args.png else None,
-                                       threads=max(1, int(cpus)), batch_size=args.batch_size,
-                                       tracking_uri=args.tracking_uri, max_pixels=args.max_pixels,
-                                       threshold=policy.name, device=args.device, crop=args.crop,
-                                       refine=refine, max_side=args.refine_max_side),
-            compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
-            max_restarts=actor_restarts(args.address),
-        ).materialize()
-    status = processed.select_columns(["sample_id", "key", "split", "status", "reason"]).to_pandas()
-    for r in status[status["status"] != "ok"].itertuples():
-        quarantine.append({"input": paths.get(r.key, r.key), "key": r.key, "sample_id": int(r.sample_id),
-                           "reason": r.reason})
-    ok = status[status["status"] == "ok"]
-    if args.limit:
-        n_inputs = len(status) + sum(1 for q in quarantine if "sample_id" not in q)
+    if pending.size:
+        # one block per unit, made on the driver (no read task: a read task waiting for a CPU the
+        # actors hold would wait forever); the read tasks reserve no CPU for the same reason
+        ds = ray.data.from_items([{"id": i} for i in range(pending.size)], override_num_blocks=int(pending.size))
+        ds = ds.map_batches(read_unit, batch_size=None, batch_format="pyarrow",
+                            fn_kwargs={"units": units, "pending": pending}, num_cpus=0)
+        with warnings.catch_warnings():
+            # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
+            # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated
+            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+            ds = ds.map_batches(
+                SegmentBatch, batch_size=None, batch_format="pyarrow",
+                fn_constructor_kwargs=dict(model=args.model, steps=steps, seed=args.seed,
+                                           from_chains=args.from_chains, png=png, threads=max(1, int(cpus)),
+                                           batch_size=args.batch_size, tracking_uri=args.tracking_uri,
+                                           max_pixels=args.max_pixels, threshold=policy.name, device=args.device,
+                                           crop=args.crop, refine=refine, max_side=args.refine_max_side),
+                compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
+                max_restarts=actor_restarts(args.address))
+        try:
+            ds.write_parquet(output.folder, filesystem=output.staging.fs, filename_provider=_PartNames(),
+                             mode=SaveMode.APPEND, min_rows_per_file=args.rows_per_file,
+                             ray_remote_args={"num_cpus": 0}, write_page_checksum=True, row_group_size=256)
+        except Exception as exc:
+            clear = find_cause(exc, (DatasetError, OSError))
+            if isinstance(clear, DatasetError):
+                raise clear from None
+            if clear is not None or "No space left" in str(exc):
+                raise DatasetError(f"{args.output}: cannot write the dataset ({os_reason(clear or exc)}); the parts "
+                                   f"written so far stay in {output.folder} (--resume continues)") from None
+            raise
+    files = scan_output(output, None)
+    examples = [e for d in duplicates for e in listing.duplicates_table(d).to_pylist()][:EXAMPLES]
+    for f in files:
+        examples += f["examples"][:max(0, EXAMPLES - len(examples))]
+    per_split = {}
+    for f in files:
+        for k, v in f["per_split"].items():
+            per_split[k] = per_split.get(k, 0) + v
+    ok = sum(f["ok"] for f in files)
     seconds = time.perf_counter() - t0
+    files.sort(key=lambda f: (f["id_min"] is None, f["id_min"] or 0, f["name"]))
     manifest = {
-        "schema_version": SCHEMA_VERSION, "kind": "segmentation", "created_unix": time.time(),
+        "kind": "segmentation", "created_unix": time.time(),
         "mode": mode, "from_chains": bool(args.from_chains), "steps": steps if mode == LANGEVIN else 0,
-        "seed": args.seed, "model": args.model, "device": args.device, "gpus_per_actor": int(gpu), "resolution": segmenter.resolution, "source": source,
+        "seed": args.seed, "model": args.model, "device": args.device, "gpus_per_actor": int(gpu),
+        "resolution": segmenter.resolution, "source": source,
         "preset": segmenter.cfg.preset, "crop": args.crop if source["kind"] == "folder" else None,
         "threshold_policy": policy.name,
         "refine": {"method": "grabcut", "sure_foreground": 0.9, "frame_px": 1, "iterations": 5,
                    "max_side": args.refine_max_side} if refine else None,
         "mask_encoding": f"PNG, 8-bit grey, 255 = foreground (π_f > the image's threshold under policy {policy.name})",
         "prob_encoding": "PNG, 8-bit grey, round(255·π_f)",
-        "counts": {"inputs": n_inputs, "ok": len(ok), "quarantined": len(quarantine),
-                   "per_split": {k: int(v) for k, v in ok["split"].value_counts().sort_index().items()}},
-        "seconds": seconds, "images_per_s": len(ok) / seconds if seconds > 0 else 0.0,
-        "quarantine": sorted(quarantine, key=lambda q: q["key"]),
+        "status": "rows with status 'quarantined' (and their reason) are inputs that could not be segmented",
+        "counts": {"inputs": units.inputs + n_dup, "ok": ok, "quarantined": units.inputs - ok + n_dup,
+                   "per_split": dict(sorted(per_split.items()))},
+        "rows": sum(f["rows"] for f in files), "files": len(files), "file_names": [f["name"] for f in files],
+        "parts": [{k: f[k] for k in ("name", "rows", "ok", "id_min", "id_max")} for f in files],
+        "nodes": sorted({f["node"] for f in files if f["node"]}),
+        "seconds": seconds, "images_per_s": int(sizes[pending].sum()) / seconds if seconds > 0 else 0.0,
+        "quarantine": examples,
     }
-    final = processed.map_batches(_ok_rows, batch_format="pyarrow")
-    if len(ok) > 0:
-        final = final.repartition(max(1, -(-len(ok) // args.rows_per_file)), shuffle=False)
-    store.publish(final, manifest, overwrite=args.overwrite)
-    return store.read_manifest()
+    if manifest["rows"] != units.inputs:
+        raise DatasetError(f"{args.output}: the output holds {manifest['rows']} rows for {units.inputs} inputs")
+    locations.delete(output.file("_listing"))
+    manifest = output.finish(manifest)
+    manifest["run"] = {"inputs_processed": int(sizes[pending].sum()), "units_reused": int(units.count - pending.size),
+                       "seconds": seconds}
+    return manifest
+
+
+def read_output(uri: str, columns: list[str] | None = None, ok_only: bool = True) -> pa.Table:
+    """A segmentation output's rows (the segmented ones unless `ok_only` is off), in sample-id order:
+    for small outputs (tests, notebooks); pipelines.evaluate reads by id range instead."""
+    store = Store(uri)
+    manifest = store.read_manifest()
+    cols = None if columns is None else list(dict.fromkeys([*columns, "sample_id", "status"]))
+    tables = [read_part(store, p["name"], cols) for p in manifest["parts"]]
+    t = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+    if ok_only:
+        t = t.filter(pc.equal(t["status"], "ok"))
+    t = t.sort_by("sample_id")
+    return t.select(columns) if columns is not None else t.drop_columns(["status", "reason", "input"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -290,15 +414,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     devices.add_argument(p)
     p.add_argument("--png", default=None, metavar="DIR",
-                   help="also write DIR/masks/*.png and DIR/overlays/*.png (image files: at each photo's own size)")
+                   help="also write DIR/masks/*.png and DIR/overlays/*.png (image files: at each photo's own size); "
+                        "a folder or a URI")
     p.add_argument("--crop", default="resize", choices=("resize", "center"),
                    help="image files: what the model sees of a photo. resize (default): the whole photo stretched "
                         "to the model's square, every pixel gets a mask; center: the largest centred square, "
                         f"pixels outside it are {NOT_SEGMENTED} (not segmented) in the full-size masks")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="decompression-bomb limit (image folders)")
-    p.add_argument("--limit", type=int, default=None, help="segment only the first N rows")
-    p.add_argument("--rows-per-file", type=int, default=5000)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--limit", type=int, default=None, help="segment only the first N inputs (of --split)")
+    p.add_argument("--rows-per-file", type=int, default=5000,
+                   help="rows per output file (at least: whole batches are never split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (or an interrupted run's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into --output: finished batches are kept, the rest is done "
+                        "(same settings required)")
     p.add_argument("--tracking-uri", default=None, help="MLflow, for runs:/ and models:/ model URIs")
     p.add_argument("--address", default=None)
     p.add_argument("--num-cpus", type=int, default=None)
@@ -307,7 +436,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.output is None:
         if args.png is None:
             p.error("give --output (the Parquet dataset of masks and π_f) or --png DIR (then --output is DIR/segmentation)")
-        args.output = str(Path(args.png) / "segmentation")
+        args.output = locations.join(args.png, "segmentation")
     return args
 
 

@@ -83,9 +83,11 @@ def check_dataset(data: str, cfg, preset: str) -> dict:
 
 
 def export_model(checkpoint_dir: str | Path, out: Path) -> Path:
-    """model.pt = resolved config + model weights from a checkpoint (what the pyfunc loads)."""
+    """model.pt = resolved config + model weights from a checkpoint (what the pyfunc loads); reads
+    and verifies the model files only."""
     from pipelines.lib.models import save_drc
-    return save_drc(out, ckpt.load_config(checkpoint_dir), ckpt.load_state(checkpoint_dir)["model"])
+    _, cfg, state = ckpt.load_model(checkpoint_dir)
+    return save_drc(out, cfg, state["model"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,9 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_resumable(run_dir: str, name: str, storage: str, cfg) -> dict:
-    """The saved run record of --resume NAME, after checking that the run exists and was trained
-    with this preset and architecture (ConfigError naming the field otherwise). `run_dir` is a
-    local folder or a URI."""
+    """The saved run record of --resume NAME, after checking that the run exists, that its newest
+    complete checkpoint's model files are intact and that it was trained with this preset and
+    architecture (ConfigError naming the field otherwise). `run_dir` is a local folder or a URI;
+    only small files and the model are read (the workers verify the chains they restore)."""
     record = locations.join(run_dir, RUN_FILE)
     if not locations.exists(record):
         raise SystemExit(f"--resume {name}: no run of that name under {storage}")
@@ -135,21 +138,12 @@ def check_resumable(run_dir: str, name: str, storage: str, cfg) -> dict:
     if previous.get("preset", cfg.preset) != cfg.preset:
         raise ConfigError(f"preset is {cfg.preset!r} but run {name} was started with preset "
                           f"{previous['preset']!r}: resume with --preset {previous['preset']}")
-    if locations.is_uri(run_dir):
-        # on an object store only the newest checkpoint's config is read here (verifying it would
-        # download every file); the workers verify the checkpoint they restore
-        for folder in reversed(locations.subfolders(run_dir, "checkpoint_")):
-            if locations.exists(locations.join(folder, "config.json")):
-                ckpt.check_compatible(ckpt.load_config(folder), cfg, folder)
-                break
-        return previous
-    run_dir = Path(run_dir)
     last = ckpt.latest(run_dir)
     if last is not None:
         ckpt.check_compatible(ckpt.load_config(last), cfg, str(last))
-    elif saved := sorted(run_dir.glob("checkpoint_*")):
+    elif saved := ckpt.candidates(run_dir):
         try:                                  # every checkpoint damaged: say which file, do not start over
-            ckpt.verify(saved[-1])
+            ckpt.model_intact(saved[0])
         except ckpt.CheckpointError as exc:
             raise ckpt.CheckpointError(f"--resume {name}: no intact checkpoint under {run_dir}; the newest: "
                                        f"{exc}") from None
@@ -192,9 +186,9 @@ def run(args: argparse.Namespace) -> dict:
                                                tags={"drc.stage": "train", "drc.preset": cfg.preset})
     locations.write_text(locations.join(run_dir, RUN_FILE), json.dumps(
         {"mlflow_run_id": job.mlflow_run_id, "data": args.data, "preset": cfg.preset, "tracking_uri": uri}))
-    if local:              # workers append events and look for intact checkpoints in a local run folder
+    job.run_uri = run_dir                 # checkpoints and the workers' chain logs
+    if local:                             # workers append events to a local run folder
         job.events_path = str(Path(run_dir) / "events.jsonl")
-        job.run_dir = run_dir
     if args.inject_fault:
         kind, it, *rank = args.inject_fault.split(":")
         marker = str(Path(run_dir if local else tempfile.gettempdir()) / f"fault-{kind}-{it}.fired")
@@ -221,17 +215,21 @@ def run(args: argparse.Namespace) -> dict:
     summary = {"name": name, "mlflow_run_id": job.mlflow_run_id, "tracking_uri": uri, "storage": storage,
                "wall_seconds": time.perf_counter() - t0, "metrics": result.metrics or {}}
     if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as folder:
-            ckpt.verify(folder)
-            summary["checkpoint"] = locations.from_fs_path(storage, result.checkpoint.path)
-            c = tracking.client(uri)
-            c.log_artifacts(job.mlflow_run_id, folder, "checkpoint")
+        # MLflow gets the model and the checkpoint's small records, not its chains: the checkpoint
+        # stays in --storage, named by the run's `checkpoint` tag
+        folder = locations.from_fs_path(storage, result.checkpoint.path)
+        ckpt.model_intact(folder)
+        summary["checkpoint"] = folder
+        c = tracking.client(uri)
+        c.set_tag(job.mlflow_run_id, "checkpoint", folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("config.json", "meta.json"):
+                (Path(tmp) / name).write_bytes(locations.read_bytes(locations.join(folder, name)))
+            c.log_artifacts(job.mlflow_run_id, tmp, "checkpoint")
             if not args.no_model:
                 from pipelines.lib.mlflow_model import log_pyfunc
-                with tempfile.TemporaryDirectory() as tmp:
-                    weights = export_model(folder, Path(tmp) / "model.pt")
-                    summary["model_uri"] = log_pyfunc(uri, job.mlflow_run_id, weights,
-                                                      cfg.langevin.test_steps)
+                weights = export_model(folder, Path(tmp) / "model.pt")
+                summary["model_uri"] = log_pyfunc(uri, job.mlflow_run_id, weights, cfg.langevin.test_steps)
     tracking.end_run(uri, job.mlflow_run_id)
     print("done:", json.dumps({k: v for k, v in summary.items() if k != "metrics"}), flush=True)
     return summary

@@ -61,7 +61,10 @@ def make_trainable(study: dict):
                        checkpoint_every=study["report_every"], eval_every=study["report_every"],
                        eval_images=study["eval_images"], eval_steps=study["eval_steps"], grid_every=0,
                        threads=study["threads"], gpu=study["gpu"], tracking_uri=uri, mlflow_run_id=run_id,
-                       progress_every=0 if study.get("quiet") else 10)
+                       progress_every=0 if study.get("quiet") else 10,
+                       run_uri=locations.join(study["train_storage"], name),
+                       chain_checkpoints=bool(study.get("trial_chains")), train_subset=study.get("train_subset"),
+                       subset_seed=study.get("subset_seed", 0))
         trainer = build_trainer(job, workers=study["workers"], name=name, storage=study["train_storage"],
                                 cpus_per_worker=study["cpus_per_worker"], gpu=study["gpu"], max_failures=0,
                                 keep=1, callbacks=[TuneReportCallback()])
@@ -101,6 +104,12 @@ def _has_masks(data: str, split: str) -> bool:
     return bool(len(ids)) and "masks" in load_rows(data, ids[:1])
 
 
+def check_subset(args) -> None:
+    if args.train_subset is not None and args.train_subset < max(1, args.workers_per_trial):
+        raise SystemExit(f"--train-subset {args.train_subset}: each of the {args.workers_per_trial} worker(s) of a "
+                         f"trial needs at least one image")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", required=True, help="tune_spaces/<study>.yaml")
@@ -119,6 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     devices.add_argument(p, what="each trial's workers")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="every trial trains on the same seeded N training images (default: the whole split); each "
+                        "worker reads only its share of them")
+    p.add_argument("--trial-chains", action="store_true",
+                   help="trial checkpoints keep the persistent chains (default: the model only; a trial restarts "
+                        "from it with fresh chains)")
     p.add_argument("--eval-images", type=int, default=64)
     p.add_argument("--eval-steps", type=int, default=None)
     p.add_argument("--metric", choices=["auto", "eval_iou", "eval_score"], default="auto")
@@ -182,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
     base = get_config(args.preset, overrides)
     params = search_space.load(args.space, base)
     check_dataset(args.data, base, args.preset)
+    check_subset(args)
     args.data = locations.absolute(args.data)             # each trial runs in its own folder
     devices.check(args.device, "tune")
     metric = args.metric if args.metric != "auto" else ("eval_iou" if _has_masks(args.data, "test") else "eval_score")
@@ -222,7 +238,8 @@ def run(args: argparse.Namespace) -> dict:
                  "workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
                  "tracking_uri": uri, "experiment": args.experiment, "parent_run_id": parent,
                  "storage": storage, "train_storage": locations.join(study_dir, "trials"), "metric": metric,
-                 "quiet": args.quiet}
+                 "quiet": args.quiet, "train_subset": args.train_subset, "subset_seed": args.seed,
+                 "trial_chains": args.trial_chains}
         locations.write_text(study_file, json.dumps(study, indent=1))
         tuner = build_tuner(args, study, params, base, metric)
     print(f"study {name}: {args.trials} trials of {args.space} on {args.data}, metric {study['metric']}, "

@@ -58,8 +58,9 @@ def _dataset(folder: Path, n: int = 4, size: int = 32) -> str:
                       "mask": [m.tobytes() for m in masks], "height": [size] * n, "width": [size] * n})
     pq.write_table(table, folder / "part-00000.parquet", write_page_checksum=True)
     (folder / "_manifest.json").write_text(json.dumps({
-        "schema_version": 1, "resolution": size, "files": 1, "file_names": ["part-00000.parquet"],
-        "counts": {"ok": n, "per_split": {"train": n}}}))
+        "schema_version": 2, "resolution": size, "files": 1, "file_names": ["part-00000.parquet"],
+        "parts": [{"name": "part-00000.parquet", "rows": n, "id_min": 0, "id_max": n - 1}],
+        "splits": {"train": [0, n]}, "rows": n, "counts": {"ok": n, "per_split": {"train": n}, "with_mask": n}}))
     return str(folder)
 
 
@@ -145,11 +146,16 @@ def _evil(path: Path, marker: Path, **content) -> Path:
 
 def _forge_checksum(folder: Path, name: str) -> None:
     """Rewrite the shard record as an attacker would, so the checksums match the planted file."""
+    digest = ckpt._sha256((folder / name).read_bytes())
     for rec_path in folder.glob("shard-*.json"):
         rec = json.loads(rec_path.read_text())
         if name in rec["files"]:
-            rec["files"][name] = ckpt._sha256(folder / name)
-            rec_path.write_text(json.dumps(rec))
+            rec["files"][name] = digest
+        for entries in (rec.get("chains") or {}).values():
+            for e in entries:
+                if e["file"] == name:
+                    e["sha256"] = digest
+        rec_path.write_text(json.dumps(rec))
 
 
 def test_the_payload_is_live_when_unpickled_without_restrictions(tmp_path):
@@ -178,13 +184,13 @@ def test_checkpoint_files_with_pickled_code_are_refused_by_every_loader(tiny_cfg
 
     (folder / "state.pt").write_bytes(good_state)
     _forge_checksum(folder, "state.pt")
-    shard = folder / "chains-r00000-of-00001.pt"
-    _evil(shard, marker, posterior={}, prior={}, generator=torch.zeros(1))
+    shard = folder / "chains-posterior-r00000-of-00001.pt"
+    _evil(shard, marker, ids=torch.arange(6), z=torch.zeros(6, 2), visits=torch.zeros(6))
     _forge_checksum(folder, shard.name)
     _, records = ckpt.verify(folder)
-    with pytest.raises(ckpt.CheckpointError, match=r"chains-r00000-of-00001\.pt: refused"):
+    with pytest.raises(ckpt.CheckpointError, match=r"chains-posterior-r00000-of-00001\.pt: refused"):
         ckpt.load_chains(folder, records, torch.arange(6), torch.arange(6), torch.float32)
-    with pytest.raises(ckpt.CheckpointError, match=r"chains-r00000-of-00001\.pt: refused"):
+    with pytest.raises(ckpt.CheckpointError, match=r"chains-posterior-r00000-of-00001\.pt: refused"):
         ckpt.ChainReader(folder).get([0])
     assert not marker.exists()
     record_property("outcome", "clear error: state.pt and chain shard refused by load_state, models.load, "
@@ -242,16 +248,23 @@ def test_run_and_study_names_cannot_escape_the_storage_folder(name, no_ray, tmp_
 
 
 def test_png_names_from_hostile_keys_stay_inside_the_folder(tmp_path):
-    from pipelines.lib.mask_files import _inside, safe_name
+    import numpy as np
+
+    from pipelines.lib.mask_files import safe_name, write_pair
     keys = ["../../etc/passwd", "/abs/path", "..", "a/b\\c", "\x00odd", "", "..\\..\\win", "ümlaut/ß",
             "." * 300, "con", "a\nb"]
     names = {safe_name(i, k) for i, k in enumerate(keys)}
     assert len(names) == len(keys)                   # the sample id keeps them distinct
     for name in names:
         assert re.fullmatch(r"\d{8}-[A-Za-z0-9._-]{1,80}\.png", name) and not name.startswith(".")
-        assert _inside(tmp_path, name).parent == tmp_path.resolve()
-    with pytest.raises(ValueError, match="escapes"):
-        _inside(tmp_path, "../x.png")
+    pixel = np.zeros((1, 1, 3), np.uint8)
+    for name in names:
+        write_pair(str(tmp_path), name, b"png", pixel)
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {f"{sub}/{n}" for sub in ("masks", "overlays") for n in names}
+    for hostile in ("../x.png", ".hidden.png", "a/b.png"):
+        with pytest.raises(ValueError, match="could escape"):
+            write_pair(str(tmp_path), hostile, b"png", pixel)
 
 
 # ---- e. servers we start listen on 127.0.0.1 ---------------------------------------------------

@@ -9,6 +9,7 @@ from PIL import Image
 
 from drc_core.tmds import render
 from pipelines import preprocess
+from pipelines.lib import listing
 from pipelines.lib.imaging import crop_and_resize, crop_box, to_rgb
 from pipelines.lib.parquet_store import DatasetExists, Store, load_arrays
 from tests import corpora
@@ -146,25 +147,22 @@ def test_clevr_keeps_3_to_6_objects_with_the_papers_crop(ray_local, tmp_path):
     assert np.array_equal(data["images"][0], exp_img) and np.array_equal(data["masks"][0], exp_mask)
 
 
-def test_uri_output_and_the_manifest_last_publish_path(ray_local, tmp_path):
+def test_uri_output_and_the_manifest_last_publish_path(ray_local, tmp_path, monkeypatch):
     """A file:// URI goes through pyarrow's filesystem layer; with rename switched off (as on
     object stores) the parts are written in place and the manifest last."""
     m = _run("tm-dsprites", f"file://{tmp_path}/uri", extra=["--preset", "cpu-32", "--train", "5", "--test", "0"])
     assert m["counts"]["ok"] == 5 and load_arrays(f"file://{tmp_path}/uri")["images"].shape == (5, 32, 32, 3)
-    records = preprocess.sources.tm_dsprites(3, 0)
     opt = preprocess.Options(source="tm-dsprites", size=32, sprite_size=(0.25, 0.45))
-    store_cls = preprocess.Store
 
-    class ObjectStoreLike(store_cls):
-        def __init__(self, uri):
+    class ObjectStoreLike(preprocess.Output):
+        def __init__(self, uri):                   # behave like S3/GCS: no atomic rename, written in place
             super().__init__(uri)
-            self.local = False          # behave like S3/GCS: no atomic rename
+            self.folder = self.target.location
+            self.staging = Store(self.folder)
+            self.target.local = False
 
-    preprocess.Store = ObjectStoreLike
-    try:
-        m2 = preprocess.run(records, opt, str(tmp_path / "obj"), progress=False)
-    finally:
-        preprocess.Store = store_cls
+    monkeypatch.setattr(preprocess, "Output", ObjectStoreLike)
+    m2 = preprocess.run(lambda: (listing.tm_dsprites(3, 0), None), opt, str(tmp_path / "obj"), progress=False)
     assert m2["counts"]["ok"] == 3 and sorted(p.name for p in (tmp_path / "obj").iterdir()) == \
         ["_manifest.json", "part-00000.parquet"]
-    assert not list(tmp_path.glob(".obj.tmp-*"))
+    assert not list(tmp_path.glob(".obj*"))

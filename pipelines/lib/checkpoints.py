@@ -1,28 +1,47 @@
-"""Training checkpoints with sharded chains: every rank writes its own files, none gathers.
+"""Training checkpoints whose cost is what changed, read and verified only by who needs it.
 
-A checkpoint folder (Ray Train merges the ranks' folders into one in persistent storage):
+A checkpoint folder (Ray Train merges the ranks' folders into one in the run's storage):
 
     state.pt                         rank 0: model + optimiser states + iteration
     config.json, meta.json           rank 0: resolved config; iteration, world size, run ids
-    chains-r00001-of-00002.pt        rank r: its posterior chains, its share of the prior pool
-                                     (ids, z, visits) and its Langevin-noise generator state
-    shard-r00001-of-00002.json       rank r, written last: sha256 of its files and the id range
+    rank-r00001-of-00002.pt          rank r: its Langevin-noise generator state
+    shard-r00001-of-00002.json       rank r, written last: sha256 of its files, its id ranges and
+                                     the chain files that make up its chains at this iteration
 
-Every file is written under a temporary name and renamed into place; a rank's `shard-*.json`
-exists only once its files are complete, and a checkpoint is valid only when all ranks' shard
-records exist and every checksum matches. A write that fails (disk full) removes its temporary
+The persistent chains do not travel with the checkpoint folder: each rank appends them to its own
+chain log in the run folder, `<run>/chains/w00002-r00001/{posterior,prior}/`, as a *base* (every
+chain of the shard) followed by *deltas* (the chains that changed since the previous write). A
+checkpoint's record lists the base and deltas (with their sha256) whose replay gives its chains,
+so writing a checkpoint costs the chains touched since the last one; a new base is written when
+the deltas since the last base would outweigh it, so reading one back costs at most about two
+shards. Files no kept checkpoint names are deleted by the rank that owns them. Without a run
+folder (`write_shard(…, run=None)`, tests and tools) the chains are one base inside the
+checkpoint folder.
+
+Who reads what. A model (segment, distill, tune, the pyfunc export) reads meta.json, rank 0's
+record, config.json and state.pt and verifies those two against the record; never a chain. A
+restoring rank reads every rank's record (small), the model files and the chain files of the
+ranks whose id ranges overlap its own (its own, with the same number of workers), verifying each
+file it reads as it reads it; ranks agree to fall back to an older checkpoint when any of them
+finds a file damaged. `--from-chains` reads the chains of the ranks that hold the asked ids.
+
+Every file is written under a temporary name and renamed into place (one object on object
+stores); a rank's `shard-*.json` exists only once its files are complete, and a checkpoint is
+complete only when all ranks' records exist. A write that fails (disk full) removes its temporary
 file and raises CheckpointError naming the file. Everything loads through `safe_load`
 (`torch.load(weights_only=True)`): tensors, numbers and strings only; a file whose pickle would
-build any other object is refused, and nothing in it runs. Restoring with another number of
-workers reads only the shard files whose id range overlaps the new shard.
+build any other object is refused, and nothing in it runs. Checkpoints live in a local folder or
+on an object store (pipelines/lib/locations.py); nothing is downloaded that is not read.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import re
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -31,53 +50,72 @@ import torch
 
 from drc_core.chains import InMemoryChainBuffer
 from drc_core.config import ConfigError, DRCConfig
+from pipelines.lib import locations
 from pipelines.lib.errors import os_reason
+
+BUFFERS = ("posterior", "prior")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _replace_into(path: Path, write: Callable[[Path], None]) -> str:
-    """Write through `write(tmp)`, fsync, rename to `path`; return the file's sha256. On failure
-    (e.g. no space left) the temporary file is removed and `path` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write(location: str, data: bytes) -> str:
+    """Write the whole file (pipelines.lib.locations.write_bytes: temporary name renamed into place
+    locally, one object on object stores), fsync'd locally; its sha256. On failure (e.g. no space
+    left) nothing is left under the name or a temporary one, and CheckpointError names the file."""
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, RuntimeError)):
-            raise CheckpointError(f"{path}: cannot write the checkpoint file ({os_reason(exc)})") from exc
-        raise
-    os.replace(tmp, path)
-    return _sha256(path)
+        if locations.is_uri(location):
+            locations.write_bytes(location, data)
+        else:
+            path = Path(location)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    except OSError as exc:
+        raise CheckpointError(f"{location}: cannot write the checkpoint file ({os_reason(exc)})") from exc
+    return _sha256(data)
 
 
-def _torch_writer(obj) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        # through a Python file object a full disk raises OSError (ENOSPC) instead of torch's
-        # opaque "enforce fail at inline_container.cc"
-        with open(path, "wb") as f:
-            torch.save(obj, f)
-    return write
+def _read(location: str, digest: str | None = None) -> bytes:
+    """A checkpoint file's bytes, checked against its sha256 when given."""
+    try:
+        data = locations.read_bytes(location)
+    except FileNotFoundError:
+        raise CheckpointError(f"{location}: missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{location}: cannot read it ({os_reason(exc)})") from None
+    if digest is not None and _sha256(data) != digest:
+        raise CheckpointError(f"{location}: checksum mismatch (corrupted or partly written)")
+    return data
 
 
-def safe_load(path: str | Path, map_location: str | torch.device = "cpu"):
+def safe_load(path, map_location: str | torch.device = "cpu", data: bytes | None = None):
     """`torch.load(weights_only=True)` with clear errors: a file whose pickle would build anything
     but tensors, numbers, strings and containers (an object whose unpickling runs code) is
-    refused, a damaged file is reported as such; both as CheckpointError naming the file."""
+    refused, a damaged file is reported as such; both as CheckpointError naming the file. `data`:
+    the file's bytes, already read (and verified)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        source = io.BytesIO(data) if data is not None else path
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported (?:global: GLOBAL \S+|operand \d+)", str(exc))
         raise CheckpointError(
@@ -99,78 +137,209 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def write_shard(folder: str | Path, *, rank: int, world_size: int, state, meta: dict,
-                before_commit: Callable[[], None] | None = None) -> None:
-    """Write this rank's part of a checkpoint of `state` (a drc_core TrainState) into `folder`.
-    `before_commit` runs after the data files and before the shard record (fault drills)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def parent(location: str) -> str:
+    """The folder a checkpoint folder sits in: the run folder."""
+    return str(location).rstrip("/").rsplit("/", 1)[0]
+
+
+# ---- the chain log: a rank's chains as a base and deltas in the run folder ------------------------
+class ChainLog:
+    """One rank's chain files under `<run>/chains/w<world>-r<rank>/<buffer>/`, and the list of them
+    (base first) that gives its chains now. Each entry: {"file": path relative to the run folder,
+    "sha256", "rows", "kind": "base" | "delta", "bytes"}."""
+
+    def __init__(self, run: str, rank: int, world: int):
+        self.run, self.rank, self.world = run, rank, world
+        self.folder = f"chains/w{world:05d}-r{rank:05d}"
+        self.entries: dict[str, list[dict]] = {b: [] for b in BUFFERS}
+
+    def adopt(self, record: dict) -> None:
+        """Continue from a restored checkpoint of the same world size: its entries are this log's."""
+        if record.get("chains") and record["world_size"] == self.world and record["rank"] == self.rank \
+                and all(e.get("in_run") for b in BUFFERS for e in record["chains"][b]):
+            self.entries = {b: list(record["chains"][b]) for b in BUFFERS}
+
+    def write(self, name: str, buf: InMemoryChainBuffer, iteration: int) -> list[dict]:
+        """Append `buf`'s changes (or a new base) to the log; its entries now."""
+        entries = self.entries[name]
+        since_base = sum(e["rows"] for e in entries[1:])
+        if not entries or since_base + buf.n_changed >= len(buf):
+            payload, kind = buf.state_dict(), "base"
+            buf.mark_saved()
+        else:
+            payload, kind = buf.take_changed(), "delta"
+        data = _torch_bytes(payload)
+        rel = f"{self.folder}/{name}/{kind}-{iteration:08d}-{uuid.uuid4().hex[:8]}.pt"
+        entry = {"file": rel, "sha256": _write(locations.join(self.run, rel), data), "rows": int(payload["ids"].numel()),
+                 "kind": kind, "bytes": len(data), "in_run": True}
+        self.entries[name] = [entry] if kind == "base" else [*entries, entry]
+        return list(self.entries[name])
+
+    def collect_garbage(self) -> int:
+        """Delete this rank's chain files that neither this log nor any checkpoint still in the run
+        folder names; rank 0 also deletes the logs of other world sizes no kept checkpoint uses.
+        Returns the number of files deleted."""
+        keep = {e["file"] for b in BUFFERS for e in self.entries[b]}
+        worlds = {self.world}
+        for folder in locations.subfolders(self.run, "checkpoint_"):
+            try:
+                meta = json.loads(locations.read_text(locations.join(folder, "meta.json")))
+                worlds.add(int(meta["world_size"]))
+                rec = json.loads(locations.read_text(locations.join(
+                    folder, _shard_name("shard", self.rank, self.world, "json"))))
+            except (OSError, ValueError, KeyError):
+                continue
+            keep |= {e["file"] for b in BUFFERS for e in (rec.get("chains") or {}).get(b, [])}
+        deleted = 0
+        for b in BUFFERS:
+            try:
+                listed = locations.list_files(locations.join(self.run, self.folder, b))
+            except OSError:
+                continue
+            for rel, loc in listed:
+                if f"{self.folder}/{b}/{rel}" not in keep:
+                    locations.delete(loc)
+                    deleted += 1
+        if self.rank == 0:
+            for other in locations.subfolders(locations.join(self.run, "chains"), "w"):
+                w = other.rstrip("/").rsplit("/", 1)[-1]
+                if re.fullmatch(r"w\d{5}-r\d{5}", w) and int(w[1:6]) not in worlds:
+                    locations.delete(other)
+        return deleted
+
+
+def write_shard(folder: str | Path, *, rank: int, world_size: int, state, meta: dict, run: str | None = None,
+                log: ChainLog | None = None, chains: bool = True,
+                before_commit: Callable[[], None] | None = None) -> dict:
+    """Write this rank's part of a checkpoint of `state` (a drc_core TrainState) into `folder`, its
+    chains into `log` (its run folder's chain log) or, without one, into `folder`; `chains=False`
+    keeps none (tune trials). `before_commit` runs after the data files and before the shard record
+    (fault drills). Returns the record."""
+    folder = str(folder)
     files = {}
-    chains = _shard_name("chains", rank, world_size, "pt")
-    files[chains] = _replace_into(folder / chains, _torch_writer({
-        "posterior": state.chains.state_dict(), "prior": state.prior_chains.state_dict(),
-        "generator": state.generator.get_state().cpu()}))
+    rank_file = _shard_name("rank", rank, world_size, "pt")
+    files[rank_file] = _write(locations.join(folder, rank_file), _torch_bytes({"generator": state.generator.get_state().cpu()}))
     if rank == 0:
-        files["state.pt"] = _replace_into(folder / "state.pt", _torch_writer(state.state_dict()))
-        files["config.json"] = _replace_into(folder / "config.json", lambda p: p.write_text(state.cfg.to_json()))
+        files["state.pt"] = _write(locations.join(folder, "state.pt"), _torch_bytes(state.state_dict()))
+        files["config.json"] = _write(locations.join(folder, "config.json"), state.cfg.to_json().encode())
         full_meta = {**meta, "iteration": state.iteration, "world_size": world_size}
-        files["meta.json"] = _replace_into(folder / "meta.json", lambda p: p.write_text(json.dumps(full_meta)))
+        files["meta.json"] = _write(locations.join(folder, "meta.json"), json.dumps(full_meta).encode())
+    record_chains, written = None, 0
+    if chains:
+        record_chains = {}
+        for name, buf in (("posterior", state.chains), ("prior", state.prior_chains)):
+            if log is not None:
+                record_chains[name] = log.write(name, buf, state.iteration)
+                written += record_chains[name][-1]["bytes"]
+            else:
+                data = _torch_bytes(buf.state_dict())
+                rel = _shard_name(f"chains-{name}", rank, world_size, "pt")
+                record_chains[name] = [{"file": rel, "sha256": _write(locations.join(folder, rel), data),
+                                        "rows": len(buf), "kind": "base", "bytes": len(data), "in_run": False}]
+                written += len(data)
     if before_commit is not None:
         before_commit()
     ids, prior = state.chains.ids, state.prior_chains.ids
     record = {"rank": rank, "world_size": world_size, "iteration": state.iteration, "files": files,
-              "chains_file": chains, "count": int(ids.numel()),
+              "rank_file": rank_file, "chains": record_chains, "chain_bytes_written": written,
+              "count": int(ids.numel()),
               "id_min": int(ids.min()) if ids.numel() else None,
               "id_max": int(ids.max()) if ids.numel() else None,
               "prior_min": int(prior.min()) if prior.numel() else None,
               "prior_max": int(prior.max()) if prior.numel() else None,
               "posterior_digest": tensor_digest(state.chains.z)}
-    _replace_into(folder / _shard_name("shard", rank, world_size, "json"),
-                  lambda p: p.write_text(json.dumps(record, indent=1)))
+    _write(locations.join(folder, _shard_name("shard", rank, world_size, "json")),
+           json.dumps(record, indent=1).encode())
+    return record
 
 
-def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+# ---- reading -------------------------------------------------------------------------------------
+def _read_json(location: str, keys: tuple[str, ...], data: bytes | None = None) -> dict:
     """A checkpoint's JSON record; a truncated or garbled one (an interrupted copy into storage
     leaves empty files) is a CheckpointError naming it."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(data if data is not None else _read(location))
         if not isinstance(data, dict) or any(k not in data for k in keys):
             raise ValueError(f"missing {[k for k in keys if not isinstance(data, dict) or k not in data]}")
         return data
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable record ({exc}): damaged or partly written") from None
+        raise CheckpointError(f"{location}: unreadable record ({exc}): damaged or partly written") from None
+
+
+def records(folder: str | Path) -> tuple[dict, list[dict]]:
+    """(meta, every rank's record) of a complete checkpoint, reading those small files only;
+    CheckpointError when it is not a checkpoint or a rank never finished writing."""
+    folder = str(folder)
+    meta_file = locations.join(folder, "meta.json")
+    if not locations.exists(meta_file):
+        raise CheckpointError(f"{folder}: no meta.json (not a DRC checkpoint, or an incomplete write)")
+    meta = _read_json(meta_file, ("world_size", "iteration"))
+    world = int(meta["world_size"])
+    out = []
+    for rank in range(world):
+        loc = locations.join(folder, _shard_name("shard", rank, world, "json"))
+        if not locations.exists(loc):
+            raise CheckpointError(f"{folder}: rank {rank} of {world} never finished writing "
+                                  f"({_shard_name('shard', rank, world, 'json')} missing)")
+        out.append(_read_json(loc, ("files", "rank", "rank_file")))
+    return meta, out
+
+
+def _file(folder: str, rec: dict, name: str) -> bytes:
+    """A file of `rec`'s rank in the checkpoint folder, verified."""
+    return _read(locations.join(folder, name), rec["files"][name])
+
+
+def _chain_location(folder: str, entry: dict) -> str:
+    return locations.join(parent(folder) if entry.get("in_run") else folder, entry["file"])
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[dict, DRCConfig, dict]:
+    """(meta, config, state dict with model + optimisers + iteration), reading and verifying the
+    model files only — no chain is read."""
+    folder = str(folder)
+    meta, recs = records(folder)
+    cfg = DRCConfig.from_dict(json.loads(_file(folder, recs[0], "config.json")))
+    state = safe_load(locations.join(folder, "state.pt"), device, data=_file(folder, recs[0], "state.pt"))
+    return meta, cfg, state
+
+
+def model_intact(folder: str | Path) -> tuple[dict, list[dict]]:
+    """`records`, after checking the model files against rank 0's record (the cheap check of which
+    checkpoint to start from: chain files are verified by the rank that loads them)."""
+    meta, recs = records(folder)
+    for name in ("config.json", "state.pt", "meta.json"):
+        _file(str(folder), recs[0], name)
+    return meta, recs
 
 
 def verify(folder: str | Path) -> tuple[dict, list[dict]]:
-    """Check that a checkpoint is complete and intact; return (meta, shard records by rank)."""
-    folder = Path(folder)
-    if not (folder / "meta.json").exists():
-        raise CheckpointError(f"{folder}: no meta.json (not a DRC checkpoint, or an incomplete write)")
-    meta = _read_json(folder / "meta.json", ("world_size", "iteration"))
-    world = int(meta["world_size"])
-    records = []
-    for rank in range(world):
-        path = folder / _shard_name("shard", rank, world, "json")
-        if not path.exists():
-            raise CheckpointError(f"{folder}: rank {rank} of {world} never finished writing ({path.name} missing)")
-        rec = _read_json(path, ("files", "chains_file", "rank"))
-        for name, digest in rec["files"].items():
-            if not (folder / name).exists():
-                raise CheckpointError(f"{folder / name}: missing")
-            if _sha256(folder / name) != digest:
-                raise CheckpointError(f"{folder / name}: checksum mismatch (corrupted or partly written)")
-        records.append(rec)
-    return meta, records
+    """Check every file of a checkpoint, chains included (tests and tools; jobs verify what they
+    read instead); return (meta, records)."""
+    folder = str(folder)
+    meta, recs = records(folder)
+    for rec in recs:
+        for name in rec["files"]:
+            _file(folder, rec, name)
+        for b in BUFFERS:
+            for e in (rec.get("chains") or {}).get(b, []):
+                _read(_chain_location(folder, e), e["sha256"])
+    return meta, recs
 
 
-def latest(run_dir: str | Path | None) -> Path | None:
-    """The newest complete and intact `checkpoint_*` folder of a run on a local path, or None."""
-    if run_dir is None:
-        return None
-    for folder in sorted(Path(run_dir).glob("checkpoint_*"), reverse=True):
+def candidates(run_dir: str | Path | None) -> list[str]:
+    """The run's `checkpoint_*` folders, newest first (a local folder or a URI)."""
+    if run_dir is None or not locations.exists(str(run_dir)):
+        return []
+    return list(reversed(locations.subfolders(str(run_dir), "checkpoint_")))
+
+
+def latest(run_dir: str | Path | None) -> str | None:
+    """The newest complete `checkpoint_*` folder of a run whose model files are intact, or None."""
+    for folder in candidates(run_dir):
         try:
-            verify(folder)
-            return folder
+            model_intact(folder)
+            return folder if locations.is_uri(folder) else Path(folder)
         except CheckpointError as e:
             print(f"skipping {folder}: {e}", flush=True)
     return None
@@ -178,8 +347,7 @@ def latest(run_dir: str | Path | None) -> Path | None:
 
 def load_config(folder: str | Path) -> DRCConfig:
     """The resolved config saved with a checkpoint (a local folder or a URI: only config.json is read)."""
-    from pipelines.lib import locations
-    return DRCConfig.from_dict(json.loads(locations.read_text(locations.join(folder, "config.json"))))
+    return DRCConfig.from_dict(json.loads(locations.read_text(locations.join(str(folder), "config.json"))))
 
 
 def check_compatible(saved: DRCConfig, now: DRCConfig, where: str) -> None:
@@ -198,7 +366,7 @@ def check_compatible(saved: DRCConfig, now: DRCConfig, where: str) -> None:
 
 
 def load_state(folder: str | Path, device: str | torch.device = "cpu") -> dict:
-    return safe_load(Path(folder) / "state.pt", device)
+    return load_model(folder, device)[2]
 
 
 def _overlaps(rec: dict, lo_key: str, hi_key: str, ids: torch.Tensor) -> bool:
@@ -207,26 +375,45 @@ def _overlaps(rec: dict, lo_key: str, hi_key: str, ids: torch.Tensor) -> bool:
     return rec[lo_key] <= int(ids[-1]) and rec[hi_key] >= int(ids[0])
 
 
-def load_chains(folder: str | Path, records: list[dict], ids: torch.Tensor, prior_ids: torch.Tensor,
-                dtype: torch.dtype) -> tuple[InMemoryChainBuffer, InMemoryChainBuffer, dict[int, torch.Tensor]]:
-    """This rank's posterior and prior buffers, read only from shard files that overlap its ids.
-    Returns also the saved generator states by saved rank."""
-    folder = Path(folder)
+def read_chains(folder: str, rec: dict, name: str, counter: list | None = None) -> dict:
+    """One saved rank's `name` chains as a state dict: its base with its deltas replayed, each file
+    verified as it is read. `counter` ([bytes]) adds the bytes read."""
+    entries = (rec.get("chains") or {}).get(name)
+    if not entries:
+        raise CheckpointError(f"{folder}: rank {rec['rank']} saved no {name} chains")
+    state = None
+    for e in entries:
+        loc = _chain_location(folder, e)
+        data = _read(loc, e["sha256"])
+        if counter is not None:
+            counter[0] += len(data)
+        part = safe_load(loc, data=data)
+        state = part if state is None else InMemoryChainBuffer.apply(state, part)
+    return state
+
+
+def load_chains(folder: str | Path, recs: list[dict], ids: torch.Tensor, prior_ids: torch.Tensor,
+                dtype: torch.dtype, counter: list | None = None
+                ) -> tuple[InMemoryChainBuffer, InMemoryChainBuffer, dict[int, torch.Tensor]]:
+    """This rank's posterior and prior buffers, read only from the saved ranks whose id ranges
+    overlap its own, and the saved generator states of those ranks."""
+    folder = str(folder)
     posterior, prior, gens = [], [], {}
-    for rec in records:
+    for rec in recs:
         want_post = _overlaps(rec, "id_min", "id_max", ids)
         want_prior = _overlaps(rec, "prior_min", "prior_max", prior_ids)
         if not (want_post or want_prior):
             continue
-        shard = safe_load(folder / rec["chains_file"])
         if want_post:
-            posterior.append(shard["posterior"])
+            posterior.append(read_chains(folder, rec, "posterior", counter))
         if want_prior:
-            prior.append(shard["prior"])
-        gens[rec["rank"]] = shard["generator"]
+            prior.append(read_chains(folder, rec, "prior", counter))
+        data = _file(folder, rec, rec["rank_file"])
+        if counter is not None:
+            counter[0] += len(data)
+        gens[rec["rank"]] = safe_load(locations.join(folder, rec["rank_file"]), data=data)["generator"]
     if not posterior or not prior:
-        raise CheckpointError(f"{folder}: no chain shard covers sample ids "
-                              f"[{int(ids[0])}, {int(ids[-1])}]")
+        raise CheckpointError(f"{folder}: no chain shard covers sample ids [{int(ids[0])}, {int(ids[-1])}]")
     post = InMemoryChainBuffer.merge(posterior, ids)
     pri = InMemoryChainBuffer.merge(prior, prior_ids)
     post.z, pri.z = post.z.to(dtype), pri.z.to(dtype)
@@ -234,23 +421,25 @@ def load_chains(folder: str | Path, records: list[dict], ids: torch.Tensor, prio
 
 
 class ChainReader:
-    """The posterior chains of any sample ids from a checkpoint, reading only the shard files
-    whose id range holds them; the last `cache` shards read stay in memory (callers that go
-    through the data in id order read each shard once)."""
+    """The posterior chains of any sample ids from a checkpoint, reading only the chain files of the
+    ranks whose id ranges hold them; the last `cache` ranks' chains stay in memory (callers that go
+    through the data in id order read each rank's once)."""
 
     def __init__(self, folder: str | Path, cache: int = 2):
-        self.folder = Path(folder)
-        _, self.records = verify(self.folder)
+        self.folder = str(folder)
+        _, self.records = records(self.folder)
+        if any(not r.get("chains") for r in self.records):
+            raise CheckpointError(f"{self.folder}: the checkpoint keeps no chains (a tune trial's, or written "
+                                  f"without them)")
         self.cache, self._shards = cache, {}
 
     def _shard(self, rec: dict) -> InMemoryChainBuffer:
-        name = rec["chains_file"]
-        if name not in self._shards:
-            state = safe_load(self.folder / name)["posterior"]
-            self._shards[name] = InMemoryChainBuffer.from_state_dict(state)
+        key = rec["rank"]
+        if key not in self._shards:
+            self._shards[key] = InMemoryChainBuffer.from_state_dict(read_chains(self.folder, rec, "posterior"))
             while len(self._shards) > self.cache:
                 self._shards.pop(next(iter(self._shards)))
-        return self._shards[name]
+        return self._shards[key]
 
     def get(self, ids) -> torch.Tensor:
         """(N, D) fp32 chains for `ids` (any order); KeyError naming the ids that have none."""

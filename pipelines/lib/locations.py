@@ -10,6 +10,7 @@ process that opens a location sees the same store. Nothing here knows a particul
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -29,12 +30,28 @@ def absolute(location: str | Path) -> str:
     return location if is_uri(location) else str(Path(location).resolve())
 
 
+_LOCAL = pafs.LocalFileSystem()
+
+
+@functools.lru_cache(maxsize=64)
+def _store(authority: str) -> pafs.FileSystem:
+    """One filesystem object (for S3: one client, its connection pool and its bucket's region,
+    found once) per `scheme://bucket` in this process, reused by every read and write of a task
+    or actor instead of a new client per file."""
+    return pafs.FileSystem.from_uri(authority)[0]
+
+
 def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path on it). A local path is kept as given."""
+    """(filesystem, path on it). A local path is kept as given; a URI's filesystem is shared by
+    every location of the same `scheme://bucket` in this process."""
     location = str(location)
-    if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), location
+    if not is_uri(location):
+        return _LOCAL, location
+    scheme, rest = location.split("://", 1)
+    if scheme in ("s3", "gs", "gcs") and "?" not in rest:
+        bucket = rest.split("/", 1)[0]
+        return _store(f"{scheme}://{bucket}"), rest.rstrip("/") or bucket
+    return pafs.FileSystem.from_uri(location)
 
 
 def join(location: str | Path, *parts: str) -> str:
@@ -66,19 +83,73 @@ def read_text(location: str | Path) -> str:
     return read_bytes(location).decode()
 
 
-def write_text(location: str | Path, text: str) -> None:
+def write_bytes(location: str | Path, data: bytes) -> None:
     """The whole file at once: locally through a temporary file renamed into place (creating the
-    folder), on an object store as one object (a reader sees the old object or the new one)."""
+    folder), on an object store as one object (a reader sees the old object or the new one, never
+    a part)."""
     if not is_uri(location):
         path = Path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return
     fs, path = resolve(location)
     with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+        f.write(data)
+
+
+def delete(location: str | Path, missing_ok: bool = True) -> None:
+    """Remove a file or a folder (recursively)."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        if not missing_ok:
+            raise FileNotFoundError(str(location))
+        return
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    else:
+        fs.delete_file(path)
+
+
+def entries(location: str | Path) -> tuple[list[str], list[str]]:
+    """(file names, folder names) directly inside a folder, each sorted; names starting with '.'
+    skipped. Locally as os.walk sees them: a symbolic link to a folder is neither (os.walk does
+    not descend into it), any other link is a file (a broken one fails when read, naming it). FileNotFoundError / OSError when the folder cannot be listed."""
+    location = str(location)
+    files, folders = [], []
+    if not is_uri(location):
+        with os.scandir(location) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir and not e.is_symlink():
+                    folders.append(e.name)
+                elif not is_dir:
+                    files.append(e.name)
+        return sorted(files), sorted(folders)
+    fs, base = resolve(location)
+    for info in fs.get_file_info(pafs.FileSelector(base.rstrip("/"), recursive=False)):
+        if info.base_name.startswith(".") or not info.base_name:
+            continue
+        if info.type == pafs.FileType.Directory:
+            folders.append(info.base_name)
+        elif info.type == pafs.FileType.File:
+            files.append(info.base_name)
+    return sorted(files), sorted(folders)
+
+
+def write_text(location: str | Path, text: str) -> None:
+    write_bytes(location, text.encode())
 
 
 def _walk_order(rel: str) -> tuple:

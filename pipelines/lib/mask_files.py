@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 
+from pipelines.lib import locations
 from pipelines.lib.errors import os_reason
 from pipelines.lib.imaging import NOT_SEGMENTED
 from pipelines.lib.parquet_store import DatasetError
@@ -16,13 +16,6 @@ def safe_name(sample_id: int, key: str) -> str:
     """A file name for a mask/overlay: only [A-Za-z0-9._-], no leading dot, no separator."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(key)).strip("._")[:80] or "image"
     return f"{int(sample_id):08d}-{stem}.png"
-
-
-def _inside(folder: Path, name: str) -> Path:
-    path = (folder / name).resolve()
-    if path.parent != folder.resolve():
-        raise ValueError(f"output name {name!r} escapes {folder}")
-    return path
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, min_size: int = 128) -> np.ndarray:
@@ -37,19 +30,17 @@ def overlay(image: np.ndarray, mask: np.ndarray, min_size: int = 128) -> np.ndar
     return out.astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
 
 
-def write_pair(folder: Path, name: str, mask_png: bytes, overlay_image: np.ndarray) -> None:
-    """folder/masks/<name> (PNG bytes as given) and folder/overlays/<name> (the overlay encoded);
-    each file is either complete or absent (a full disk leaves no truncated PNG)."""
+def write_pair(folder: str, name: str, mask_png: bytes, overlay_image: np.ndarray) -> None:
+    """folder/masks/<name> (PNG bytes as given) and folder/overlays/<name> (the overlay encoded), in
+    a local folder or under a URI; each file is either complete or absent (a full disk leaves no
+    truncated PNG). `name` must be a `safe_name` (no separator, no leading dot)."""
     from PIL import Image
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"output name {name!r} could escape {folder}: not a safe_name")
     buf = io.BytesIO()
     Image.fromarray(overlay_image).save(buf, format="PNG")
     for sub, data in (("masks", mask_png), ("overlays", buf.getvalue())):
-        path = _inside(folder / sub, name)
-        tmp = path.with_name(f".{name}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            locations.write_bytes(locations.join(folder, sub, name), data)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise DatasetError(f"--png {folder}: cannot write {sub}/{name} ({os_reason(exc)})") from None

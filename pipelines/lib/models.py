@@ -46,7 +46,7 @@ class Segmenter:
     cfg: DRCConfig                               # the teacher's config (resolution, test steps)
     net: torch.nn.Module
     source: str
-    checkpoint: Path | None = None               # a training checkpoint: its chains are readable
+    checkpoint: str | None = None                # a training checkpoint (folder or URI): its chains are readable
     meta: dict = field(default_factory=dict)
 
     @property
@@ -86,10 +86,12 @@ def save_drc(path: str | Path, cfg: DRCConfig, model_state: dict) -> Path:
     return Path(path)
 
 
-def _from_weights(path: Path, source: str) -> Segmenter:
+def _from_weights(path, source: str) -> Segmenter:
+    from pipelines.lib import locations
     from pipelines.lib.checkpoints import CheckpointError, safe_load
     try:
-        saved = safe_load(path)
+        data = locations.read_bytes(str(path)) if locations.is_uri(str(path)) else None
+        saved = safe_load(path, data=data)
     except CheckpointError as exc:
         raise ModelError(f"{source}: cannot load model weights: {exc}") from None
     if not isinstance(saved, dict) or "config" not in saved:
@@ -106,13 +108,12 @@ def _from_weights(path: Path, source: str) -> Segmenter:
     return Segmenter(LANGEVIN, cfg, net.eval(), source)
 
 
-def _from_checkpoint(folder: Path, source: str) -> Segmenter:
+def _from_checkpoint(folder: str, source: str) -> Segmenter:
+    """A DRC model from a training checkpoint, reading and verifying its model files only."""
     from drc_core.model import DRCModel
     from pipelines.lib import checkpoints as ckpt
     try:
-        meta, _ = ckpt.verify(folder)
-        cfg = ckpt.load_config(folder)
-        state = ckpt.load_state(folder)
+        meta, cfg, state = ckpt.load_model(folder)
     except ckpt.CheckpointError as exc:
         raise ModelError(f"{source}: {exc}") from None
     net = DRCModel(cfg.model, cfg.ablation)
@@ -136,6 +137,7 @@ def load(ref: str, device="cpu") -> Segmenter:
 
 
 def _load(ref: str) -> Segmenter:
+    from pipelines.lib import locations
     path = Path(ref)
     if "://" not in ref and not ref.startswith(("runs:/", "models:/")):
         if not path.exists():
@@ -143,8 +145,16 @@ def _load(ref: str) -> Segmenter:
         if path.is_dir():
             if (path / "MLmodel").exists():
                 return _from_weights(_weights_in(path, ref), ref)
-            return _from_checkpoint(path, ref)
+            return _from_checkpoint(str(path.resolve()), ref)
         return _from_weights(path, ref)
+    if "://" in ref and not ref.startswith(("runs:/", "models:/")) and not ref.startswith(("http", "mlflow-")):
+        try:                                     # a checkpoint or weights file on an object store
+            if locations.exists(locations.join(ref, "meta.json")):
+                return _from_checkpoint(ref, ref)
+            if ref.endswith(".pt") and locations.exists(ref):
+                return _from_weights(ref, ref)
+        except OSError as exc:
+            raise ModelError(f"--model {ref}: cannot read it ({exc})") from None
     import mlflow
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))

@@ -1,19 +1,28 @@
-"""The Parquet dataset contract (spec/architecture.md): `part-XXXXX.parquet` + `_manifest.json`.
+"""The Parquet dataset contract (spec/architecture.md): `part-*.parquet` + `_manifest.json`.
 
-Publishing is atomic: on a local filesystem the parts and manifest are written to a hidden
-sibling folder and renamed into place in one step; on object stores (no atomic rename) the parts
-go first and `_manifest.json` last — a dataset without a manifest is incomplete and readers
-refuse it. A write that fails (disk full) removes the hidden folder, leaves an existing dataset
-at the target as it was and raises DatasetError.
+Streaming and resumable writes (`Output`). A stage writes its parts as it goes, each part one
+complete file (locally a temporary file renamed into place, on an object store one object that
+appears only once it is complete), and `_manifest.json` last, counted from the parts written. On
+a local filesystem it writes into a hidden sibling folder (`.<name>.partial`) renamed onto the
+target at the end, so an existing dataset there stays readable until the new one is complete; on
+object stores (no rename) it writes in place. `_job.json` there records the job's settings: a
+job that was killed is continued by `--resume` (its finished parts are kept, nothing is written
+twice; other settings are refused naming them) or started over by `--overwrite`. A dataset
+without a manifest is incomplete and readers refuse it.
 
-Integrity: parts are written with Parquet page checksums (CRC32) and read with them verified,
-so a damaged part fails with DatasetError naming it instead of yielding wrong pixels;
+Reading. The manifest lists every part with its row count and sample-id range (and, for a
+preprocessed dataset, each split's id range: ids are dense and a split's rows contiguous), so a
+reader opens only the parts that hold the ids it needs and, within a part, only the row groups
+(`ROW_GROUP` rows each) that hold them.
+
+Integrity: parts are written with Parquet page checksums (CRC32) and read with them verified, so
+a damaged part fails with DatasetError naming it instead of yielding wrong pixels;
 `Store.check_parts` reads every part's footer (cheap: jobs run it before starting workers).
 """
 from __future__ import annotations
 
 import json
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
 
 from pipelines.lib import locations
 from pipelines.lib.errors import os_reason
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "_manifest.json"
+JOB = "_job.json"
+ROW_GROUP = 64                    # rows per Parquet row group: a batch read touches ~ its own rows
 
 
 class DatasetExists(FileExistsError):
@@ -39,92 +49,46 @@ class DatasetError(ValueError):
 
 
 class Store:
+    """A finished dataset (or one being written, for `Output`)."""
+
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, self.path = locations.resolve(locations.absolute(uri))
+        self.location = locations.absolute(uri)
+        self.fs, self.path = locations.resolve(self.location)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
-    def _exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+    def file(self, name: str) -> str:
+        return locations.join(self.location, name)
 
-    def check_writable(self, overwrite: bool) -> None:
-        if self._exists(self.path) and not overwrite:
-            info = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-            if info:
-                raise DatasetExists(f"{self.uri} already exists and is not empty; pass --overwrite to replace it")
-
-    def publish(self, ds, manifest: dict, *, overwrite: bool) -> None:
-        """Write the Ray dataset `ds` as parts + manifest at this store's location."""
-        tmp = (str(Path(self.path).parent / f".{Path(self.path).name}.tmp-{uuid.uuid4().hex[:8]}")
-               if self.local else self.path)
-        from ray.data import SaveMode
-        try:
-            # our part names carry no write UUID, so the (fresh or replaced) folder is written in
-            # OVERWRITE mode
-            ds.write_parquet(tmp, filesystem=self.fs, filename_provider=_PartNames(), mode=SaveMode.OVERWRITE,
-                             write_page_checksum=True)
-            self._normalise_part_names(tmp)
-            self._write_manifest(tmp, manifest)
-        except Exception as exc:
-            if self.local and self._exists(tmp):       # nothing half-written stays behind
-                self.fs.delete_dir(tmp)
-            kept = ("an existing dataset there is unchanged" if self.local
-                    else "no manifest was written, so readers refuse the partial parts")
-            raise DatasetError(f"{self.uri}: cannot write the dataset ({os_reason(exc)}); {kept}") from exc
-        if self.local:
-            old = None
-            if self._exists(self.path):
-                self.check_writable(overwrite)
-                old = f"{tmp}.old"
-                Path(self.path).rename(old)
-            Path(tmp).rename(self.path)
-            if old:
-                self.fs.delete_dir(old)
-
-    def _normalise_part_names(self, folder: str) -> None:
-        """Ray may suffix block indices; rename the parts to part-00000.parquet, … in order."""
-        names = sorted(i.path for i in self.fs.get_file_info(pafs.FileSelector(folder))
-                       if i.base_name.endswith(".parquet"))
-        for k, path in enumerate(names):
-            want = f"{folder}/part-{k:05d}.parquet"
-            if path != want:
-                self.fs.move(path, want)
-
-    def _write_manifest(self, folder: str, manifest: dict) -> None:
-        files = sorted(i.base_name for i in self.fs.get_file_info(pafs.FileSelector(folder))
-                       if i.base_name.endswith(".parquet"))
-        manifest = {**manifest, "files": len(files), "file_names": files}
-        with self.fs.open_output_stream(f"{folder}/{MANIFEST}") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    def exists(self, name: str = "") -> bool:
+        return self.fs.get_file_info(f"{self.path}/{name}" if name else self.path).type != pafs.FileType.NotFound
 
     def read_manifest(self) -> dict:
-        path = f"{self.path}/{MANIFEST}"
-        if not self._exists(path):
+        if not self.exists(MANIFEST):
             raise DatasetError(f"{self.uri}: no {MANIFEST} (not a dataset, or an incomplete write)")
-        with self.fs.open_input_stream(path) as f:
-            manifest = json.loads(f.read())
+        manifest = json.loads(locations.read_text(self.file(MANIFEST)))
         if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise DatasetError(f"{self.uri}: schema_version {manifest.get('schema_version')} is not "
-                               f"{SCHEMA_VERSION}")
+            raise DatasetError(f"{self.uri}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}: "
+                               f"it was written by an older version; re-create it (rerun the stage that wrote it)")
         return manifest
 
     def check_parts(self) -> dict:
-        """Every part the manifest lists is there and its footer reads, and the parts hold the
-        manifest's number of rows; DatasetError naming the first bad part otherwise. Returns the
-        manifest. Reads footers only (damaged data pages are found when the rows are read)."""
+        """Every part the manifest lists is there, its footer reads and holds the rows the manifest
+        says; DatasetError naming the first bad part otherwise. Returns the manifest. Reads footers
+        only, many at once (damaged data pages are found when the rows are read)."""
         manifest = self.read_manifest()
-        rows = 0
-        for name in manifest["file_names"]:
-            path = f"{self.path}/{name}"
+
+        def rows(part: dict) -> int:
             try:
-                with self.fs.open_input_file(path) as f:
-                    rows += pq.ParquetFile(f).metadata.num_rows
+                with self.fs.open_input_file(f"{self.path}/{part['name']}") as f:
+                    return pq.ParquetFile(f).metadata.num_rows
             except (OSError, pa.ArrowException) as exc:
-                raise part_error(self.uri, name, exc) from None
-        want = manifest.get("counts", {}).get("ok")
-        if want is not None and rows != want:
-            raise DatasetError(f"{self.uri}: the parts hold {rows} rows but {MANIFEST} says {want}: "
-                               f"a part was replaced or lost; re-create the dataset")
+                raise part_error(self.uri, part["name"], exc) from None
+        with ThreadPoolExecutor(16) as pool:
+            for part, n in zip(manifest["parts"], pool.map(rows, manifest["parts"])):
+                if n != part["rows"]:
+                    raise DatasetError(f"{self.uri}: part {part['name']} holds {n} rows but {MANIFEST} says "
+                                       f"{part['rows']}: a part was replaced; re-create the dataset")
         return manifest
 
 
@@ -136,7 +100,31 @@ def part_error(uri: str, name: str, exc: BaseException) -> DatasetError:
                         f"pipelines.preprocess with --overwrite) or restore the file")
 
 
-def read_part(store: "Store", name: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+def write_table(table: pa.Table, location: str, metadata: dict | None = None, row_group_size: int = ROW_GROUP) -> int:
+    """One part, atomically (locally renamed into place, on an object store one object), with page
+    checksums and `metadata` (JSON) in its footer; returns its size in bytes."""
+    if metadata is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"drc": json.dumps(metadata).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_size, write_page_checksum=True)
+    data = sink.getvalue()
+    locations.write_bytes(location, data.to_pybytes())
+    return data.size
+
+
+def part_metadata(location: str) -> dict | None:
+    """The JSON metadata `write_table` put in a part's footer, or None when the file is missing or
+    unreadable (an interrupted write)."""
+    fs, path = locations.resolve(location)
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    return json.loads(meta[b"drc"]) if b"drc" in meta else {}
+
+
+def read_part(store: Store, name: str, columns: list[str] | None = None, filters=None) -> pa.Table:
     """One part, with its page checksums verified; DatasetError naming the part if it is damaged."""
     try:
         return pq.read_table(f"{store.path}/{name}", filesystem=store.fs, columns=columns, filters=filters,
@@ -145,14 +133,38 @@ def read_part(store: "Store", name: str, columns: list[str] | None = None, filte
         raise part_error(store.uri, name, exc) from None
 
 
-class _PartNames(FilenameProvider):
-    """Ray Data filename provider: part-00000.parquet, part-00001.parquet, … (one per write task)."""
+def read_part_rows(store: Store, part: dict, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows with sample ids [lo, hi) of a part of a preprocessed dataset (ids dense within the part:
+    row r holds id_min + r), reading only the row groups that hold them, checksums verified."""
+    a, b = max(lo, part["id_min"]) - part["id_min"], min(hi, part["id_max"] + 1) - part["id_min"]
+    if b <= a:
+        return None
+    try:
+        with store.fs.open_input_file(f"{store.path}/{part['name']}") as f:
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
+            starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+            first, last = np.searchsorted(starts, a, "right") - 1, np.searchsorted(starts, b, "left")
+            t = pf.read_row_groups(list(range(first, last)), columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise part_error(store.uri, part["name"], exc) from None
+    return t.slice(a - starts[first], b - a)
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}.parquet"
 
-    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
-        return self.get_filename_for_task(write_uuid, task_index)
+def split_range(manifest: dict, split: str | None) -> tuple[int, int]:
+    """[lo, hi) of a split's sample ids (all ids without a split) in a preprocessed dataset."""
+    if split is None:
+        return 0, manifest["counts"]["ok"]
+    lo, hi = manifest["splits"].get(split, (0, 0))
+    return lo, hi
+
+
+def read_range(uri: str, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
+    """The rows with sample ids [lo, hi) of a preprocessed dataset, in id order."""
+    store = Store(uri)
+    manifest = store.read_manifest()
+    tables = [t for p in manifest["parts"] if p["rows"] and p["id_min"] < hi and p["id_max"] >= lo
+              for t in [read_part_rows(store, p, lo, hi, columns)] if t is not None]
+    return pa.concat_tables(tables) if tables else None
 
 
 def _decode_table(table: pa.Table, size: int) -> dict[str, np.ndarray]:
@@ -165,38 +177,142 @@ def _decode_table(table: pa.Table, size: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _read(store: Store, manifest: dict, columns: list[str] | None = None, filters=None) -> pa.Table:
-    tables = [read_part(store, name, columns, filters) for name in manifest["file_names"]]
-    return pa.concat_tables(tables).sort_by("sample_id")
+def load_range(uri: str, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Rows [lo, hi) of sample ids decoded to numpy: sample_id (N,), key (N,), split (N,), images
+    (N, H, W, 3) uint8 and, when every row has one, masks (N, H, W) uint8."""
+    size = Store(uri).read_manifest()["resolution"]
+    table = read_range(uri, lo, hi)
+    if table is None:
+        table = pa.table({"sample_id": pa.array([], pa.int64()), "key": pa.array([], pa.string()),
+                          "split": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
+                          "mask": pa.array([], pa.binary())})
+    return _decode_table(table, size)
 
 
 def load_arrays(uri: str, split: str | None = None) -> dict[str, np.ndarray]:
-    """Read a dataset into numpy: sample_id (N,), key (N,), images (N, H, W, 3) uint8 and, when
-    every row has one, masks (N, H, W) uint8. For datasets that fit in memory (tests, CPU runs)."""
-    store = Store(uri)
-    manifest = store.read_manifest()
-    table = _read(store, manifest, filters=None if split is None else [("split", "=", split)])
-    return _decode_table(table, manifest["resolution"])
+    """A whole split (or dataset) decoded to numpy, as `load_range`: for what fits in memory."""
+    lo, hi = split_range(Store(uri).read_manifest(), split)
+    return load_range(uri, lo, hi)
 
 
 def split_ids(uri: str, split: str) -> np.ndarray:
-    """Sorted sample ids of one split, reading only the id and split columns."""
-    store = Store(uri)
-    return _read(store, store.read_manifest(), ["sample_id"], [("split", "=", split)])["sample_id"].to_numpy()
+    """Sorted sample ids of one split (from the manifest, no data read)."""
+    lo, hi = split_range(Store(uri).read_manifest(), split)
+    return np.arange(lo, hi, dtype=np.int64)
 
 
 def load_rows(uri: str, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The rows of the given sorted sample ids (as `load_arrays`). Parquet row-group statistics
-    skip the parts outside [min id, max id], so a worker reads little more than its shard."""
-    store = Store(uri)
-    manifest = store.read_manifest()
-    size = manifest["resolution"]
+    """The rows of the given sorted sample ids (as `load_range`), reading only the parts and row
+    groups that hold them."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size == 0:
         raise DatasetError(f"{uri}: no sample ids requested")
-    table = _read(store, manifest, filters=[("sample_id", ">=", int(ids[0])), ("sample_id", "<=", int(ids[-1]))])
-    table = table.filter(pc.is_in(table["sample_id"], pa.array(ids)))
-    if table.num_rows != ids.size:
-        missing = np.setdiff1d(ids, table["sample_id"].to_numpy())[:5].tolist()
+    store = Store(uri)
+    manifest = store.read_manifest()
+    pieces = []
+    for p in manifest["parts"]:
+        inside = ids[(ids >= p["id_min"]) & (ids <= p["id_max"])]
+        if inside.size == 0:
+            continue
+        t = read_part_rows(store, p, int(inside[0]), int(inside[-1]) + 1)
+        pieces.append(t.filter(pc.is_in(t["sample_id"], pa.array(inside))))
+    table = pa.concat_tables(pieces) if pieces else None
+    if table is None or table.num_rows != ids.size:
+        have = np.zeros(0, np.int64) if table is None else table["sample_id"].to_numpy()
+        missing = np.setdiff1d(ids, have)[:5].tolist()
         raise DatasetError(f"{uri}: sample ids {missing} are missing from the dataset")
-    return _decode_table(table, size)
+    return _decode_table(table, manifest["resolution"])
+
+
+class Output:
+    """Where a streaming stage writes a dataset (module docstring): `begin`, parts written into
+    `folder` as the stage goes, `finish` with the manifest."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.target = Store(uri)
+        if self.target.local:
+            p = Path(self.target.location)
+            self.folder = str(p.parent / f".{p.name}.partial")
+        else:
+            self.folder = self.target.location
+        self.staging = Store(self.folder)
+
+    def file(self, name: str) -> str:
+        return locations.join(self.folder, name)
+
+    def complete(self) -> bool:
+        return self.target.exists(MANIFEST)
+
+    def _partial(self) -> bool:
+        return self.staging.exists(JOB)
+
+    def check(self, *, resume: bool, overwrite: bool) -> str:
+        """What `begin` would do — 'fresh', 'resume' or 'complete' (a finished dataset and --resume:
+        nothing to do) — or DatasetExists saying why it must not start. Reads two small files."""
+        complete = self.complete()
+        partial = self.staging.exists(JOB) and (self.target.local or not complete)
+        if partial:
+            if resume:
+                return "resume"
+            if not overwrite:
+                raise DatasetExists(f"{self.uri}: an interrupted run left its parts in {self.folder}; pass --resume to "
+                                    f"continue it or --overwrite to start over")
+        elif complete and not overwrite:
+            if resume:
+                return "complete"
+            raise DatasetExists(f"{self.uri} already exists and is not empty; pass --overwrite to replace it")
+        elif not complete and not overwrite and self.target.exists():
+            if self.target.fs.get_file_info(pafs.FileSelector(self.target.path, allow_not_found=True)):
+                raise DatasetExists(f"{self.uri} already exists and is not empty; pass --overwrite to replace it")
+        return "fresh"
+
+    def begin(self, job: dict, *, resume: bool, overwrite: bool) -> str:
+        """Prepare to write; returns check's verdict. On 'resume' the settings in `job` must equal the
+        interrupted run's (DatasetError naming each that differs); on 'fresh' an interrupted run's
+        parts are removed (and on an object store an old dataset at the target too)."""
+        verdict = self.check(resume=resume, overwrite=overwrite)
+        if verdict == "complete":
+            return verdict
+        if verdict == "resume":
+            saved = json.loads(locations.read_text(self.file(JOB)))
+            differ = [k for k in sorted(set(job) | set(saved)) if saved.get(k) != job.get(k)]
+            if differ:
+                raise DatasetError(f"{self.uri}: --resume with other settings than the interrupted run: "
+                                   + "; ".join(f"{k} was {saved.get(k)!r}, now {job.get(k)!r}" for k in differ)
+                                   + " (rerun with the same settings, or --overwrite to start over)")
+            return verdict
+        if self.staging.exists():
+            locations.delete(self.folder)
+        try:
+            locations.write_text(self.file(JOB), json.dumps(job, indent=1, sort_keys=True))
+        except OSError as exc:
+            raise DatasetError(f"{self.uri}: cannot write the dataset ({os_reason(exc)})") from exc
+        return verdict
+
+    def parts(self, prefix: str = "part-") -> list[str]:
+        """Names of the complete part files written so far (an interrupted local write's temporary
+        file is not one)."""
+        infos = self.staging.fs.get_file_info(pafs.FileSelector(self.staging.path, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix)
+                      and i.base_name.endswith(".parquet"))
+
+    def finish(self, manifest: dict) -> dict:
+        """Write the manifest last (and publish a local folder by renaming it onto the target)."""
+        manifest = {"schema_version": SCHEMA_VERSION, **manifest}
+        try:
+            locations.write_text(self.file(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+        except OSError as exc:
+            raise DatasetError(f"{self.uri}: cannot write the dataset ({os_reason(exc)}); its parts stay in "
+                               f"{self.folder} (--resume finishes it)") from exc
+        locations.delete(self.file(JOB))
+        if self.target.local:
+            target = Path(self.target.location)
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                target.rename(old)
+            Path(self.folder).rename(target)
+            if old:
+                locations.delete(str(old))
+        return manifest

@@ -17,14 +17,17 @@ def png_b64(arr: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def histogram(per_image: dict[str, np.ndarray], path: Path) -> None:
+def histogram_counts(counts: dict[str, np.ndarray], path: Path, means: dict[str, float]) -> None:
+    """Per-image IoU histograms from counts per bin (equal bins over [0, 1]), one line per method,
+    labelled with its mean IoU (%)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.linspace(0, 100, 21)
-    for name, iou in per_image.items():
-        ax.hist(100 * iou, bins=bins, histtype="step", linewidth=1.8, label=f"{name} (mean {100 * iou.mean():.1f})")
+    for name, c in counts.items():
+        c = np.asarray(c)
+        bins = np.linspace(0, 100, len(c) + 1)
+        ax.stairs(c, bins, linewidth=1.8, label=f"{name} (mean {means[name]:.1f})")
     ax.set_xlabel("per-image IoU (%)")
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
@@ -33,14 +36,20 @@ def histogram(per_image: dict[str, np.ndarray], path: Path) -> None:
     plt.close(fig)
 
 
-def tile(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: int) -> np.ndarray:
-    """image | ground truth | prediction over the image (red = predicted fg, green edge = truth)."""
+def tile(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, height: int = 96) -> np.ndarray:
+    """image | ground truth | prediction over the image (red = predicted fg), each `height` pixels
+    high: small model-resolution images enlarged (nearest), photos shrunk (area), so a row of
+    triples fits the page."""
+    from PIL import Image
     from pipelines.lib.mask_files import overlay
     over = overlay(image, pred, min_size=1)
-    gt_rgb = np.repeat((gt * 255).astype(np.uint8)[..., None], 3, 2)
+    gt_rgb = np.repeat((np.asarray(gt) * 255).astype(np.uint8)[..., None], 3, 2)
     strip = np.concatenate([image, np.full((image.shape[0], 2, 3), 255, np.uint8), gt_rgb,
                             np.full((image.shape[0], 2, 3), 255, np.uint8), over], 1)
-    return strip.repeat(scale, 0).repeat(scale, 1)
+    h, w = strip.shape[:2]
+    size = (max(1, round(w * height / h)), height)
+    resample = Image.Resampling.NEAREST if height >= h else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(strip).resize(size, resample))
 
 
 def img_tag(png_path: Path, css: str = "") -> str:

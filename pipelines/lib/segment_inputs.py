@@ -1,80 +1,119 @@
-"""What `pipelines.segment` reads: a Parquet dataset (one read task per part, through our
-checksum-verifying reader) or a folder of image files (keys and dense ids as preprocess gives
-them, a duplicate key quarantined), as a Ray dataset of rows to segment."""
+"""What `pipelines.segment` reads, as units of work: a Parquet dataset (pipelines.preprocess) or a
+folder of image files (listed by pipelines/lib/listing.py into the output's `_listing/`, so that a
+resumed job sees the very same files under the very same ids).
+
+A unit is `--batch-size` consecutive inputs of one part (a dataset part, or a listing part): it
+is read as one Ray Data block by one read task, segmented by one actor call and written whole
+into one output file, so all actors get work, a retry redoes one batch, and on `--resume` the
+units whose rows are in the output are exactly the finished ones. The driver holds one row per
+part (`Units`); the unit of a sample id is arithmetic on it.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.lib import locations, sources
+from pipelines.lib import listing, locations
 from pipelines.lib.errors import os_reason
 from pipelines.lib.models import ModelError
-from pipelines.lib.parquet_store import MANIFEST, Store, read_part
+from pipelines.lib.parquet_store import MANIFEST, Store, read_part_rows, split_range
+
+READ_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
+                         ("image", pa.binary()), ("path", pa.string())])
 
 
-def _read_parts(batch: pa.Table, uri: str, split: str | None) -> pa.Table:
-    store = Store(uri)
-    tables = [read_part(store, name, ["sample_id", "key", "split", "image"],
-                        None if split is None else [("split", "=", split)]) for name in batch["part"].to_pylist()]
-    return pa.concat_tables(tables)
+@dataclass
+class Units:
+    """Units of `size` ids over parts: part j holds ids [lo[j], hi[j]) (its share of the selection)
+    and its units are numbered from first[j]."""
+    kind: str                       # "parquet" | "folder"
+    where: str                      # the dataset's location, or the saved listing's folder
+    parts: list[dict]               # dataset parts (name, id_min, id_max) or listing parts (location, first)
+    lo: np.ndarray
+    hi: np.ndarray
+    size: int
+
+    def __post_init__(self):
+        counts = -(-(self.hi - self.lo) // self.size)
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @property
+    def count(self) -> int:
+        return int(self.first[-1])
+
+    @property
+    def inputs(self) -> int:
+        return int((self.hi - self.lo).sum())
+
+    def bounds(self, u: int) -> tuple[int, int, int]:
+        """(part index, first id, last id + 1) of unit u."""
+        j = int(np.searchsorted(self.first, u, "right") - 1)
+        a = int(self.lo[j] + (u - self.first[j]) * self.size)
+        return j, a, min(a + self.size, int(self.hi[j]))
+
+    def of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """The unit of each sample id (−1 for an id outside the selection)."""
+        j = np.searchsorted(self.lo, ids, "right") - 1
+        ok = (j >= 0) & (ids < self.hi[np.maximum(j, 0)])
+        return np.where(ok, self.first[np.maximum(j, 0)] + (ids - self.lo[np.maximum(j, 0)]) // self.size, -1)
+
+    def sizes(self) -> np.ndarray:
+        """Rows in each unit."""
+        u = np.arange(self.count)
+        j = np.searchsorted(self.first, u, "right") - 1
+        a = self.lo[j] + (u - self.first[j]) * self.size
+        return np.minimum(a + self.size, self.hi[j]) - a
 
 
-def folder_records(root: str) -> tuple[list[dict], list[dict]]:
-    """Every file under `root` (a folder or URI), keyed by relative path without extension (as
-    preprocess does), ids dense in key order; a second file with the same key is quarantined."""
-    seen, records, quarantine = set(), [], []
-    for rec in sources.folder(root):
-        if rec["key"] in seen:
-            quarantine.append({"input": rec["path"], "key": rec["key"], "reason": f"duplicate key {rec['key']!r}"})
-            continue
-        seen.add(rec["key"])
-        records.append({"key": rec["key"], "split": rec["split"], "path": rec["path"]})
-    records.sort(key=lambda r: r["key"])
-    for i, r in enumerate(records):
-        r["sample_id"] = i
-    return records, quarantine
+def read_unit(batch: pa.Table, units: Units, pending: np.ndarray) -> pa.Table:
+    """Ray Data map: the rows of the unit pending[i] for each row i of `batch` (one, by design)."""
+    out = []
+    for i in batch["id"].to_pylist():
+        j, a, b = units.bounds(int(pending[i]))
+        part = units.parts[j]
+        if units.kind == "parquet":
+            t = read_part_rows(Store(units.where), part, a, b, ["sample_id", "key", "split", "image"])
+            out.append(t.append_column("path", pa.array([""] * t.num_rows, pa.string())))
+        else:
+            t = listing.table(part["location"]).slice(a - part["first"], b - a)
+            out.append(pa.table({"sample_id": t["index"], "key": t["key"], "split": t["split"],
+                                 "image": pa.nulls(t.num_rows, pa.binary()), "path": t["path"]}))
+    return pa.concat_tables([t.cast(READ_SCHEMA) for t in out])
 
 
-def input_dataset(args, resolution: int):
-    """(Ray dataset of rows to segment, number of inputs, quarantined before reading, description,
-    input path by key for image folders)."""
-    import pandas as pd
-    import ray
-    src = args.input
+def dataset_units(src: str, split: str | None, size: int, resolution: int, limit: int | None) -> tuple[Units, dict]:
+    """The units of a preprocessed dataset's split (or all of it)."""
+    store = Store(src)
+    manifest = store.check_parts()               # a damaged part fails here, naming it
+    if manifest.get("resolution") != resolution:
+        raise ModelError(f"--input {src} has resolution {manifest.get('resolution')} but the model "
+                         f"segments {resolution}×{resolution}: preprocess the corpus at {resolution}")
+    a, b = split_range(manifest, split)
+    if limit is not None:
+        b = min(b, a + limit)
+    parts = [p for p in manifest["parts"] if p["id_min"] < b and p["id_max"] >= a]
+    lo = np.array([max(a, p["id_min"]) for p in parts], np.int64)
+    hi = np.array([min(b, p["id_max"] + 1) for p in parts], np.int64)
+    return (Units("parquet", store.location, parts, lo, hi, size),
+            {"kind": "parquet", "input": src, "split": split})
+
+
+def folder_units(src: str, saved: listing.Listing, split: str | None, size: int, limit: int | None) -> Units:
+    """The units of a saved folder listing's split (or all of it)."""
+    a, b = saved.splits.get(split, (0, 0)) if split else (0, saved.total)
+    if limit is not None:
+        b = min(b, a + limit)
+    chosen = [p for p in saved.parts if p.first < b and p.first + p.count > a]
+    lo = np.array([max(a, p.first) for p in chosen], np.int64)
+    hi = np.array([min(b, p.first + p.count) for p in chosen], np.int64)
+    parts = [{"location": p.source, "first": p.first} for p in chosen]
+    return Units("folder", src, parts, lo, hi, size)
+
+
+def is_dataset(src: str) -> bool:
     try:
-        is_dataset = locations.exists(locations.join(src, MANIFEST))
+        return locations.exists(locations.join(src, MANIFEST))
     except OSError as exc:                           # an object store out of reach, no such bucket
         raise ModelError(f"--input {src}: cannot read it ({os_reason(exc)})") from None
-    if is_dataset:
-        store = Store(src)
-        manifest = store.check_parts()               # a damaged part fails here, naming it
-        if manifest.get("resolution") != resolution:
-            raise ModelError(f"--input {src} has resolution {manifest.get('resolution')} but the model "
-                             f"segments {resolution}×{resolution}: preprocess the corpus at {resolution}")
-        per_split = manifest["counts"]["per_split"]
-        # one read task per part, through our reader: it verifies the parts' page checksums
-        # (Ray Data's Parquet reader does not), so damaged data pages fail naming the part
-        # instead of yielding wrong pixels
-        parts = manifest["file_names"]
-        # the read tasks reserve no CPU: the segmenting actors (a separate operator, since their
-        # restart settings differ) may hold every CPU of the instance, and a read task waiting for
-        # one would then wait forever
-        ds = ray.data.from_items([{"part": name} for name in parts], override_num_blocks=max(1, len(parts))) \
-            .map_batches(_read_parts, fn_kwargs={"uri": src, "split": args.split}, batch_size=1, batch_format="pyarrow",
-                         num_cpus=0)
-        n = per_split.get(args.split, 0) if args.split else sum(per_split.values())
-        return ds, n, [], {"kind": "parquet", "input": src, "split": args.split}, {}
-    if args.from_chains:
-        raise ModelError("--from-chains needs a Parquet dataset as --input (the one the model was trained on)")
-    try:
-        records, quarantine = folder_records(src)
-    except sources.SourceError as exc:
-        raise ModelError(f"--input {src}: {exc}") from None
-    if args.split:
-        records = [r for r in records if r["split"] == args.split]
-    frame = pd.DataFrame(records, columns=["sample_id", "key", "split", "path"])
-    blocks = max(1, min(len(frame) // 64, 200))
-    bounds = np.linspace(0, len(frame), blocks + 1).astype(int)
-    chunks = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [frame]
-    return (ray.data.from_pandas(chunks), len(records) + len(quarantine), quarantine, {"kind": "folder", "input": src},
-            {r["key"]: r["path"] for r in records})

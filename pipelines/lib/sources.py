@@ -1,9 +1,12 @@
-"""Input sources for preprocessing: each turns a dataset layout into a list of small records
-(one per input image: key, split, paths, box, …) that Ray Data then decodes in parallel.
+"""The benchmark dataset layouts for preprocessing (CUB, Stanford Dogs and Cars, CLEVR-with-masks):
+each turns its annotation files into a list of small records (one per input image: key, split,
+paths, box, …) that Ray tasks then decode in parallel. A plain folder of any size is listed by
+pipelines/lib/listing.py instead, one task per directory, never on the driver.
 
-Parsing metadata happens on the driver and touches only small text/annotation files; images are
-never read here. Keys are stable strings (relative path without extension, or a generator key);
-two inputs with the same key are both kept as records and the later one is quarantined.
+Parsing metadata happens on the driver and touches only small text/annotation files (these
+layouts hold at most ~10⁵ images); images are never read here. Keys are stable strings (relative
+path without extension); two inputs with the same key are both kept as records and the later one
+is quarantined.
 Every root is a location (pipelines.lib.locations): a local folder or a URI such as
 `s3://bucket/photos/`; record paths are locations of the same kind.
 """
@@ -16,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from pipelines.lib import locations
 from pipelines.lib.errors import os_reason
+from pipelines.lib.listing import split_of, stem
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 SOURCES = ("tm-dsprites", "folder", "cub", "stanford-dogs", "stanford-cars", "clevr-masks")
@@ -40,7 +44,8 @@ def _exists(location: str, what: str) -> bool:
         raise SourceError(f"{what}: cannot read {location} ({os_reason(exc)})") from None
 
 
-def _need(location: str | Path, what: str) -> str:
+def need(location: str | Path, what: str) -> str:
+    """`location` if it exists, else SourceError naming `what`."""
     location = str(location)
     if not _exists(location, what):
         raise SourceError(f"{what} not found: {location}")
@@ -55,39 +60,12 @@ def _files(root: str) -> list[tuple[str, str]]:
         raise SourceError(f"cannot list {root} ({os_reason(exc)})") from None
 
 
-def _stem(rel: str) -> str:
-    return str(PurePosixPath(rel).with_suffix(""))
-
-
-def _split_of(rel: str) -> str:
-    """Top-level folders named train/val/test set the split; anything else is 'train'."""
-    parts = rel.split("/")
-    return parts[0] if len(parts) > 1 and parts[0] in SPLITS else "train"
-
-
-def tm_dsprites(train: int, test: int) -> list[dict]:
-    return ([_record(f"train/{i:07d}", "train", index=i) for i in range(train)]
-            + [_record(f"test/{i:07d}", "test", index=i) for i in range(test)])
-
-
 def _mask_index(mask_root: str | Path | None) -> dict[str, str]:
     """Mask files by relative path without extension."""
     if mask_root is None:
         return {}
-    mask_root = _need(mask_root, "mask folder")
-    return {_stem(rel): loc for rel, loc in _files(mask_root)}
-
-
-def folder(root: str | Path, masks: str | Path | None = None) -> list[dict]:
-    """Every file under `root` is an input (a non-image is quarantined, not silently dropped).
-    Top-level folders named train/val/test set the split; anything else is 'train'."""
-    root = _need(root, "input folder")
-    mask_of = _mask_index(masks)
-    out = []
-    for rel, loc in _files(root):
-        key = _stem(rel)
-        out.append(_record(key, _split_of(rel), loc, mask_path=mask_of.get(key)))
-    return out
+    mask_root = need(mask_root, "mask folder")
+    return {stem(rel): loc for rel, loc in _files(mask_root)}
 
 
 def _listed(root: str) -> set[str]:
@@ -100,9 +78,9 @@ def cub(root: str | Path) -> list[dict]:
     """CUB-200-2011: images.txt, bounding_boxes.txt (x y w h), train_test_split.txt,
     images/<path>, segmentations/<path>.png."""
     root = str(root)
-    paths = _read_table(_need(locations.join(root, "images.txt"), "CUB images.txt"))
-    boxes = _read_table(_need(locations.join(root, "bounding_boxes.txt"), "CUB bounding_boxes.txt"))
-    splits = _read_table(_need(locations.join(root, "train_test_split.txt"), "CUB train_test_split.txt"))
+    paths = _read_table(need(locations.join(root, "images.txt"), "CUB images.txt"))
+    boxes = _read_table(need(locations.join(root, "bounding_boxes.txt"), "CUB bounding_boxes.txt"))
+    splits = _read_table(need(locations.join(root, "train_test_split.txt"), "CUB train_test_split.txt"))
     segmentations = locations.join(root, "segmentations")
     have_seg = _listed(segmentations)
     out = []
@@ -110,7 +88,7 @@ def cub(root: str | Path) -> list[dict]:
         seg = str(PurePosixPath(rel).with_suffix(".png"))
         box = tuple(float(v) for v in boxes[image_id]) if image_id in boxes else None
         split = "train" if splits.get(image_id, ["1"])[0] == "1" else "test"
-        out.append(_record(_stem(rel), split, locations.join(root, "images", rel),
+        out.append(_record(stem(rel), split, locations.join(root, "images", rel),
                            mask_path=locations.join(segmentations, seg) if seg in have_seg else None, box=box))
     return out
 
@@ -148,18 +126,18 @@ def stanford_dogs(root: str | Path, masks: str | Path | None = None) -> list[dic
     """Images/<breed>/<name>.jpg, Annotation/<breed>/<name> (VOC XML), optional
     train_list.txt / test_list.txt (one relative image path per line) for the split."""
     root = str(root)
-    images = _need(locations.join(root, "Images"), "Stanford Dogs Images/")
+    images = need(locations.join(root, "Images"), "Stanford Dogs Images/")
     test_list = _list_file(locations.join(root, "test_list.txt"))
     annotations = locations.join(root, "Annotation")
     have_ann = _listed(annotations)
     mask_of = _mask_index(masks)
     files = _files(images)
-    wanted = [locations.join(annotations, _stem(rel)) if _stem(rel) in have_ann else None for rel, _ in files]
+    wanted = [locations.join(annotations, stem(rel)) if stem(rel) in have_ann else None for rel, _ in files]
     with ThreadPoolExecutor(16) as pool:       # one small read each: in parallel on object stores
         boxes = list(pool.map(lambda a: _voc_box(a) if a else None, wanted))
     out = []
     for (rel, loc), box in zip(files, boxes):
-        key = _stem(rel)
+        key = stem(rel)
         out.append(_record(key, "test" if rel in test_list else "train", loc, mask_path=mask_of.get(key), box=box))
     return out
 
@@ -206,10 +184,10 @@ def clevr_masks(root: str | Path) -> list[dict]:
     """CLEVR-with-masks exported as images/<name>.png + masks/<name>.png, where each mask is a
     label map (0 = background, one value per object); split folders train/val/test optional."""
     root = str(root)
-    images = _need(locations.join(root, "images"), "CLEVR images/")
-    mask_of = _mask_index(_need(locations.join(root, "masks"), "CLEVR masks/"))
+    images = need(locations.join(root, "images"), "CLEVR images/")
+    mask_of = _mask_index(need(locations.join(root, "masks"), "CLEVR masks/"))
     out = []
     for rel, loc in _files(images):
-        key = _stem(rel)
-        out.append(_record(key, _split_of(rel), loc, mask_path=mask_of.get(key)))
+        key = stem(rel)
+        out.append(_record(key, split_of(rel), loc, mask_path=mask_of.get(key)))
     return out

@@ -33,7 +33,7 @@ from drc_core.config import DRCConfig
 from drc_core.fit import TrainState, rank_seed
 from drc_core.inference import images_to_tensor
 from pipelines.lib import checkpoints as ckpt
-from pipelines.lib import tracking
+from pipelines.lib import locations, tracking
 from pipelines.lib.errors import os_reason
 from pipelines.lib.parquet_store import load_rows, split_ids
 
@@ -55,8 +55,11 @@ class TrainJob:
     gpu: bool = False
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
-    run_dir: str | None = None                 # the run's local storage folder, if local
+    run_uri: str | None = None                 # the run's storage folder: checkpoints, chain logs (local or URI)
     events_path: str | None = None             # JSON lines of restore/fault events (local runs)
+    chain_checkpoints: bool = True             # checkpoints keep the persistent chains (tune trials: off)
+    train_subset: int | None = None            # train on a seeded subset of this many training images
+    subset_seed: int = 0
     fault: dict = field(default_factory=dict)  # fault drills: {"kind", "iteration", "rank", "marker"}
 
     def to_dict(self) -> dict:
@@ -109,6 +112,14 @@ class Comms:
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         return {k: v / self.world for k, v in self.sum(values).items()}
 
+    def gather(self, value) -> list:
+        """Every rank's `value` (small, picklable), in rank order."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, value)
+        return out
+
 
 def _event(job: TrainJob, **event) -> None:
     print("[drc-train]", json.dumps(event), flush=True)
@@ -134,48 +145,83 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int,
-            verified: tuple[dict, list[dict]] | None = None) -> None:
-    meta, records = verified or ckpt.verify(folder)
-    ckpt.check_compatible(ckpt.load_config(folder), state.cfg, folder)
-    state.load_state_dict(ckpt.load_state(folder, state.device))
-    dtype = state.chains.z.dtype
-    state.chains, state.prior_chains, gens = ckpt.load_chains(folder, records, state.chains.ids,
-                                                              state.prior_chains.ids, dtype)
-    if meta["world_size"] == world:
+def _load(folder: str, state: TrainState, job: TrainJob, counter: list) -> dict:
+    """Everything this rank restores from `folder`, read and verified (nothing applied yet)."""
+    meta, recs = ckpt.records(folder)
+    _, cfg, saved = ckpt.load_model(folder, state.device)
+    ckpt.check_compatible(cfg, state.cfg, folder)
+    chains = None
+    if all(r.get("chains") for r in recs):
+        chains = ckpt.load_chains(folder, recs, state.chains.ids, state.prior_chains.ids, state.chains.z.dtype,
+                                  counter)
+    return {"meta": meta, "records": recs, "state": saved, "chains": chains}
+
+
+def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int, log: ckpt.ChainLog | None,
+            loaded: dict | None = None, seconds: float = 0.0, counter: list | None = None) -> None:
+    """Apply a checkpoint to this rank's state (reading it unless `loaded`); with the same number of
+    workers its chain log continues the saved one."""
+    counter = counter if counter is not None else [0]
+    t0 = time.perf_counter()
+    loaded = loaded or _load(folder, state, job, counter)
+    meta = loaded["meta"]
+    state.load_state_dict(loaded["state"])
+    if loaded["chains"] is not None:
+        state.chains, state.prior_chains, gens = loaded["chains"]
+    if meta["world_size"] == world and loaded["chains"] is not None:
         state.generator.set_state(gens[rank].to(state.generator.device))
-    else:                                   # re-sharded: a fresh, still deterministic noise stream
+        if log is not None:
+            log.adopt(loaded["records"][rank])
+    else:                                   # re-sharded or no chains kept: a fresh, still deterministic noise stream
         state.generator.manual_seed(rank_seed(state.cfg.seed + 10_007 * state.iteration, rank))
     _event(job, event="restored", rank=rank, world_size=world, saved_world_size=meta["world_size"],
            iteration=state.iteration, checkpoint=str(folder), ids=[int(state.chains.ids[0]), int(state.chains.ids[-1])],
+           chains="restored" if loaded["chains"] is not None else "fresh (the checkpoint keeps none)",
+           bytes_read=counter[0], seconds=seconds + time.perf_counter() - t0,
            posterior_digest=ckpt.tensor_digest(state.chains.z))
 
 
-def resume(state: TrainState, job: TrainJob, rank: int, world: int) -> None:
-    """Restore from Ray's last registered checkpoint; else (a failure hit before Ray registered a
-    checkpoint whose files were complete, or `--resume`) from the newest intact one in the run
-    folder. A registered checkpoint whose files fail verification (corrupted on disk) is passed
-    over for the newest intact one, said in a `checkpoint_rejected` event; with none left the
-    worker fails naming the damaged file rather than silently starting over."""
+def _registered(job: TrainJob) -> str | None:
+    """The location of the checkpoint Ray Train restores this attempt from, if any."""
     import ray.train
     found = ray.train.get_checkpoint()
     if found is None:
-        if (folder := ckpt.latest(job.run_dir)) is not None:
-            restore(state, str(folder), job, rank, world)
-        return
-    with found.as_directory() as folder:
+        return None
+    return locations.from_fs_path(job.run_uri or "", found.path) if job.run_uri else found.path
+
+
+def resume(state: TrainState, job: TrainJob, rank: int, world: int, comms: "Comms",
+           log: ckpt.ChainLog | None = None) -> None:
+    """Restore from Ray's last registered checkpoint, else from the newest complete one in the run
+    folder (a failure hit before Ray registered one, or `--resume`). Every rank reads and verifies
+    what it needs; if any rank finds a file damaged, all of them pass that checkpoint over for the
+    next older complete one (a `checkpoint_rejected` event on each rank, with the reason). With a
+    checkpoint registered and none left, the worker fails naming the damaged file rather than
+    silently starting over."""
+    registered = _registered(job)
+    found = [c for c in ckpt.candidates(job.run_uri) if str(c).rstrip("/") != str(registered or "").rstrip("/")]
+    todo = ([registered] if registered else []) + found
+    reason = None
+    for i, folder in enumerate(todo):
         try:
-            verified = ckpt.verify(folder)
+            ckpt.records(folder)
+        except ckpt.CheckpointError:            # never finished (a kill while writing it): not a checkpoint
+            continue
+        t0, counter, error, loaded = time.perf_counter(), [0], None, None
+        try:
+            loaded = _load(folder, state, job, counter)
         except ckpt.CheckpointError as exc:
-            fallback = ckpt.latest(job.run_dir)
-            if fallback is None:
-                raise ckpt.CheckpointError(f"cannot resume: {exc}; no earlier intact checkpoint "
-                                           f"{'under ' + job.run_dir if job.run_dir else 'is reachable'}") from None
-            _event(job, event="checkpoint_rejected", rank=rank, checkpoint=str(folder), reason=str(exc),
-                   fallback=str(fallback))
-            restore(state, str(fallback), job, rank, world)
+            error = str(exc)
+        errors = comms.gather(error)
+        if not any(errors):
+            restore(state, folder, job, rank, world, log, loaded, time.perf_counter() - t0, counter)
             return
-        restore(state, folder, job, rank, world, verified)
+        reason = next(e for e in errors if e)
+        later = next((str(f) for f in todo[i + 1:]), None)
+        _event(job, event="checkpoint_rejected", rank=rank, checkpoint=str(folder), reason=reason, fallback=later)
+    if registered is not None and reason is not None:
+        raise ckpt.CheckpointError(f"cannot resume: {reason}; no earlier intact checkpoint "
+                                   f"{'under ' + job.run_uri if job.run_uri else 'is reachable'}")
 
 
 LABEL_FREE = ("recon", "nontrivial", "separability", "confidence", "frame")
@@ -244,6 +290,24 @@ def _eval_slice(job: TrainJob, rank: int, world: int) -> dict | None:
     return load_rows(job.data, ids[lo:hi]) if hi > lo else None
 
 
+def _shard_rows(job: TrainJob, rank: int, world: int) -> tuple[dict, int]:
+    """This rank's training rows (read from the parts that hold them, nothing else) and the number of
+    training images in all: its contiguous share of the training split's ids, or of a seeded subset
+    of them (`train_subset`, tune's trials)."""
+    from pipelines.lib.parquet_store import Store, load_range, load_rows, split_range
+    lo, hi = split_range(Store(job.data).read_manifest(), "train")
+    n = hi - lo
+    if job.train_subset is not None and job.train_subset < n:
+        chosen = np.sort(np.random.default_rng([job.subset_seed, 11]).choice(n, job.train_subset, replace=False)) + lo
+        n = len(chosen)
+    else:
+        chosen = None
+    if n < world:
+        raise ValueError(f"{job.data}: {n} training images cannot be shared by {world} workers")
+    a, b = shard_bounds(n, world, rank)
+    return (load_rows(job.data, chosen[a:b]) if chosen is not None else load_range(job.data, lo + a, lo + b)), n
+
+
 def _clock(seconds: float) -> str:
     """1h02m, 4m05s, 9s."""
     s = int(round(seconds))
@@ -277,23 +341,19 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if job.gpu else torch.device("cpu")
     cfg = DRCConfig.from_dict(job.config)
 
-    train_ids = split_ids(job.data, "train")
-    if len(train_ids) < world:
-        raise ValueError(f"{job.data}: {len(train_ids)} training images cannot be shared by {world} workers")
-    lo, hi = shard_bounds(len(train_ids), world, rank)
-    rows = load_rows(job.data, train_ids[lo:hi])
+    rows, n_train = _shard_rows(job, rank, world)
     ids = torch.tensor(rows["sample_id"])                  # a copy: Parquet's arrays are read-only
-    x_all = images_to_tensor(rows["images"])
-    masks_all = rows.get("masks")
-    batch = min(cfg.optim.batch_size, len(train_ids) // world)
-    steps_per_epoch = max(1, (len(train_ids) // world) // batch)
+    images, masks_all = rows["images"], rows.get("masks")    # uint8; a batch becomes float when drawn
+    batch = min(cfg.optim.batch_size, n_train // world)
+    steps_per_epoch = max(1, (n_train // world) // batch)
     eval_data = _eval_slice(job, rank, world)
 
     state = TrainState.create(cfg, ids, rank=rank, world_size=world, device=device)
-    resume(state, job, rank, world)
     comms = Comms(world)
+    chain_log = ckpt.ChainLog(job.run_uri, rank, world) if job.run_uri and job.chain_checkpoints else None
+    resume(state, job, rank, world, comms, chain_log)
     log = rank == 0 and job.mlflow_run_id is not None and job.tracking_uri is not None
-    meta = {"mlflow_run_id": job.mlflow_run_id, "data": job.data, "num_train": int(len(train_ids))}
+    meta = {"mlflow_run_id": job.mlflow_run_id, "data": job.data, "num_train": int(n_train)}
     _event(job, event="start", rank=rank, world_size=world, iteration=state.iteration, pid=os.getpid(),
            shard=[int(ids[0]), int(ids[-1])])
 
@@ -302,7 +362,7 @@ def train_loop(config: dict) -> None:
     while state.iteration < job.iterations:
         t0, comm0 = time.perf_counter(), comms.seconds
         b = batch_ids(ids, batch, steps_per_epoch, state.iteration, cfg.seed, rank)
-        m = state.step(x_all[torch.searchsorted(ids, b)], b, sync_grads=comms.sync_grads)
+        m = state.step(images_to_tensor(images[torch.searchsorted(ids, b).numpy()]), b, sync_grads=comms.sync_grads)
         it = state.iteration
         if m["chains_reset"]:                # drc_core reset them and logged a warning; training goes on
             _event(job, event="chains_reset", rank=rank, iteration=it, chains=int(m["chains_reset"]))
@@ -333,22 +393,26 @@ def train_loop(config: dict) -> None:
             tracking.log_metrics(job.tracking_uri, job.mlflow_run_id, m, step=it)
             if job.grid_every and (it % job.grid_every == 0 or it == job.iterations):
                 k = min(8, len(ids))
-                g = _grid(state, x_all[:k], ids[:k], None if masks_all is None else masks_all[:k])
+                g = _grid(state, images_to_tensor(images[:k]), ids[:k], None if masks_all is None else masks_all[:k])
                 tracking.log_image(job.tracking_uri, job.mlflow_run_id, g, f"grids/iter_{it:07d}.png")
         if it % job.checkpoint_every == 0 or it == job.iterations:
             t1 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="drc-ckpt-") as tmp:
                 kill = _fault_fires(job, "kill-in-checkpoint", it, rank)
-                ckpt.write_shard(tmp, rank=rank, world_size=world, state=state, meta=meta,
-                                 before_commit=_die if kill else None)
+                record = ckpt.write_shard(tmp, rank=rank, world_size=world, state=state, meta=meta, log=chain_log,
+                                          chains=job.chain_checkpoints, before_commit=_die if kill else None)
+                written = comms.sum({"bytes": float(record["chain_bytes_written"])})
                 summary = {**m, "iteration": it, "mean_seconds": seconds / max(timed, 1),
                            "chain_share": chain_seconds / max(seconds, 1e-9),
                            "comm_share": comm_seconds / max(seconds, 1e-9),
-                           "checkpoint_write_seconds": time.perf_counter() - t1}
+                           "checkpoint_write_seconds": time.perf_counter() - t1,
+                           "checkpoint_chain_bytes": written["bytes"]}
                 try:
                     ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                      checkpoint_dir_name=f"checkpoint_{it:08d}")
                 except OSError as exc:       # Ray's copy into storage failed (disk full, permissions)
                     raise ckpt.CheckpointError(
-                        f"cannot save checkpoint_{it:08d} into {job.run_dir or 'the run storage'} ({os_reason(exc)}); "
+                        f"cannot save checkpoint_{it:08d} into {job.run_uri or 'the run storage'} ({os_reason(exc)}); "
                         f"earlier checkpoints are unchanged and a partial copy fails verification") from exc
+            if chain_log is not None:
+                chain_log.collect_garbage()
