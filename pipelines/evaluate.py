@@ -221,8 +221,10 @@ def _unit_rows(unit: dict, job: dict, ids: set | None = None):
 
 def score_unit(batch: pa.Table, units: list[dict], job: dict) -> pa.Table:
     """Ray Data map: the per-image scores of the unit in `batch` (one row: its index)."""
+    import ray
     from pipelines.lib.grabcut import grabcut_masks
-    out = {"sample_id": [], "key": [], "split": [], "covered": [], "baseline": []}
+    node = ray.get_runtime_context().get_node_id()
+    out = {"sample_id": [], "key": [], "split": [], "covered": [], "baseline": [], "node": []}
     scores = {m["name"]: ([], []) for m in job["methods"]}
     sample = job["sample"]
     for u in batch["unit"].to_pylist():
@@ -234,6 +236,7 @@ def score_unit(batch: pa.Table, units: list[dict], job: dict) -> pa.Table:
             out["split"].append(split)
             out["covered"].append(covered)
             out["baseline"].append(in_sample)
+            out["node"].append(node)
             for m in job["methods"]:
                 mask = None
                 if covered and m["kind"] == "grabcut":
@@ -289,9 +292,12 @@ class Totals:
         self.worst: list[tuple[float, int, str]] = []
         self.wins = {m: [0, 0] for m in methods}
         self.covered = self.seen = 0
+        self.nodes: dict[str, int] = {}
 
     def add(self, t: pa.Table) -> None:
         self.seen += t.num_rows
+        for n, c in zip(*np.unique(np.asarray(t["node"].to_pylist()), return_counts=True)):
+            self.nodes[str(n)] = self.nodes.get(str(n), 0) + int(c)
         covered = t["covered"].to_numpy(zero_copy_only=False)
         self.covered += int(covered.sum())
         baseline = t["baseline"].to_numpy(zero_copy_only=False)
@@ -436,6 +442,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
               "baseline": {"grabcut": bool(grabcut), "images": int(totals.mean("GrabCut", None)[0]) if grabcut else 0,
                            "sampled": sampled, "seed": seed},
               "seconds": time.perf_counter() - t0, "images_per_s": totals.seen / (time.perf_counter() - t0),
+              "nodes": dict(sorted(totals.nodes.items())),
               "scored_at": "original size" if masks_dir else "model resolution", "report": str(out / "report.html"),
               "per_image": str(out / "per_image.parquet")}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -538,7 +545,7 @@ def main(argv=None) -> dict:
                    help="a pipelines.segment output (repeatable)")
     p.add_argument("--split", default=None, choices=("train", "val", "test"))
     p.add_argument("--out", "--output", dest="out", required=True,
-                   help="folder for report.html, metrics.json, per_image.parquet (and .csv)")
+                   help="folder (or URI) for report.html, metrics.json, per_image.parquet (and .csv)")
     p.add_argument("--threshold", action="append", default=[], metavar="POLICY",
                    help="also score the stored π_f under this policy (repeatable; 0.5, a number, otsu, "
                         "otsu-corpus, gmm, gmm-corpus); the ½ protocol is always scored")
@@ -572,10 +579,19 @@ def main(argv=None) -> dict:
         from pipelines.lib.ray_env import init_ray
         init_ray(args.address)
     failed = None
+    import tempfile
+    remote = locations.is_uri(args.out)          # an object store: written locally, then copied there
+    local = Path(tempfile.mkdtemp(prefix="drc-evaluate-")) if remote else Path(args.out)
     try:
-        result = evaluate(args.data, preds, Path(args.out), split=args.split, grabcut=not args.no_grabcut,
+        result = evaluate(args.data, preds, local, split=args.split, grabcut=not args.no_grabcut,
                           margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds,
                           masks_dir=args.masks, quiet=args.quiet, baseline_images=args.baseline_images, seed=args.seed)
+        if remote:
+            import pyarrow.fs as pafs
+            fs, path = locations.resolve(args.out)
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            result.update(report=locations.join(args.out, "report.html"),
+                          per_image=locations.join(args.out, "per_image.parquet"))
     except DatasetError as exc:
         failed = f"evaluate: {exc}"
     except Exception as exc:
@@ -586,8 +602,11 @@ def main(argv=None) -> dict:
         failed = f"evaluate: {clear}"
     if failed:
         sys.exit(failed)
-    result["mlflow_run_id"] = track(result, Path(args.out), tracking.tracking_uri(args.tracking_uri), args.experiment,
+    result["mlflow_run_id"] = track(result, local, tracking.tracking_uri(args.tracking_uri), args.experiment,
                                     {"data": args.data, "split": args.split})
+    if remote:
+        import shutil
+        shutil.rmtree(local, ignore_errors=True)
     print(format_table(result["table"]))
     for m, w in result["wins_vs_grabcut"].items():
         print(f"{m} beats GrabCut on {100 * w['share']:.0f} % of {w['images']} images")

@@ -216,6 +216,14 @@ def _write_part(k: int, offset: int, processed: pa.Table, folder: str) -> dict:
     return summary
 
 
+def _rows_per_node(parts) -> dict[str, int]:
+    """Inputs written per Ray node by this run."""
+    out: dict[str, int] = {}
+    for p in parts:
+        out[p["node"]] = out.get(p["node"], 0) + p["inputs"]
+    return dict(sorted(out.items()))
+
+
 def _split_ranges(parts: list[dict]) -> dict[str, list[int]]:
     """Each split's [first id, last id + 1]: ids follow (split, key) order, so a split is one range."""
     out = {}
@@ -247,12 +255,30 @@ def _examples(folder: str, names: list[str], duplicates: list) -> tuple[list[dic
     return quarantine, filtered
 
 
-def run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, overwrite: bool = False,
-        resume: bool = False, description: dict | None = None, progress: bool = True, window: int | None = None) -> dict:
+def run(make_listing, opt: Options, out: str, **kwargs) -> dict:
     """Process the listing `make_listing()` returns ((listing, mask listing or None); called only when
-    no saved listing is resumed) with Ray tasks and publish the dataset at `out`; returns the manifest.
+    no saved listing is resumed) and publish the dataset at `out`; returns the manifest. A write that
+    fails (a full disk) is a DatasetError naming `out`; what was written stays for --resume."""
+    try:
+        return _run(make_listing, opt, out, **kwargs)
+    except (DatasetError, DatasetExists, sources.SourceError):
+        raise
+    except Exception as exc:
+        from pipelines.lib.errors import find_cause, os_reason
+        cause = find_cause(exc, OSError)
+        if cause is None:
+            raise
+        kept = Output(out)
+        raise DatasetError(f"{out}: cannot write the dataset ({os_reason(cause)}); "
+                           + ("an existing dataset there is unchanged; " if kept.target.local else "")
+                           + f"the parts written so far stay in {kept.folder} (--resume continues, --overwrite "
+                             f"starts over)") from exc
 
-    Dense ids in one pass: part k's ids start where part k − 1's good rows end, which is known only
+
+def _run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, overwrite: bool = False,
+         resume: bool = False, description: dict | None = None, progress: bool = True,
+         window: int | None = None) -> dict:
+    """Dense ids in one pass: part k's ids start where part k − 1's good rows end, which is known only
     once part k − 1 is decoded. Parts are decoded `window` at a time (by default four per CPU); as
     each one's count of good rows arrives, in order, its write task starts with its first id, so
     decoding runs ahead while writes follow, and the driver holds one small summary per part."""
@@ -278,8 +304,13 @@ def run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, over
         lists = [listing.save(fresh, output.file("_listing")), masks]
     inputs, masks = lists
     done = {}
+    def finished(name: str) -> dict | None:
+        meta = part_metadata(output.file(name))
+        if meta:
+            meta["bytes"] = output.staging.fs.get_file_info(f"{output.staging.path}/{name}").size
+        return meta
     with ThreadPoolExecutor(16) as pool:                 # what an interrupted run finished (footers only)
-        for meta in pool.map(lambda n: part_metadata(output.file(n)), output.parts()):
+        for meta in pool.map(finished, output.parts()):
             if meta:
                 done[meta["part"]] = meta
     process = ray.remote(num_returns=2)(_process_part)
@@ -343,7 +374,7 @@ def run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, over
         "splits": _split_ranges(listed),
         "rows_per_file_target": rows_per_file,
         "bytes": sum(p["bytes"] for p in parts),
-        "nodes": sorted({p["node"] for p in parts if p["part"] not in done}),
+        "nodes": _rows_per_node(p for p in parts if p["part"] not in done),
         "sample_id_checksum": digest,
         "quarantine": quarantine,
         "filtered": filtered,
@@ -358,9 +389,9 @@ def run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, over
         write_table(t.select(QUARANTINE_SCHEMA.names), output.file(f"{QUARANTINE}/duplicates-{j:05d}.parquet"))
     for f in ("_listing", "_listing_masks"):
         locations.delete(output.file(f))
-    manifest = output.finish(manifest)
+    # the run that finished the dataset: what it did itself (the rest an interrupted run had written)
     manifest["run"] = {"inputs_processed": processed, "parts_reused": len(done), "seconds": time.perf_counter() - t0}
-    return manifest
+    return output.finish(manifest)
 
 
 def summary_table(manifest: dict) -> str:

@@ -71,8 +71,11 @@ OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("sp
                            # the photo's own size for image files, model resolution for Parquet rows)
                            ("refined", pa.binary()),
                            # image files: where the photo was read from
-                           ("input", pa.string())])
-RESULT_COLUMNS = [f.name for f in OUTPUT_SCHEMA if f.name not in ("status", "reason", "input")]
+                           ("input", pa.string()),
+                           # the Ray node whose actor segmented the row
+                           ("node", pa.string())])
+BOOKKEEPING = ("status", "reason", "input", "node")
+RESULT_COLUMNS = [f.name for f in OUTPUT_SCHEMA if f.name not in BOOKKEEPING]
 EXAMPLES = 1000                    # quarantined inputs named in the manifest (every one is a row of the output)
 
 
@@ -100,6 +103,8 @@ class SegmentBatch:
         self.policy = ThresholdPolicy.parse(threshold)
         self.crop = crop
         self.refine, self.max_side = refine, max_side
+        import ray
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def _read_photo(self, path: str) -> np.ndarray:
         return read_photo(path, self.max_pixels)
@@ -120,7 +125,8 @@ class SegmentBatch:
         from pipelines.lib.mlflow_model import result_frame
         rows = batch.to_pylist()
         out = [{"sample_id": int(r["sample_id"]), "key": r["key"], "split": r["split"], "status": "ok",
-                "reason": "", **dict.fromkeys(RESULT_COLUMNS[3:]), "input": r["path"] or None}
+                "reason": "", **dict.fromkeys(RESULT_COLUMNS[3:]), "input": r["path"] or None,
+                "node": getattr(self, "node", None)}
                for r in rows]
         images, good = [], []
         for i, r in enumerate(rows):
@@ -183,23 +189,23 @@ def scan_part(location: str, units: Units | None) -> dict:
     """One output file's summary, read from its small columns: rows, ok / quarantined counts, per
     split, sample-id range, its first quarantined rows and (with `units`) the units whose rows it
     holds with their row counts. None when the file is unreadable (a write cut short)."""
-    import ray
     fs, path = locations.resolve(location)
     try:
         with fs.open_input_file(path) as f:
-            t = pq.read_table(f, columns=["sample_id", "key", "split", "status", "reason", "input"])
+            t = pq.read_table(f, columns=["sample_id", "key", "split", "status", "reason", "input", "node"])
     except (OSError, pa.ArrowException):
         return None
     ids = t["sample_id"].to_numpy()
     ok = np.asarray(t["status"].to_pylist()) == "ok"
     splits, counts = np.unique(np.asarray(t["split"].to_pylist())[ok], return_counts=True)
+    nodes, per_node = np.unique(np.asarray([n or "" for n in t["node"].to_pylist()]), return_counts=True)
     bad = t.filter(pa.array(~ok)).slice(0, EXAMPLES).to_pylist()
     out = {"name": location.rstrip("/").rsplit("/", 1)[-1], "rows": t.num_rows, "ok": int(ok.sum()),
            "quarantined": int((~ok).sum()), "per_split": dict(zip(splits.tolist(), counts.tolist())),
            "id_min": int(ids.min()) if len(ids) else None, "id_max": int(ids.max()) if len(ids) else None,
            "examples": [{"input": r["input"] or r["key"], "key": r["key"], "sample_id": r["sample_id"],
                          "reason": r["reason"]} for r in bad],
-           "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
+           "nodes": {n: int(c) for n, c in zip(nodes.tolist(), per_node.tolist()) if n}}
     if units is not None:
         u, n = np.unique(units.of_ids(ids), return_counts=True)
         out["units"] = [u, n]
@@ -305,8 +311,11 @@ def run(args) -> dict:
         # one block per unit, made on the driver (no read task: a read task waiting for a CPU the
         # actors hold would wait forever); the read tasks reserve no CPU for the same reason
         ds = ray.data.from_items([{"id": i} for i in range(pending.size)], override_num_blocks=int(pending.size))
+        # at most two reads per actor at once: a 0-CPU task is otherwise started as often as Ray Data
+        # likes, each in a new worker process (a second of CPU each)
         ds = ds.map_batches(read_unit, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"units": units, "pending": pending}, num_cpus=0)
+                            fn_kwargs={"units": units, "pending": pending}, num_cpus=0,
+                            compute=ray.data.TaskPoolStrategy(size=2 * args.actors))
         with warnings.catch_warnings():
             # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
             # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated
@@ -320,18 +329,19 @@ def run(args) -> dict:
                                            crop=args.crop, refine=refine, max_side=args.refine_max_side),
                 compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
                 max_restarts=actor_restarts(args.address))
+        failure = None
         try:
             ds.write_parquet(output.folder, filesystem=output.staging.fs, filename_provider=_PartNames(),
                              mode=SaveMode.APPEND, min_rows_per_file=args.rows_per_file,
-                             ray_remote_args={"num_cpus": 0}, write_page_checksum=True, row_group_size=256)
+                             ray_remote_args={"num_cpus": 0}, concurrency=2, write_page_checksum=True,
+                             row_group_size=256)
         except Exception as exc:
-            clear = find_cause(exc, (DatasetError, OSError))
-            if isinstance(clear, DatasetError):
-                raise clear from None
-            if clear is not None or "No space left" in str(exc):
-                raise DatasetError(f"{args.output}: cannot write the dataset ({os_reason(clear or exc)}); the parts "
-                                   f"written so far stay in {output.folder} (--resume continues)") from None
-            raise
+            failure = _write_failure(exc, args.output, output.folder)
+            if failure is None:
+                raise
+        if failure is not None:
+            del ds
+            raise failure
     files = scan_output(output, None)
     examples = [e for d in duplicates for e in listing.duplicates_table(d).to_pylist()][:EXAMPLES]
     for f in files:
@@ -359,17 +369,38 @@ def run(args) -> dict:
                    "per_split": dict(sorted(per_split.items()))},
         "rows": sum(f["rows"] for f in files), "files": len(files), "file_names": [f["name"] for f in files],
         "parts": [{k: f[k] for k in ("name", "rows", "ok", "id_min", "id_max")} for f in files],
-        "nodes": sorted({f["node"] for f in files if f["node"]}),
+        "nodes": _count_nodes(files),
         "seconds": seconds, "images_per_s": int(sizes[pending].sum()) / seconds if seconds > 0 else 0.0,
         "quarantine": examples,
     }
     if manifest["rows"] != units.inputs:
         raise DatasetError(f"{args.output}: the output holds {manifest['rows']} rows for {units.inputs} inputs")
-    locations.delete(output.file("_listing"))
-    manifest = output.finish(manifest)
+    # the run that finished the output: what it did itself (the rest an interrupted run had written)
     manifest["run"] = {"inputs_processed": int(sizes[pending].sum()), "units_reused": int(units.count - pending.size),
                        "seconds": seconds}
-    return manifest
+    locations.delete(output.file("_listing"))
+    return output.finish(manifest)
+
+
+def _count_nodes(files: list[dict]) -> dict[str, int]:
+    """Rows segmented per Ray node (the actors' nodes), over every output file."""
+    out: dict[str, int] = {}
+    for f in files:
+        for n, c in f["nodes"].items():
+            out[n] = out.get(n, 0) + c
+    return dict(sorted(out.items()))
+
+
+def _write_failure(exc: BaseException, uri: str, folder: str) -> DatasetError | None:
+    """The one-line error for a write that failed (a DatasetError raised by an actor, a full disk),
+    holding no reference to the failed run's frames (nor so to its actors); None for other errors."""
+    clear = find_cause(exc, (DatasetError, OSError))
+    if clear is None:
+        return None
+    if isinstance(clear, DatasetError):
+        return DatasetError(str(clear))
+    return DatasetError(f"{uri}: cannot write the dataset ({os_reason(clear)}); the parts written so far stay in "
+                        f"{folder} (--resume continues)")
 
 
 def read_output(uri: str, columns: list[str] | None = None, ok_only: bool = True) -> pa.Table:
@@ -383,7 +414,7 @@ def read_output(uri: str, columns: list[str] | None = None, ok_only: bool = True
     if ok_only:
         t = t.filter(pc.equal(t["status"], "ok"))
     t = t.sort_by("sample_id")
-    return t.select(columns) if columns is not None else t.drop_columns(["status", "reason", "input"])
+    return t.select(columns) if columns is not None else t.drop_columns(list(BOOKKEEPING))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -458,6 +489,7 @@ def main(argv=None) -> dict:
         # exit outside the handler and collect: the failed pipeline's traceback holds Ray Data's
         # actor pool (and its CPUs) until the reference cycle is broken
         import gc
+        clear = None
         gc.collect()
         sys.exit(failed)
     c = manifest["counts"]

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from pipelines import bench
+from pipelines.bench.__main__ import main as bench_main
 
 
 def test_core_benchmark_times_every_variant_against_peaks_measured_in_the_same_run(tmp_path, capsys):
     out = tmp_path / "core.json"
-    bench.main(["core", "--presets", "cpu-32:2", "--iterations", "1", "--step-repeat", "1", "--json", str(out)])
+    bench_main(["core", "--presets", "cpu-32:2", "--iterations", "1", "--step-repeat", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["device"] == "cpu"
     peaks, rows = saved["peaks"], saved["rows"]
@@ -27,4 +27,4 @@ def test_core_benchmark_times_every_variant_against_peaks_measured_in_the_same_r
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_core_benchmark_on_cuda_without_a_gpu_says_why():
     with pytest.raises(SystemExit, match="--device cuda.*no CUDA device"):
-        bench.main(["core", "--device", "cuda", "--presets", "cpu-32:2"])
+        bench_main(["core", "--device", "cuda", "--presets", "cpu-32:2"])

@@ -8,7 +8,7 @@ import pytest
 from drc_core.metrics import mean_iou_dice, trivial_baselines
 from drc_core.presets import get_config
 from drc_core.threshold import DEFAULT
-from pipelines import bench
+from pipelines.bench.__main__ import main as bench_main
 from pipelines.lib.grabcut import grabcut_masks
 from pipelines.local import render_test
 
@@ -18,7 +18,7 @@ TINY = ["data.train_size=48", "optim.batch_size=8", "langevin.posterior_steps=2"
 @pytest.mark.slow
 def test_quality_benchmark_aggregates_seeds_beside_baselines(tmp_path, capsys):
     out = tmp_path / "q"
-    bench.main(["quality", "--preset", "cpu-32", "--minutes", "0.05", "--seeds", "2", "--eval-images", "8",
+    bench_main(["quality", "--preset", "cpu-32", "--minutes", "0.05", "--seeds", "2", "--eval-images", "8",
                 "--test-images", "16", "--eval-steps", "2", "--out", str(out), *TINY])
     printed = capsys.readouterr().out
     result = json.loads((out / "quality.json").read_text())
@@ -49,7 +49,7 @@ def test_quality_benchmark_distils_a_student_per_seed(tmp_path, capsys):
     argv = ["quality", "--preset", "cpu-32", "--minutes", "0.05", "--seeds", "2", "--eval-images", "8",
             "--test-images", "16", "--eval-steps", "2", "--out", str(out), "--student", "--student-images", "8",
             "--student-steps", "20", *TINY, "langevin.test_steps=4", "langevin.test_average=2"]
-    bench.main(argv)
+    bench_main(argv)
     result = json.loads((out / "quality.json").read_text())
     students = [json.loads((out / f"seed{s}" / "student.json").read_text()) for s in (0, 1)]
     assert [st["pairs"] for st in students] == [8 + 2000] * 2          # TM-dSprites: no boundary filter
@@ -62,7 +62,7 @@ def test_quality_benchmark_distils_a_student_per_seed(tmp_path, capsys):
     assert all(st["seconds"] > 0 for st in students)
     for s in (0, 1):                                                    # --reuse: nothing is distilled again
         (out / f"seed{s}" / "model.pt").unlink()
-    bench.main([*argv, "--reuse"])
+    bench_main([*argv, "--reuse"])
     again = json.loads((out / "quality.json").read_text())
     assert [r["iou"] for r in again["rows"]] == [r["iou"] for r in result["rows"]]
     assert "each student: " in capsys.readouterr().out                 # the time a user waits after training
@@ -110,7 +110,7 @@ def test_recipe_benchmark_runs_the_readme_commands_and_tabulates_what_evaluate_s
     argv = ["quality", "--recipe", "photos", "--photos", str(photos), "--masks", str(masks), "--sets", "1",
             "--teachers", "2", "--iterations", "2", "--student-steps", "10", "--out", str(out),
             "optim.batch_size=4"]
-    bench.main(argv)
+    bench_main(argv)
     printed = capsys.readouterr().out
     result = json.loads((out / "recipe.json").read_text())
     steps = json.loads((out / "steps.json").read_text())
@@ -133,18 +133,18 @@ def test_recipe_benchmark_runs_the_readme_commands_and_tabulates_what_evaluate_s
     assert result["images"] == 12 and result["scored_at"] == "original size"
     assert "GrabCut" in printed and "minutes: preprocess" in printed and result["cpu"]
     assert (out / "mlflow.db").exists()
-    bench.main([*argv, "--reuse"])                                      # nothing runs again
+    bench_main([*argv, "--reuse"])                                      # nothing runs again
     assert json.loads((out / "steps.json").read_text()) == steps
     assert json.loads((out / "recipe.json").read_text())["rows"] == result["rows"]
     (out / "eval" / "metrics.json").unlink()
     with pytest.raises(SystemExit, match="step evaluate has not run"):
-        bench.main([*argv, "--reuse"])
+        bench_main([*argv, "--reuse"])
 
 
 def test_recipe_rows_gather_each_sets_rows_on_the_all_split():
     """Several sets: each student row holds one value per set (from evaluate's 'all' split when the
     photos have several); the baselines are evaluate's own rows; other policies' rows are left out."""
-    from pipelines.bench_recipe import _evaluate_rows
+    from pipelines.bench.recipe import _evaluate_rows
     table = [{"method": m, "split": sp, "iou": v + (sp == "all"), "dice": 2 * v}
              for sp in ("test", "train", "all")
              for m, v in (("set1", 40), ("set1, π_f's mask before GrabCut", 35), ("set1, π_f > ½, DRC protocol", 34),
@@ -157,6 +157,6 @@ def test_recipe_rows_gather_each_sets_rows_on_the_all_split():
 
 def test_recipe_benchmark_needs_photos_and_masks(tmp_path):
     with pytest.raises(SystemExit, match="--masks DIR"):
-        bench.main(["quality", "--recipe", "photos", "--photos", str(tmp_path)])
+        bench_main(["quality", "--recipe", "photos", "--photos", str(tmp_path)])
     with pytest.raises(SystemExit, match="--photos .*nowhere: no such folder"):
-        bench.main(["quality", "--recipe", "photos", "--photos", str(tmp_path / "nowhere"), "--masks", str(tmp_path)])
+        bench_main(["quality", "--recipe", "photos", "--photos", str(tmp_path / "nowhere"), "--masks", str(tmp_path)])

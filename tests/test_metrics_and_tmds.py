@@ -91,7 +91,7 @@ def _dilate_bool(mask, r):
 
 def test_textures_are_seeded_greys_in_range_and_the_texture_fit_learns():
     from drc_core.tmds import textures
-    from pipelines.texture_fit import fit_textures, texture_images
+    from pipelines.bench.texture_fit import fit_textures, texture_images
     t = textures(64, size=32, seed=3)
     assert t.shape == (64, 32, 32) and t.min() >= 0 and t.max() <= 1 and t.std() > 0.2
     np.testing.assert_array_equal(t, textures(64, size=32, seed=3))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from drc_core.chains import InMemoryChainBuffer
 from pipelines.lib import checkpoints as ckpt
-from pipelines.lib import locations
+from pipelines.lib import locations, mask_files
 from pipelines.lib.imaging import decode_mask
 from pipelines.lib.parquet_store import Store, load_arrays, read_part
 from tests import corpora
@@ -72,9 +72,10 @@ def dataset(ray_local, photos) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(dataset, tracking_uri):  # noqa: F811
-    """Two workers, two iterations (one epoch), checkpoints and the run record on s3://."""
+    """Two workers, two iterations (one epoch), a checkpoint after each, the run record and the
+    workers' chain logs on s3://."""
     from pipelines.train import main
-    return main(["--data", dataset["uri"], "--workers", "2", "--iterations", "2", "--checkpoint-every", "2",
+    return main(["--data", dataset["uri"], "--workers", "2", "--iterations", "2", "--checkpoint-every", "1",
                  "--eval-every", "0", "--grid-every", "0", "--keep", "10", "--storage", f"{BUCKET}/runs",
                  "--tracking-uri", tracking_uri, *TINY])
 
@@ -85,7 +86,9 @@ def test_preprocess_reads_an_s3_image_folder_and_writes_the_dataset_to_s3(datase
                            "per_split": {"test": N_TEST, "train": N_TRAIN}, "with_mask": N_TRAIN + N_TEST}
     (q,) = m["quarantine"]
     assert q["input"] == f"{BUCKET}/corpus/photos/train/notes.txt" and "cannot decode" in q["reason"]
-    assert _objects(dataset["uri"]) == {"_manifest.json", "part-00000.parquet"}
+    assert _objects(dataset["uri"]) == {"_manifest.json", "part-00000.parquet", "_quarantine/part-00000.parquet"}
+    (row,) = read_part(Store(dataset["uri"]), "_quarantine/part-00000.parquet").to_pylist()   # a row of its own
+    assert row["key"] == "train/notes" and row["status"] == "quarantined" and "cannot decode" in row["reason"]
     data = load_arrays(dataset["uri"])
     assert data["key"].tolist() == sorted(photos["keys"][:N_TRAIN]) + sorted(photos["keys"][N_TRAIN:])
     for i, key in enumerate(data["key"]):
@@ -110,10 +113,17 @@ def test_train_checkpoints_to_s3_and_resume_continues_from_the_checkpoint(traine
     assert trained["checkpoint"] == f"{BUCKET}/runs/{name}/checkpoint_00000002"
     record = json.loads(locations.read_text(f"{BUCKET}/runs/{name}/drc_run.json"))
     assert record["mlflow_run_id"] == trained["mlflow_run_id"] and record["data"] == dataset["uri"]
-    first = _download(trained["checkpoint"])
-    meta, _ = ckpt.verify(first)
+    first = trained["checkpoint"]                                     # read where it is, nothing downloaded
+    meta, records = ckpt.verify(first)
     assert meta["iteration"] == 2 and meta["world_size"] == 2
-    shards = [torch.load(first / f"chains-r{r:05d}-of-00002.pt", weights_only=True)["posterior"] for r in range(2)]
+    # each rank's chains: the base its first checkpoint wrote and the delta of the 4 it advanced since,
+    # in its chain log on s3://, outside the checkpoint folder
+    for r in records:
+        entries = r["chains"]["posterior"]
+        assert [(e["kind"], e["rows"]) for e in entries] == [("base", 8), ("delta", 4)]
+        assert all(locations.exists(f"{BUCKET}/runs/{name}/{e['file']}") for e in entries)
+    assert not any("chains" in o for o in _objects(first))
+    shards = [ckpt.read_chains(first, r, "posterior") for r in records]
     merged = InMemoryChainBuffer.merge(shards, torch.arange(N_TRAIN))
     assert (merged.visits == 1).all()                                 # one epoch: every chain advanced once
 
@@ -125,10 +135,10 @@ def test_train_checkpoints_to_s3_and_resume_continues_from_the_checkpoint(traine
     assert second["checkpoint"] == f"{BUCKET}/runs/{name}/checkpoint_00000004"
     assert {"checkpoint_00000002", "checkpoint_00000004"} <= {Path(f).name for f in
                                                               locations.subfolders(f"{BUCKET}/runs/{name}")}
-    last = _download(second["checkpoint"])
-    meta, _ = ckpt.verify(last)
+    last = second["checkpoint"]
+    meta, records = ckpt.verify(last)
     assert meta["iteration"] == 4 and meta["world_size"] == 1
-    final = torch.load(last / "chains-r00000-of-00001.pt", weights_only=True)["posterior"]
+    final = ckpt.read_chains(last, records[0], "posterior")
     assert final["ids"].tolist() == list(range(N_TRAIN))
     # iterations 3-4 on one worker (batch 4, 16 ids) advanced 8 chains a second time; the other 8
     # are exactly as checkpoint 2 left them (a run started over would have visited each once)
@@ -154,9 +164,7 @@ def test_segment_reads_s3_images_and_writes_its_dataset_to_s3(trained, photos, t
     out = f"{BUCKET}/seg/photos"
     args = ["--model", trained["model_uri"], "--tracking-uri", tracking_uri, "--input", photos["images"],
             "--quiet", "--steps", "2", "--batch-size", "8"]
-    with pytest.raises(SystemExit, match="--png s3://drc-test/png: PNG masks and overlays are written to a local"):
-        segment.main([*args, "--output", out, "--png", f"{BUCKET}/png"])
-    m = segment.main([*args, "--output", out])
+    m = segment.main([*args, "--output", out, "--png", f"{BUCKET}/png"])
     assert m["source"] == {"kind": "folder", "input": photos["images"]}
     assert m["counts"]["inputs"] == N_TRAIN + N_TEST + 1 and m["counts"]["ok"] == N_TRAIN + N_TEST
     (q,) = m["quarantine"]
@@ -166,7 +174,15 @@ def test_segment_reads_s3_images_and_writes_its_dataset_to_s3(trained, photos, t
     assert manifest["counts"] == m["counts"] and "_manifest.json" in _objects(out)
     rows = sorted((r for name in manifest["file_names"] for r in read_part(store, name).to_pylist()),
                   key=lambda r: r["sample_id"])
-    assert [r["key"] for r in rows] == sorted(photos["keys"])
+    # ids as preprocess gives them: in (split, key) order, train before test
+    assert [r["key"] for r in rows if r["status"] == "ok"] == sorted(photos["keys"][:N_TRAIN]) + \
+        sorted(photos["keys"][N_TRAIN:])
+    (bad,) = [r for r in rows if r["status"] != "ok"]                 # the quarantined input: a row of its own
+    assert bad["key"] == "train/notes" and "cannot decode" in bad["reason"]
+    rows = [r for r in rows if r["status"] == "ok"]
+    pngs = _objects(f"{BUCKET}/png")                                 # --png on s3:// too, masks and overlays
+    assert pngs == {f"{sub}/{mask_files.safe_name(r['sample_id'], r['key'])}" for r in rows
+                    for sub in ("masks", "overlays")}
     for r in rows:
         mask = np.asarray(Image.open(io.BytesIO(r["mask"])))
         assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
@@ -187,6 +203,7 @@ def test_a_study_keeps_its_state_and_trial_checkpoints_on_s3_and_resumes_from_th
     (run,) = locations.subfolders(f"{storage}/s3-study/trials")        # the trial's Ray Train run
     assert trial["checkpoint"] == f"{run}/checkpoint_00000002"
     assert {"meta.json", "state.pt", "config.json"} <= _objects(trial["checkpoint"])
+    assert not any(o.startswith("chains/") for o in _objects(run))   # a trial keeps no chains unless asked
     study = _objects(f"{storage}/s3-study")
     assert {"drc_study.json", "summary.json"} <= study
     assert any(name.startswith("experiment_state") for name in study), study     # Ray Tune's own state

@@ -209,7 +209,7 @@ class ChainLog:
 
 
 def write_shard(folder: str | Path, *, rank: int, world_size: int, state, meta: dict, run: str | None = None,
-                log: ChainLog | None = None, chains: bool = True,
+                log: ChainLog | None = None, chains: bool = True, node: str | None = None,
                 before_commit: Callable[[], None] | None = None) -> dict:
     """Write this rank's part of a checkpoint of `state` (a drc_core TrainState) into `folder`, its
     chains into `log` (its run folder's chain log) or, without one, into `folder`; `chains=False`
@@ -241,7 +241,7 @@ def write_shard(folder: str | Path, *, rank: int, world_size: int, state, meta: 
         before_commit()
     ids, prior = state.chains.ids, state.prior_chains.ids
     record = {"rank": rank, "world_size": world_size, "iteration": state.iteration, "files": files,
-              "rank_file": rank_file, "chains": record_chains, "chain_bytes_written": written,
+              "rank_file": rank_file, "chains": record_chains, "chain_bytes_written": written, "node": node,
               "count": int(ids.numel()),
               "id_min": int(ids.min()) if ids.numel() else None,
               "id_max": int(ids.max()) if ids.numel() else None,

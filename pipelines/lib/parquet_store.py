@@ -274,6 +274,7 @@ class Output:
         verdict = self.check(resume=resume, overwrite=overwrite)
         if verdict == "complete":
             return verdict
+        job = json.loads(json.dumps(job))              # as it reads back (tuples are lists)
         if verdict == "resume":
             saved = json.loads(locations.read_text(self.file(JOB)))
             differ = [k for k in sorted(set(job) | set(saved)) if saved.get(k) != job.get(k)]

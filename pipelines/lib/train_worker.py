@@ -122,7 +122,8 @@ class Comms:
 
 
 def _event(job: TrainJob, **event) -> None:
-    print("[drc-train]", json.dumps(event), flush=True)
+    if event["event"] != "checkpointed":              # routine: the events file only
+        print("[drc-train]", json.dumps(event), flush=True)
     if job.events_path:
         with open(job.events_path, "a") as f:
             f.write(json.dumps({"time": time.time(), **event}) + "\n")
@@ -331,12 +332,14 @@ def _quiet_report_lines() -> None:
 
 def train_loop(config: dict) -> None:
     """Ray Train entry point (also runs in-process with world size 1 for unit tests)."""
+    import ray
     import ray.train
     import ray.train.torch
     _quiet_report_lines()
     job = TrainJob(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     torch.set_num_threads(job.threads)
     device = ray.train.torch.get_device() if job.gpu else torch.device("cpu")
     cfg = DRCConfig.from_dict(job.config)
@@ -400,7 +403,8 @@ def train_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory(prefix="drc-ckpt-") as tmp:
                 kill = _fault_fires(job, "kill-in-checkpoint", it, rank)
                 record = ckpt.write_shard(tmp, rank=rank, world_size=world, state=state, meta=meta, log=chain_log,
-                                          chains=job.chain_checkpoints, before_commit=_die if kill else None)
+                                          chains=job.chain_checkpoints, node=node,
+                                          before_commit=_die if kill else None)
                 written = comms.sum({"bytes": float(record["chain_bytes_written"])})
                 summary = {**m, "iteration": it, "mean_seconds": seconds / max(timed, 1),
                            "chain_share": chain_seconds / max(seconds, 1e-9),
@@ -416,3 +420,6 @@ def train_loop(config: dict) -> None:
                         f"earlier checkpoints are unchanged and a partial copy fails verification") from exc
             if chain_log is not None:
                 chain_log.collect_garbage()
+            _event(job, event="checkpointed", rank=rank, iteration=it, seconds=time.perf_counter() - t1,
+                   chain_bytes=record["chain_bytes_written"], rows=int(state.chains.ids.numel()),
+                   s_per_iteration=seconds / max(timed, 1))

@@ -120,6 +120,7 @@ def run(args) -> dict:
 
 def add_parser(sub) -> None:
     s = sub.add_parser("segment", help="Langevin vs amortised segmentation vs GrabCut: images/s and IoU")
+    s.set_defaults(run=run)
     s.add_argument("--preset", default="cpu-32")
     s.add_argument("--images", type=int, default=None, help="test images (default: the preset's test split)")
     s.add_argument("--teacher", default=None, help="a DRC model (checkpoint or model.pt); default: train one here")

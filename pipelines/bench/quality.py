@@ -24,7 +24,7 @@ default policy's masks as targets, the boundary prior for a model trained on pho
 the student on the same held-out images (its rows: `student, …`).
 
 `--recipe photos` runs the README's photo recipe instead — its five `drc` commands, several teachers
-per set, scored at each photo's own size — for `--sets` sets of teachers (pipelines/bench_recipe.py).
+per set, scored at each photo's own size — for `--sets` sets of teachers (pipelines/bench/recipe.py).
 """
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.bench.common import cell, cpu_name, stat
+
 
 def add_parser(sub) -> None:
     q = sub.add_parser("quality", help="train with several seeds, IoU/Dice under both threshold policies vs GrabCut")
+    q.set_defaults(run=run)
     q.add_argument("--preset", default=None, help="default: cpu-32, or photo-32 with --recipe photos")
     q.add_argument("--data", default="tmds", help="'tmds' (the preset's TM-dSprites) or a Parquet dataset with masks")
     q.add_argument("--eval-split", default=None, choices=("train", "val", "test"), help="with a Parquet --data")
@@ -59,7 +62,7 @@ def add_parser(sub) -> None:
     q.add_argument("--student-images", type=int, default=250,
                    help="training images whose fresh posterior chains teach the student (default %(default)s)")
     q.add_argument("--student-steps", type=int, default=1500, help="student optimiser steps (drc distill's default)")
-    r = q.add_argument_group("the photo recipe (--recipe photos; pipelines/bench_recipe.py)")
+    r = q.add_argument_group("the photo recipe (--recipe photos; pipelines/bench/recipe.py)")
     r.add_argument("--recipe", default=None, choices=("photos",),
                    help="run the README's photo recipe (preprocess → train × T → distill → segment → evaluate) "
                         "for --sets sets of teachers instead of one pipelines.local run per seed")
@@ -130,17 +133,6 @@ def _student(args, run_dir: Path, train, images, truth) -> dict:
     return r
 
 
-def _stat(values) -> dict:
-    v = np.asarray([x for x in values if x is not None], float)
-    return {"mean": float(v.mean()), "spread": float(v.max() - v.min()), "values": v.tolist()} if v.size else {}
-
-
-def _cell(s: dict, digits: int = 1) -> str:
-    if not s:
-        return "–"
-    return f"{s['mean']:.{digits}f} ± {s['spread'] / 2:.{digits}f}" if len(s["values"]) > 1 else f"{s['mean']:.{digits}f}"
-
-
 def _plot(curves: dict[int, list[dict]], policy: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -169,7 +161,7 @@ def run(args) -> dict:
     import torch
 
     if args.recipe:
-        from pipelines import bench_recipe
+        from pipelines.bench import recipe as bench_recipe
         args.preset = args.preset or "photo-32"
         return bench_recipe.run(args)
     args.preset = args.preset or "cpu-32"
@@ -209,32 +201,32 @@ def run(args) -> dict:
     finals = {s: r["final"] for s, r in runs.items()}
     policies = [DEFAULT.name, "0.5", *[p for p in POLICIES_REPORTED if p != DEFAULT.name]]
 
-    def policy_stat(p, key):
+    def policystat(p, key):
         if p == "0.5":
-            return _stat([f[key] if key != "area" else 100 * f["mask_area"] for f in finals.values()])
-        return _stat([f["policies"][p][key] for f in finals.values()])
+            return stat([f[key] if key != "area" else 100 * f["mask_area"] for f in finals.values()])
+        return stat([f["policies"][p][key] for f in finals.values()])
     rows = [{"method": f"DRC, {p}" + (" (default)" if p == DEFAULT.name else ", DRC protocol" if p == "0.5" else ""),
-             "iou": policy_stat(p, "iou"), "dice": policy_stat(p, "dice"), "area": policy_stat(p, "area")}
+             "iou": policystat(p, "iou"), "dice": policystat(p, "dice"), "area": policystat(p, "area")}
             for p in policies]
     if students:
-        rows += [{"method": name, **{k: _stat([st[key][k] for st in students.values()]) for k in ("iou", "dice", "area")}}
+        rows += [{"method": name, **{k: stat([st[key][k] for st in students.values()]) for k in ("iou", "dice", "area")}}
                  for key, name in (("default", f"student, {DEFAULT.name} (default)"),
                                    ("protocol", "student, 0.5, DRC protocol"))]
     true_area = 100 * float(truth.mean())
-    rows += [{"method": "GrabCut (OpenCV, 5 % margin box)", "iou": _stat([baselines["GrabCut"]["iou"]]),
-              "dice": _stat([baselines["GrabCut"]["dice"]]), "area": _stat([100 * gc.mean()])},
+    rows += [{"method": "GrabCut (OpenCV, 5 % margin box)", "iou": stat([baselines["GrabCut"]["iou"]]),
+              "dice": stat([baselines["GrabCut"]["dice"]]), "area": stat([100 * gc.mean()])},
              {"method": "best centred disc (area picked with labels)",
-              "iou": _stat([baselines["centre_ellipse"]["iou"]]), "dice": _stat([baselines["centre_ellipse"]["dice"]]),
+              "iou": stat([baselines["centre_ellipse"]["iou"]]), "dice": stat([baselines["centre_ellipse"]["dice"]]),
               "area": {}},
-             {"method": "all foreground", "iou": _stat([baselines["all_foreground"]["iou"]]),
-              "dice": _stat([baselines["all_foreground"]["dice"]]), "area": _stat([100.0])}]
-    diag = {"pi_fg": _stat([f["pi_fg"] for f in finals.values()]), "pi_bg": _stat([f["pi_bg"] for f in finals.values()]),
-            "best_threshold_iou": _stat([f["best_threshold_iou"] for f in finals.values()]),
-            "iterations": _stat([r["iterations"] for r in runs.values()]),
-            "train_minutes": _stat([r["train_seconds"] / 60 for r in runs.values()]),
-            "student_minutes": _stat([st["seconds"] / 60 for st in students.values()])}
+             {"method": "all foreground", "iou": stat([baselines["all_foreground"]["iou"]]),
+              "dice": stat([baselines["all_foreground"]["dice"]]), "area": stat([100.0])}]
+    diag = {"pi_fg": stat([f["pi_fg"] for f in finals.values()]), "pi_bg": stat([f["pi_bg"] for f in finals.values()]),
+            "best_threshold_iou": stat([f["best_threshold_iou"] for f in finals.values()]),
+            "iterations": stat([r["iterations"] for r in runs.values()]),
+            "train_minutes": stat([r["train_seconds"] / 60 for r in runs.values()]),
+            "student_minutes": stat([st["seconds"] / 60 for st in students.values()])}
     _plot({s: r["curve"] for s, r in runs.items()}, DEFAULT.name, out / "curve.png")
-    cpu = _cpu_name()
+    cpu = cpu_name()
     result = {"preset": args.preset, "data": args.data, "overrides": args.overrides, "seeds": args.seeds,
               "minutes": args.minutes, "test_images": int(len(images)), "true_area": true_area, "rows": rows,
               "diagnostics": diag, "cpu": cpu, "threads_per_seed": None if args.reuse else threads,
@@ -248,30 +240,20 @@ def run(args) -> dict:
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def format_result(r: dict) -> str:
     d = r["diagnostics"]
     lines = [f"quality: {r['preset']} on {r['data']} {' '.join(r['overrides'])}".rstrip(),
-             f"  {r['seeds']} seed(s) × {r['minutes']:g} min ({_cell(d['iterations'], 0)} EM iterations, "
+             f"  {r['seeds']} seed(s) × {r['minutes']:g} min ({cell(d['iterations'], 0)} EM iterations, "
              + (f"{r['threads_per_seed']} thread(s) each, {r['parallel']} at a time, " if r["parallel"] else
                 "runs reused from --out, ")
              + f"{r['cpu']}); "
              f"{r['test_images']} held-out images, true foreground area {r['true_area']:.1f} %",
              f"{'method':<46}{'IoU':>14}{'Dice':>14}{'area %':>14}"]
     for row in r["rows"]:
-        lines.append(f"{row['method']:<46}{_cell(row['iou']):>14}{_cell(row['dice']):>14}{_cell(row['area']):>14}")
+        lines.append(f"{row['method']:<46}{cell(row['iou']):>14}{cell(row['dice']):>14}{cell(row['area']):>14}")
     if d.get("student_minutes"):
-        lines.append(f"each student: {_cell(d['student_minutes'])} min of pairs + training after "
-                     f"{_cell(d['train_minutes'])} min of training")
-    lines.append(f"π_f on true foreground {_cell(d['pi_fg'], 2)}, on background {_cell(d['pi_bg'], 2)}; "
-                 f"best-threshold IoU (peeks at labels) {_cell(d['best_threshold_iou'])}")
+        lines.append(f"each student: {cell(d['student_minutes'])} min of pairs + training after "
+                     f"{cell(d['train_minutes'])} min of training")
+    lines.append(f"π_f on true foreground {cell(d['pi_fg'], 2)}, on background {cell(d['pi_bg'], 2)}; "
+                 f"best-threshold IoU (peeks at labels) {cell(d['best_threshold_iou'])}")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Can a preset's background generator reproduce TM-dSprites textures at all? (issue 2 diagnostic)
 
-    python -m pipelines.texture_fit --preset cpu-32 --seconds 150 [--bg-dim 4] [--widths 64,32,16]
+    python -m pipelines.bench.texture_fit --preset cpu-32 --seconds 150 [--bg-dim 4] [--widths 64,32,16]
 
 Fits the background generator alone to sprite-free backgrounds with one free latent vector per
 image, learned by Adam together with the weights ("GLO"). No prior, no Langevin, no foreground

@@ -1,17 +1,4 @@
-"""Benchmarks (not tests): measured side by side in one run, printed as ratios.
-
-    python -m pipelines.bench core [--presets paper-tmds:8 cpu-64:32] [--iterations 1] [--device cuda --profile]
-    python -m pipelines.bench preprocess [--images 2000 --size 128]
-    python -m pipelines.bench train [--preset cpu-32 --workers 1 2 --iterations 30]
-    python -m pipelines.bench segment [--preset cpu-32 --train-iterations 300]   (pipelines/bench_segment.py)
-    python -m pipelines.bench quality [--preset cpu-32 --minutes 20 --seeds 2]   (pipelines/bench_quality.py)
-    python -m pipelines.bench quality --recipe photos --photos DIR --masks DIR [--sets 2]   (pipelines/bench_recipe.py)
-
-`core` (pipelines/bench_core.py, `--device cpu|cuda`) measures, per preset and batch size: seconds
-per EM iteration, per posterior Langevin step per image, images/s, peak memory, and the achieved
-FLOP/s of the Langevin loop against the GEMM and conv peaks measured on the same device in the same
-process, for our fast path, plain fp32, and variants that undo our layer choices.
-"""
+"""Ray Data preprocessing against a single-process loop; Ray Train with 1 and 2 workers."""
 from __future__ import annotations
 
 import argparse
@@ -23,29 +10,8 @@ import torch
 
 from drc_core.fit import TrainState
 from drc_core.presets import get_config
-from pipelines.bench_core import _timeit
-
-
-def peak_rss_mb(include_ray_workers: bool) -> float:
-    """High-water resident memory (VmHWM) of this process, plus that of every Ray worker process
-    when asked: read once at the end, so nothing samples while the benchmark runs. The sum over
-    processes is an upper bound on their simultaneous peak."""
-    import psutil
-
-    def hwm(pid: int) -> int:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            return 0
-
-    total = hwm(psutil.Process().pid)
-    if include_ray_workers:
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if cmd and cmd[0].startswith("ray::"):
-                total += hwm(p.pid)
-    return total / 2 ** 20
+from pipelines.bench.common import peak_rss_mb
+from pipelines.bench.core import _timeit
 
 
 def preprocess(args) -> dict:
@@ -198,27 +164,16 @@ def train(args) -> dict:
     return {"rows": rows, "paper_chain_buffer": cost}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    from pipelines import bench_core, bench_quality, bench_segment
-    bench_core.add_parser(sub)
+def add_parsers(sub) -> None:
     pre = sub.add_parser("preprocess", help="Ray Data preprocessing vs a single-process loop")
     pre.add_argument("--images", type=int, default=2000)
     pre.add_argument("--size", type=int, default=128)
     pre.add_argument("--rows-per-file", type=int, default=500)
+    pre.set_defaults(run=preprocess)
     tr = sub.add_parser("train", help="pipelines.train: 1 vs 2 workers, chain buffer share")
     tr.add_argument("--preset", default="cpu-32")
     tr.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     tr.add_argument("--iterations", type=int, default=30)
     tr.add_argument("--images", type=int, default=512, help="TM-dSprites training images")
     tr.add_argument("--paper-chains", type=int, default=200_000, help="chains in the paper-dims buffer test")
-    bench_segment.add_parser(sub)
-    bench_quality.add_parser(sub)
-    args = p.parse_args(argv)
-    {"core": bench_core.core, "preprocess": preprocess, "train": train, "segment": bench_segment.run,
-     "quality": bench_quality.run}[args.cmd](args)
-
-
-if __name__ == "__main__":
-    main()
+    tr.set_defaults(run=train)

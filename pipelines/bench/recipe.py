@@ -106,7 +106,7 @@ def _evaluate_rows(metrics: dict, sets: list[str]) -> tuple[dict[str, list[dict]
 
 
 def run(args) -> dict:
-    from pipelines.bench_quality import _cell, _cpu_name, _stat
+    from pipelines.bench.common import cell as _cell, cpu_name as _cpu_name, stat as _stat
     from drc_core.config import parse_override_args
     from drc_core.presets import get_config
     if not args.photos or not args.masks:

@@ -210,6 +210,7 @@ def core(args) -> list[dict]:
 
 def add_parser(sub) -> None:
     c = sub.add_parser("core", help="drc_core EM iteration / Langevin step speed on one device")
+    c.set_defaults(run=core)
     c.add_argument("--presets", nargs="+", default=["paper-tmds:8", "cpu-64:32"], help="preset:batch")
     c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     c.add_argument("--iterations", type=int, default=1, help="full EM iterations timed per preset (after a warm-up)")

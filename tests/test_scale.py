@@ -1,0 +1,208 @@
+"""Corpus scale on real Ray clusters started with `ray start` (separate raylets, separate object
+stores): segment and preprocess SIGKILLed half-way and continued with --resume, and a cluster of a
+head and two worker nodes running preprocess → train → segment → evaluate as a `ray job submit`
+job with every input and output on the local S3 server, then segment with one of its actors' nodes
+killed half-way. The growth curves themselves are `python -m pipelines.bench scale` (docs/scale.md)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.bench.cluster import LocalCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rows_written(folder: Path) -> int:
+    """Rows in the complete part files of an output being written (a torn file counts nothing)."""
+    total = 0
+    for p in folder.glob("part-*.parquet"):
+        try:
+            total += pq.ParquetFile(p).metadata.num_rows
+        except Exception:
+            pass
+    return total
+
+
+def _run(cluster: LocalCluster, module: str, argv: list[str], kill_at: tuple[Path, int] | None = None,
+         timeout: float = 600) -> tuple[int, bool, str]:
+    """`python -m module argv` joining `cluster`; SIGKILLed once `kill_at`'s folder holds that many
+    rows. (exit code, killed, output)."""
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed, deadline = False, time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if kill_at is not None and not killed and _rows_written(kill_at[0]) >= kill_at[1]:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    out = proc.communicate()[0]
+    return proc.returncode, killed, out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(head_cpus=2, object_store_mb=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def drill_data(cluster, tmp_path_factory):
+    """800 TM-dSprites images at 32² and a small DRC model with random weights (Langevin makes
+    each batch take long enough to stop a run half-way)."""
+    from drc_core.fit import TrainState
+    from pipelines.lib.models import save_drc
+    from tests.conftest import tiny_config
+    root = tmp_path_factory.mktemp("drill")
+    code, _, out = _run(cluster, "pipelines.preprocess", ["--source", "tm-dsprites", "--preset", "cpu-32", "--train",
+                                                          "800", "--test", "0", "--rows-per-file", "100",
+                                                          "--out", str(root / "data"), "--quiet"])
+    assert code == 0, out[-3000:]
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = save_drc(root / "model.pt", cfg, TrainState.create(cfg, 4).model.state_dict())
+    return {"root": root, "data": str(root / "data"), "model": str(model), "n": 800}
+
+
+def test_a_segment_killed_half_way_resumes_each_input_once_with_the_same_masks(cluster, drill_data, tmp_path):
+    from pipelines import segment
+    n = drill_data["n"]
+    argv = ["--model", drill_data["model"], "--input", drill_data["data"], "--steps", "4", "--batch-size", "16",
+            "--rows-per-file", "48", "--actors", "2", "--quiet"]
+    code, _, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(tmp_path / "whole")])
+    assert code == 0, out[-3000:]
+    target = tmp_path / "killed"
+    code, killed, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(target)],
+                             kill_at=(tmp_path / ".killed.partial", n // 2))
+    assert killed, "the run finished before half of it was written: make it slower"
+    assert not (target / "_manifest.json").exists()
+    kept = _rows_written(tmp_path / ".killed.partial")
+    with pytest.raises(SystemExit, match="interrupted run left its parts .* --resume"):
+        segment.main([*argv, "--output", str(target), "--address", cluster.address])   # neither flag: refused
+    code, _, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(target), "--resume"])
+    assert code == 0, out[-3000:]
+    manifest = json.loads((target / "_manifest.json").read_text())
+    done = manifest["run"]["inputs_processed"]
+    assert done == n - kept and done <= 0.55 * n, (done, kept)
+    rows = segment.read_output(str(target), ok_only=False)
+    ids = rows["sample_id"].to_numpy()
+    assert len(ids) == n and len(np.unique(ids)) == n and manifest["counts"]["ok"] == n   # each input once
+    assert segment.read_output(str(target)).equals(segment.read_output(str(tmp_path / "whole")))  # byte for byte
+    # --resume of a finished output does nothing
+    code, _, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(target), "--resume"])
+    assert code == 0 and json.loads((target / "_manifest.json").read_text()) == manifest
+
+
+def test_a_preprocess_killed_half_way_resumes_to_the_same_dataset(cluster, tmp_path):
+    from pipelines.lib.parquet_store import load_arrays
+    argv = ["--source", "tm-dsprites", "--preset", "cpu-32", "--train", "1500", "--test", "100",
+            "--rows-per-file", "50", "--quiet"]
+    code, _, out = _run(cluster, "pipelines.preprocess", [*argv, "--out", str(tmp_path / "whole")])
+    assert code == 0, out[-3000:]
+    target = tmp_path / "killed"
+    code, killed, out = _run(cluster, "pipelines.preprocess", [*argv, "--out", str(target)],
+                             kill_at=(tmp_path / ".killed.partial", 800))
+    assert killed and not (target / "_manifest.json").exists()
+    kept = _rows_written(tmp_path / ".killed.partial")
+    code, _, out = _run(cluster, "pipelines.preprocess", [*argv, "--out", str(target), "--resume"])
+    assert code == 0, out[-3000:]
+    manifest, whole = (json.loads((d / "_manifest.json").read_text()) for d in (target, tmp_path / "whole"))
+    assert manifest["run"]["parts_reused"] * 50 >= kept - 50 and manifest["run"]["inputs_processed"] <= 0.55 * 1600
+    assert manifest["sample_id_checksum"] == whole["sample_id_checksum"] and manifest["splits"] == whole["splits"]
+    a, b = load_arrays(str(target)), load_arrays(str(tmp_path / "whole"))
+    assert a["sample_id"].tolist() == list(range(1600))
+    assert a["images"].tobytes() == b["images"].tobytes() and a["masks"].tobytes() == b["masks"].tobytes()
+
+
+# ---- several nodes, object storage, ray job submit -------------------------------------------------
+N_PHOTOS = 1000
+@pytest.fixture(scope="module")
+def three_nodes(s3_server):
+    """A head without CPUs and two worker nodes of one CPU each (separate raylets and object
+    stores), whose every process sees the local S3 server, with the job server."""
+    with LocalCluster(head_cpus=0, workers=[1, 1], dashboard=True, object_store_mb=200) as c:
+        yield c
+
+
+def test_a_submitted_job_runs_every_stage_on_both_worker_nodes_with_everything_on_s3(three_nodes, tmp_path):
+    from pipelines.lib import locations
+    root = "s3://drc-test/multinode"
+    before = {p for p in ROOT.iterdir()}
+    mlflow_db = tmp_path / "mlflow.db"
+    # no --working-dir: the nodes import this checkout (PYTHONPATH) and the job runs in the nodes' own
+    # folder, which must stay empty
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", three_nodes.dashboard,
+              "--", sys.executable, "-m", "tests.multinode_job", "--root", root,
+              "--images", str(N_PHOTOS), "--tracking-uri", f"sqlite:///{mlflow_db}"]
+    for _ in range(6):                        # the job agent may need a few seconds after `ray start`
+        proc = subprocess.run(submit, env=three_nodes.env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    workers = set(result["workers"])
+    print("multi-node job, seconds per stage:", result["seconds"])
+    assert len(workers) == 2
+    # every stage ran on both worker nodes (the head has no CPU)
+    assert set(result["corpus_nodes"]) == workers
+    assert set(result["preprocess"]["nodes"]) == workers and result["preprocess"]["ok"] == N_PHOTOS
+    assert set(result["train"]["nodes"]) == workers                  # one worker per node
+    assert set(result["segment"]["nodes"]) == workers and result["segment"]["ok"] == N_PHOTOS
+    assert set(result["evaluate"]["nodes"]) == workers and result["evaluate"]["evaluated"] == N_PHOTOS
+    # every output is on s3://, and nothing was written to a local path but the MLflow store asked for
+    assert all(result["outputs"].values()) and result["train"]["checkpoint"].startswith(root)
+    assert locations.exists(f"{root}/eval/report.html") and locations.exists(f"{root}/eval/per_image.parquet")
+    assert list(three_nodes.cwd.iterdir()) == []
+    assert {p for p in ROOT.iterdir()} == before and sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlruns"]
+
+
+def test_segment_survives_an_actors_node_lost_and_resumes_after_its_driver_is_killed(three_nodes, tmp_path):
+    """After the job above: segment its photos again; SIGKILL one worker node (its raylet, its actor
+    and every process under it) a third of the way (the run goes on with the other node's actor),
+    then the driver half-way; bring the node back and --resume: each photo once, the resumed run
+    did only what was not written, and the masks are the job's."""
+    from pipelines import segment
+    from pipelines.lib import locations
+    root = "s3://drc-test/multinode"
+    model = locations.subfolders(f"{root}/runs/multinode", "checkpoint_")[-1]
+    out, staging = tmp_path / "seg", tmp_path / ".seg.partial"
+    # the job's settings (the batch size too: masks are byte-identical to a run with the same settings)
+    argv = ["--model", model, "--input", f"{root}/photos", "--output", str(out), "--steps", "2", "--actors", "2",
+            "--batch-size", "64", "--rows-per-file", "64", "--quiet"]
+    env = {**three_nodes.env, "RAY_ADDRESS": three_nodes.address}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.segment", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lost = None
+    while proc.poll() is None and _rows_written(staging) < N_PHOTOS // 2:
+        if lost is None and _rows_written(staging) >= N_PHOTOS // 3:
+            lost = three_nodes.kill_node(1)
+        time.sleep(0.05)
+    assert lost and proc.poll() is None, "segment finished before half of it was written: make it slower"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    kept = _rows_written(staging)
+    three_nodes.start_node(1)
+    code, _, log = _run(three_nodes, "pipelines.segment", [*argv, "--resume"])
+    assert code == 0, log[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    rows = segment.read_output(str(out), ok_only=False)
+    assert rows.num_rows == N_PHOTOS and len(np.unique(rows["sample_id"].to_numpy())) == N_PHOTOS
+    assert manifest["run"]["inputs_processed"] == N_PHOTOS - kept <= 0.55 * N_PHOTOS
+    mine = segment.read_output(str(out), ["sample_id", "key", "mask", "prob"])
+    theirs = segment.read_output(f"{root}/seg", ["sample_id", "key", "mask", "prob"])
+    assert mine.equals(theirs)
