@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
         sys.exit(f"drc: unknown stage {stage!r}\n\n{usage()}")
-    module = importlib.import_module(f"pipelines.{stage}")
+    # a package's command line is its __main__ (the benchmarks)
+    module = importlib.import_module(f"pipelines.{stage}.__main__" if stage == "bench" else f"pipelines.{stage}")
     sys.argv = [f"drc {stage}", *rest]             # argparse names the command in its messages
     module.main(rest)
 

@@ -161,7 +161,8 @@ def _ground_truth(unit: dict, job: dict, ids: set | None = None):
     for m in map(listing.table, unit["masks"]):
         masks.update(zip(m["key"].to_pylist(), m["path"].to_pylist()))
     for r in listing.table(unit["source"]).to_pylist():
-        if r["key"] not in masks or (ids is not None and r["index"] not in ids):
+        if r["key"] not in masks or (ids is not None and r["index"] not in ids) or \
+                (job["split"] is not None and r["split"] != job["split"]):
             continue
         try:
             image = read_photo(r["path"], job["max_pixels"])
@@ -366,6 +367,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     extra = list(dict.fromkeys(["0.5", *thresholds]))
     methods = _methods(loaded, extra)
     job = {"preds": [{k: p[k] for k in ("name", "where", "parts", "refined")} for p in loaded], "methods": methods,
+           "split": split,
            "margin": margin, "grabcut": grabcut, "max_pixels": max_pixels or MAX_PIXELS,
            "corpus": _corpus_thresholds(loaded, extra)}
     units, candidates, truth = _units(data, split, masks_dir, job)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pipelines.bench as package
 from pipelines.bench import core, quality, scale, segment, stages
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=package.__doc__,
+    prog = "python -m pipelines.bench" if sys.argv[0].endswith("__main__.py") else None    # else `drc bench`
+    p = argparse.ArgumentParser(prog=prog, description=package.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     core.add_parser(sub)

@@ -222,7 +222,7 @@ def _distill(out: Path, n: int, mlflow: str) -> str:
     student = out / "student" / "student.pt"
     if student.exists():
         return str(student)
-    ckpt = sorted((out / "ray" / f"scale-{n}").glob("checkpoint_*"))[-1]
+    ckpt = sorted(p for p in (out / "ray" / f"scale-{n}").glob("checkpoint_0*") if p.is_dir())[-1]
     subprocess.run([sys.executable, "-m", "pipelines.distill", "--teacher", str(ckpt), "--data",
                     str(out / f"data-{n}"), "--steps", "300", "--out", str(out / "student"), "--no-model", "--quiet",
                     "--tracking-uri", mlflow], check=True, capture_output=True, env={**os.environ, "RAY_ADDRESS": ""})
@@ -387,6 +387,7 @@ def run(args) -> dict:
         result = {"cpu": cpu_name(), "cpus": args.cpus, "rows": rows, "drills": drills,
                   "growth": growth(rows), "command": " ".join(sys.argv)}
         result["projection"] = projection(result, args.project, args.nodes, args.cpus)
+        result["projected"] = {"images": args.project, "nodes": args.nodes, "cpus_per_node": args.cpus}
     (out / "scale.json").write_text(json.dumps(result, indent=1))
     print(format_result(result))
     return result
@@ -414,25 +415,31 @@ def growth(rows: list[dict]) -> dict:
 
 
 def projection(result: dict, images: int, nodes: int, cpus: int) -> dict:
-    """Memory per driver and worker, time and checkpoint bytes at `images` on `nodes` nodes of `cpus`
-    CPUs like this one, extrapolated linearly from the largest measured size."""
-    out = {}
+    """Each stage at `images` on `nodes` nodes of `cpus` CPUs like this one, extrapolated linearly
+    from the two ends of the measured sizes: the driver's peak memory; a worker's (for train, from
+    the bytes per image of its shard: one worker per CPU, 90 % of the images training); hours from
+    images/s per CPU; for train, the chain bytes of a base over all workers and of one checkpoint's
+    deltas, which depend on the batch and the checkpoint interval, not on the corpus."""
+    gib, out = 2 ** 30, {}
     for stage, g in result["growth"].items():
-        b = max((r for r in result["rows"] if r["stage"] == stage), key=lambda r: r["images"])
-        extra = images - b["images"]
-        p = {"driver_gb": ((b["driver_peak"] or 0) + max(0.0, g["driver_bytes_per_image"] or 0) * extra) / 2 ** 30}
+        rows = sorted((r for r in result["rows"] if r["stage"] == stage), key=lambda r: r["images"])
+        a, b = rows[0], rows[-1]
+        p = {"driver_gb": ((b["driver_peak"] or 0) + max(0.0, g["driver_bytes_per_image"] or 0)
+                           * (images - b["images"])) / gib}
         if stage == "train":
-            per_worker = b["shard_rows"] / max(1, b["images"] * 0.9 / 2) if b.get("shard_rows") else 0.5
+            per_image = (b["worker_peak"] - a["worker_peak"]) / max(1, b["shard_rows"] - a["shard_rows"])
             shard = images * 0.9 / (nodes * cpus)
-            p["worker_gb"] = (b["worker_peak"] / (b["images"] * 0.9 / 2)) * shard / 2 ** 30
-            base = max(b["checkpoint_chain_bytes"].values()) / max(1, b["shard_rows"])
-            p["chain_base_gb_per_worker"] = base * shard / 2 ** 30
-            p["chain_base_gb_total"] = base * images * 0.9 / 2 ** 30
+            p["worker_gb"] = (b["worker_peak"] + per_image * (shard - b["shard_rows"])) / gib
+            base = sum(b["checkpoint_chain_bytes"].values()) / (2 * b["shard_rows"])       # bytes per chain
+            p["chains_base_gb"] = base * images * 0.9 / gib
+            p["checkpoint_delta_mb_per_worker"] = max(b["second_checkpoint_chain_bytes"].values()) / 2 ** 20
             p["s_per_iteration"] = b["s_per_iteration"]
-            del per_worker
         else:
-            p["worker_gb"] = (b["worker_peak"] + max(0.0, g["worker_bytes_per_image"] or 0) * extra) / 2 ** 30
-            p["hours"] = images / (b["images_per_s"] * nodes * cpus / result["cpus"]) / 3600
+            p["worker_gb"] = (b["worker_peak"] + max(0.0, g["worker_bytes_per_image"] or 0)
+                              * (images - b["images"])) / gib
+            per_cpu = b["images_per_s"] / result["cpus"]
+            p["images_per_s_per_cpu"] = per_cpu
+            p["hours"] = images / (per_cpu * nodes * cpus) / 3600
         out[stage] = p
     return out
 
@@ -479,7 +486,9 @@ def format_result(r: dict) -> str:
                      f"processed {share:.0%} (≤ 55 %: {'PASS' if share is not None and share <= 0.55 else 'FAIL'}), "
                      f"every input once: {d['every_input_once']}, identical: {d['identical_to_uninterrupted']}")
     if r.get("projection"):
-        lines += ["", "projection (linear from the largest size; CPUs like this one):"]
+        q = r["projected"]
+        lines += ["", f"projection to {q['images']:,} images on {q['nodes']} nodes of {q['cpus_per_node']} CPUs like "
+                      f"this one (linear in the measured slopes):"]
         for stage, p in r["projection"].items():
             lines.append(f"  {stage:<11}" + ", ".join(f"{k} {v:.2f}" for k, v in p.items()))
     return "\n".join(lines)
