@@ -421,7 +421,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, model.pt / student.pt, or MLflow model URI")
     p.add_argument("--input", required=True, help="Parquet dataset or image folder (a folder or URI)")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", "--out", dest="output", default=None,
                    help="output dataset folder or URI (default with --png: DIR/segmentation)")
     p.add_argument("--mode", default="auto", choices=("auto", LANGEVIN, AMORTIZED))
     p.add_argument("--split", default=None, choices=("train", "val", "test"), help="only this split")

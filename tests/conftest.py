@@ -93,6 +93,21 @@ def ray_local(request):
     ray.shutdown()
 
 
+# ---- tiers: the fast tier is `-m "not integration and not slow"` ------------------------------------
+STARTS_SERVICES = ("ray_local", "s3_server")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts Ray or the S3 server, itself or through a fixture it uses, is an
+    integration test whether or not its module says so (the fast tier cannot pick one up by
+    accident); `learning` tests are also `slow`."""
+    for item in items:
+        if any(name in item.fixturenames for name in STARTS_SERVICES):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("learning"):
+            item.add_marker(pytest.mark.slow)
+
+
 # ---- fault-injection suite: a results table (python -m pytest -m faults) ------------------------
 _fault_rows: list[tuple[str, str, float, str]] = []
 

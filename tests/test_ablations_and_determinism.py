@@ -74,6 +74,19 @@ def test_pseudo_label_tv_and_ortho_switches_drop_their_terms(tiny_cfg):
     assert no_pl.fg_classifier is None and no_pl.bg_classifier is None
 
 
+def test_pseudo_label_and_ortho_switches_change_the_generator_loss_by_exactly_their_term(tiny_cfg):
+    from drc_core.em import generator_loss
+    model = TrainState.create(tiny_cfg, 4).model
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = torch.randn(2, tiny_cfg.model.latent_dim)
+    full, parts = generator_loss(model, x, z, tiny_cfg)
+    for switch, weight in (("pseudo_label", tiny_cfg.loss.pseudo_label_weight),
+                           ("ortho", tiny_cfg.loss.ortho_weight)):
+        assert weight > 0 and parts[switch] > 0, switch
+        without, _ = generator_loss(model, x, z, apply_overrides(tiny_cfg, {f"ablation.{switch}": False}))
+        torch.testing.assert_close(full - without, weight * parts[switch], atol=1e-5, rtol=1e-4)
+
+
 def test_tv_switch_changes_the_posterior_energy_by_exactly_the_tv_term(tiny_cfg):
     from drc_core.objective import total_variation
     model = TrainState.create(tiny_cfg, 4).model

@@ -6,6 +6,7 @@ import torch
 from pipelines.bench.__main__ import main as bench_main
 
 
+@pytest.mark.slow
 def test_core_benchmark_times_every_variant_against_peaks_measured_in_the_same_run(tmp_path, capsys):
     out = tmp_path / "core.json"
     bench_main(["core", "--presets", "cpu-32:2", "--iterations", "1", "--step-repeat", "1", "--json", str(out)])

@@ -37,6 +37,7 @@ def test_shipped_search_spaces_are_found_from_any_folder(tmp_path, monkeypatch):
     assert {"quick.yaml", "langevin.yaml", "regularizers.yaml"} <= set(search_space.shipped())
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_the_drc_command_with_its_packages_and_data(tmp_path):
     import shutil
     src = tmp_path / "src"                      # a copy: setuptools builds in the source tree (build/)

@@ -1,6 +1,7 @@
 """Every file in cluster/ is checked: it parses, carries what its schema requires, and every
-`python -m pipelines.X …` in it names a module that exists, with flags that module's parser accepts
-(the whole command is parsed when it holds no placeholders). Nothing is downloaded: Ray's
+`python -m pipelines.X …` or `drc X …` in it (and in the top-level README.md) names a module that
+exists, with flags that module's parser accepts (the whole command is parsed when it holds no
+placeholders), so a renamed flag fails here. Nothing is downloaded: Ray's
 launcher schema is the one installed with Ray, the KubeRay required keys are the table below."""
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ class _Captured(BaseException):
 def parser_of(module: str) -> argparse.ArgumentParser:
     """The module's own parser, caught when its main() calls parse_args (nothing else runs)."""
     captured = []
+    if module == "pipelines.bench":                      # a package: its command line is __main__
+        module = "pipelines.bench.__main__"
 
     def grab(self, *args, **kwargs):
         captured.append(self)
@@ -120,23 +123,31 @@ def _strings(node):
             yield from _strings(v)
 
 
+COMMAND = re.compile(r"(?:python -m (pipelines\.\w+)|(?:^|[\s/`])drc (\w+))([^`\n]*)")
+
+
 def commands(path: Path) -> list[tuple[str, list[str]]]:
-    """(module, argv) of every `python -m pipelines.X …` in a file (YAML: in its string values)."""
+    """(module, argv) of every `python -m pipelines.X …` or `drc X …` in a file (YAML: in its string
+    values)."""
+    from pipelines.cli import STAGES
     texts = list(_strings(_yaml_docs(path))) if path.suffix == ".yaml" else [path.read_text()]
     found = []
     for text in texts:
         for line in text.replace("\\\n", " ").splitlines():
-            for m in re.finditer(r"python -m (pipelines\.\w+)([^`\n]*)", line):
+            for m in COMMAND.finditer(line):
+                if m.group(2) is not None and m.group(2) not in STAGES:
+                    continue
+                module = m.group(1) or f"pipelines.{m.group(2)}"
                 argv = []
-                for tok in shlex.split(m.group(2), comments=True):
+                for tok in shlex.split(m.group(3), comments=True):
                     if tok in ("&&", "||", ";", "|", "&", ">", "2>&1"):
                         break
                     argv.append(tok)
-                found.append((m.group(1), argv))
+                found.append((module, argv))
     return found
 
 
-ALL_COMMANDS = [(p, mod, argv) for p in FILES for mod, argv in commands(p)]
+ALL_COMMANDS = [(p, mod, argv) for p in [*FILES, ROOT / "README.md", ROOT / "docs" / "usage.md"] for mod, argv in commands(p)]
 
 
 def test_the_cluster_files_run_the_pipelines():
@@ -145,15 +156,18 @@ def test_the_cluster_files_run_the_pipelines():
 
 
 @pytest.mark.parametrize("path, module, argv", ALL_COMMANDS,
-                         ids=[f"{p.relative_to(CLUSTER)}:{m}:{i}" for i, (p, m, _) in enumerate(ALL_COMMANDS)])
+                         ids=[f"{p.relative_to(ROOT)}:{m}:{i}" for i, (p, m, _) in enumerate(ALL_COMMANDS)])
 def test_command_names_a_module_and_flags_it_accepts(path, module, argv):
     assert importlib.util.find_spec(module) is not None, f"{path}: no module {module}"
     parser = parser_of(module)
     known = set(parser._option_string_actions)
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subcommands and argv and argv[0] in subcommands[0].choices:    # bench <name> …: that one's flags
+        known = set(subcommands[0].choices[argv[0]]._option_string_actions)
     for tok in argv:
         if tok.startswith("--"):
             assert tok.split("=", 1)[0] in known, f"{path}: {module} has no flag {tok}"
-    if not any(PLACEHOLDER.search(t) for t in argv):
+    if not any(PLACEHOLDER.search(t) for t in argv) and not {"-h", "--help"} & set(argv):
         try:
             parser.parse_args(argv)
         except SystemExit as exc:

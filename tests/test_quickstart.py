@@ -150,7 +150,6 @@ def test_the_report_renders_in_a_real_headless_browser(browser, quickstart):   #
         assert [t for t, _ in cells] == ["td", "td"] * len(splits)
         i = 2 * splits.index(r["split"])
         assert [c for _, c in cells[i:i + 2]] == [f"{r['iou']:.1f}", f"{r['dice']:.1f}"], r
-        assert all(0 <= float(c) <= 100 for _, c in cells[i:i + 2])
 
     # Every image the page shows is there: inline PNGs that decode, or files next to the report.
     # The sample grid, the learning curves, the IoU histogram and the 12 worst cases.

@@ -99,4 +99,6 @@ def test_ray_start_head_and_job_submit_run_pipelines_train(dataset, tracking_uri
     import mlflow
     run = mlflow.tracking.MlflowClient(tracking_uri).get_run(meta["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "submitted"
-    assert run.data.metrics, "the job's metrics are in the store"
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")]
+    assert steps == [1, 2, 3], steps                  # one value per EM iteration the job ran

@@ -31,7 +31,7 @@ def _study(dataset, tracking_uri, tmp_path, *extra):
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     summary = tmp_path / "tune" / name / "summary.json"
     assert proc.returncode == 0 and summary.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(summary.read_text())
+    return {**json.loads(summary.read_text()), "stdout": proc.stdout}
 
 
 def _children(tracking_uri, parent):
@@ -61,9 +61,16 @@ def test_quick_study_with_asha_and_optuna_records_parent_children_and_best(datas
     assert all("eval_iou" in r.data.metrics and "eval_score" in r.data.metrics for r in children)
     for m in (r.data.metrics for r in children):      # the label-free score Tune ranks by without masks
         assert m["eval_score"] == pytest.approx(m["eval_lf_separability"] - m["eval_trivial"])
-        assert 0.0 <= m["eval_lf_separability"] <= 1.0 and m["eval_lf_recon"] == pytest.approx(-m["eval_recon_l1"])
-    assert set(out["spearman_vs_iou"]) <= {"eval_score", "eval_lf_recon", "eval_lf_separability",
-                                           "eval_lf_confidence", "eval_lf_nontrivial", "eval_lf_frame"}
+        assert m["eval_lf_recon"] == pytest.approx(-m["eval_recon_l1"])
+    # the rank correlations the study prints, recomputed here from what the children logged
+    from scipy.stats import spearmanr
+    iou = [r.data.metrics["eval_iou"] for r in children]
+    expected = {k: float(spearmanr([r.data.metrics[k] for r in children], iou).statistic)
+                for k in ("eval_score", "eval_lf_separability")}
+    for k, rho in expected.items():
+        if rho == rho:                                 # NaN: the score was the same for every trial
+            assert out["spearman_vs_iou"][k] == pytest.approx(rho)
+            assert f"Spearman rank correlation, label-free {k} vs IoU: {rho:.3f}" in out["stdout"]
     parent = c.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == out["best"]["trial"]
     assert float(parent.data.tags["best.optim.gen_lr"]) == pytest.approx(out["best"]["optim.gen_lr"])
