@@ -422,12 +422,15 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
                             {m: 100 * totals.mean(m, None)[1] for m in plotted})
     tiles = _gallery(units, job, sorted(totals.worst, reverse=True), methods[0] if loaded else None)
     n_rows = totals.seen
-    if n_rows <= CSV_LIMIT and (out / "per_image.parquet").exists():
-        frame = pq.read_table(out / "per_image.parquet").to_pandas()
+    if n_rows <= CSV_LIMIT and (out / "per_image.parquet").exists():      # batch by batch: flat memory
         keep = ["sample_id", "key", "split"] + [f"iou[{m}]" for m in shown]
-        frame = frame[frame["covered"]][keep].rename(columns={f"iou[{best}]": f"iou[{best} (best area)]"})
-        frame[[c for c in frame.columns if c.startswith("iou[")]] *= 100
-        frame.to_csv(out / "per_image.csv", index=False)
+        with open(out / "per_image.csv", "w", newline="") as f:
+            for i, batch in enumerate(pq.ParquetFile(out / "per_image.parquet").iter_batches(
+                    batch_size=4096, columns=[*keep, "covered"])):
+                frame = batch.to_pandas()
+                frame = frame[frame["covered"]][keep].rename(columns={f"iou[{best}]": f"iou[{best} (best area)]"})
+                frame[[c for c in frame.columns if c.startswith("iou[")]] *= 100
+                frame.to_csv(f, index=False, header=i == 0)
     notes = [f"{p['name']}: {p['manifest'].get('mode', '?')} mode, {p['manifest'].get('steps', 0)} steps, model "
              f"{p['manifest'].get('model')}, masks by threshold policy {p['manifest'].get('threshold_policy', '0.5')}"
              for p in loaded]

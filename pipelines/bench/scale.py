@@ -410,6 +410,11 @@ def growth(rows: list[dict]) -> dict:
             g["images_per_s_ratio"] = b["images_per_s"] / a["images_per_s"]
         if stage == "train":
             g["s_per_iteration_ratio"] = b["s_per_iteration"] / a["s_per_iteration"]
+            more = b["shard_rows"] - a["shard_rows"]
+            if more > 0:
+                g["worker_bytes_per_shard_image"] = (b["worker_peak"] - a["worker_peak"]) / more
+                chains = sum(b["checkpoint_chain_bytes"].values()) / (len(b["checkpoint_chain_bytes"]) * b["shard_rows"])
+                g["shard_image_bytes"] = b.get("image_bytes", 32 * 32 * 3) + chains
         out[stage] = g
     return out
 
@@ -480,6 +485,11 @@ def format_result(r: dict) -> str:
         if "s_per_iteration_ratio" in g:
             lines.append(f"  train: s/iteration within 10 %: {'PASS' if abs(g['s_per_iteration_ratio'] - 1) <= 0.1 else 'FAIL'}"
                          f" ({g['s_per_iteration_ratio']:.2f})")
+            w = g.get("worker_bytes_per_shard_image")
+            if w is not None:
+                own = g["shard_image_bytes"]
+                lines.append(f"  train: a worker grows by {w:.0f} B per image of its shard, ≤ 2× what it owns per image "
+                             f"({own:.0f} B: the uint8 image and its chains): {'PASS' if w <= 2 * own else 'FAIL'}")
     for d in r["drills"]:
         share = d["resumed_processed"] / d["n"] if d.get("resumed_processed") is not None else None
         lines.append(f"  {d['stage']} at {d['n']}: killed {d['killed']}, {d['rows_kept']} rows kept, resumed run "

@@ -167,26 +167,62 @@ def read_range(uri: str, lo: int, hi: int, columns: list[str] | None = None) -> 
     return pa.concat_tables(tables) if tables else None
 
 
-def _decode_table(table: pa.Table, size: int) -> dict[str, np.ndarray]:
-    images = np.frombuffer(bytearray(b"".join(table["image"].to_pylist())), np.uint8).reshape(-1, size, size, 3)
-    out = {"sample_id": table["sample_id"].to_numpy(), "key": np.array(table["key"].to_pylist()),
-           "split": np.array(table["split"].to_pylist()), "images": images}
-    masks = table["mask"].to_pylist()
-    if masks and all(m is not None for m in masks):
-        out["masks"] = np.frombuffer(bytearray(b"".join(masks)), np.uint8).reshape(-1, size, size)
+def _fill(out: np.ndarray, column: pa.ChunkedArray, name: str) -> None:
+    """Copy a binary column whose every value is out[i]'s bytes into `out`, straight from Arrow's
+    value buffers (one copy, no Python bytes objects)."""
+    width, at = int(np.prod(out.shape[1:])), 0
+    flat = out.reshape(len(out), width)
+    for chunk in column.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        large = pa.types.is_large_binary(chunk.type)
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64 if large else np.int32, count=n + 1,
+                                offset=chunk.offset * (8 if large else 4))
+        if chunk.null_count or np.any(np.diff(offsets) != width):
+            raise DatasetError(f"{name}: a value is missing or not {width} bytes")
+        flat[at:at + n] = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(n, width)
+        at += n
+
+
+def _decode_tables(tables, n: int, size: int) -> dict[str, np.ndarray]:
+    """Tables of rows (in order, n rows in all) decoded into arrays allocated once: sample_id (N,),
+    key (N,), split (N,), images (N, H, W, 3) uint8 and, when every row has one, masks (N, H, W)
+    uint8. A worker's peak is its arrays plus one part's table, not two or three copies of them."""
+    ids = np.empty(n, np.int64)
+    images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.empty((n, size, size), np.uint8)            # pages are touched only when filled
+    keys, splits, with_masks, at = [], [], n > 0, 0
+    for t in tables:
+        k = t.num_rows
+        if at + k > n:
+            raise DatasetError(f"more rows than the {n} expected")
+        ids[at:at + k] = t["sample_id"].to_numpy()
+        _fill(images[at:at + k], t["image"], "image")
+        with_masks = with_masks and t["mask"].null_count == 0
+        if with_masks:
+            _fill(masks[at:at + k], t["mask"], "mask")
+        keys += t["key"].to_pylist()
+        splits += t["split"].to_pylist()
+        at += k
+    if at != n:
+        raise DatasetError(f"{at} rows read where {n} were expected")
+    out = {"sample_id": ids, "key": np.array(keys, dtype=str), "split": np.array(splits, dtype=str),
+           "images": images}
+    if with_masks:
+        out["masks"] = masks
     return out
 
 
 def load_range(uri: str, lo: int, hi: int) -> dict[str, np.ndarray]:
     """Rows [lo, hi) of sample ids decoded to numpy: sample_id (N,), key (N,), split (N,), images
-    (N, H, W, 3) uint8 and, when every row has one, masks (N, H, W) uint8."""
-    size = Store(uri).read_manifest()["resolution"]
-    table = read_range(uri, lo, hi)
-    if table is None:
-        table = pa.table({"sample_id": pa.array([], pa.int64()), "key": pa.array([], pa.string()),
-                          "split": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
-                          "mask": pa.array([], pa.binary())})
-    return _decode_table(table, size)
+    (N, H, W, 3) uint8 and, when every row has one, masks (N, H, W) uint8; read part by part."""
+    store = Store(uri)
+    manifest = store.read_manifest()
+    hi = max(lo, min(hi, manifest["counts"]["ok"]))
+    parts = [p for p in manifest["parts"] if p["rows"] and p["id_min"] < hi and p["id_max"] >= lo]
+    tables = (t for p in parts for t in [read_part_rows(store, p, lo, hi)] if t is not None)
+    return _decode_tables(tables, hi - lo, manifest["resolution"])
 
 
 def load_arrays(uri: str, split: str | None = None) -> dict[str, np.ndarray]:
@@ -209,19 +245,20 @@ def load_rows(uri: str, ids: np.ndarray) -> dict[str, np.ndarray]:
         raise DatasetError(f"{uri}: no sample ids requested")
     store = Store(uri)
     manifest = store.read_manifest()
-    pieces = []
-    for p in manifest["parts"]:
-        inside = ids[(ids >= p["id_min"]) & (ids <= p["id_max"])]
-        if inside.size == 0:
-            continue
-        t = read_part_rows(store, p, int(inside[0]), int(inside[-1]) + 1)
-        pieces.append(t.filter(pc.is_in(t["sample_id"], pa.array(inside))))
-    table = pa.concat_tables(pieces) if pieces else None
-    if table is None or table.num_rows != ids.size:
-        have = np.zeros(0, np.int64) if table is None else table["sample_id"].to_numpy()
-        missing = np.setdiff1d(ids, have)[:5].tolist()
-        raise DatasetError(f"{uri}: sample ids {missing} are missing from the dataset")
-    return _decode_table(table, manifest["resolution"])
+    parts = [p for p in manifest["parts"] if p["rows"]]
+    held = np.zeros(ids.size, bool)                     # a part holds every id of its range
+    for p in parts:
+        held |= (ids >= p["id_min"]) & (ids <= p["id_max"])
+    if not held.all():
+        raise DatasetError(f"{uri}: sample ids {ids[~held][:5].tolist()} are missing from the dataset")
+
+    def pieces():
+        for p in parts:
+            inside = ids[(ids >= p["id_min"]) & (ids <= p["id_max"])]
+            if inside.size:
+                t = read_part_rows(store, p, int(inside[0]), int(inside[-1]) + 1)
+                yield t.filter(pc.is_in(t["sample_id"], pa.array(inside)))
+    return _decode_tables(pieces(), ids.size, manifest["resolution"])
 
 
 class Output:

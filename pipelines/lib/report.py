@@ -78,7 +78,8 @@ def write_report(path: Path, *, title: str, table: list[dict], coverage: dict, h
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}
-img.px{{image-rendering:pixelated}} figure{{display:inline-block;margin:6px}}
+img.px{{image-rendering:pixelated}} figure{{display:inline-block;margin:6px;max-width:100%}}
+figure img{{max-width:100%;height:auto}}
 figcaption{{font-size:12px}}</style></head><body>
 <h1>{html.escape(title)}</h1>{extra}
 <h2>IoU / Dice (%), per-image mean</h2>
