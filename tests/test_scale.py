@@ -19,20 +19,10 @@ import pytest
 import torch
 
 from pipelines.bench.cluster import LocalCluster
+from pipelines.bench.scale import written_rows as _rows_written
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _rows_written(folder: Path) -> int:
-    """Rows in the complete part files of an output being written (a torn file counts nothing)."""
-    total = 0
-    for p in folder.glob("part-*.parquet"):
-        try:
-            total += pq.ParquetFile(p).metadata.num_rows
-        except Exception:
-            pass
-    return total
 
 
 def _run(cluster: LocalCluster, module: str, argv: list[str], kill_at: tuple[Path, int] | None = None,

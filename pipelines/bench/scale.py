@@ -234,7 +234,7 @@ def _segment_argv(student: str, images: str, output: str) -> list[str]:
             "--batch-size", "128", "--rows-per-file", "5000", "--quiet"]
 
 
-def _written_rows(folder: Path) -> int:
+def written_rows(folder: Path) -> int:
     """Rows in the complete Parquet files of a stage's staging folder (what a kill would keep)."""
     import pyarrow.parquet as pq
     total = 0
@@ -258,8 +258,8 @@ def drill_segment(cluster, out: Path, n: int, student: str, images: str) -> dict
     shutil.rmtree(_staging(target), ignore_errors=True)
     argv = _segment_argv(student, images, str(target))
     killed = run_stage(cluster, out, f"drill-segment-kill-{n}", "pipelines.segment", argv,
-                       kill_when=lambda: _written_rows(_staging(target)) >= n // 2)
-    kept = _written_rows(_staging(target))
+                       kill_when=lambda: written_rows(_staging(target)) >= n // 2)
+    kept = written_rows(_staging(target))
     resumed = run_stage(cluster, out, f"drill-segment-resume-{n}", "pipelines.segment", [*argv, "--resume"])
     manifest = json.loads((target / "_manifest.json").read_text())
     check = _same_segmentation(target, out / f"seg-{n}", n)
@@ -291,8 +291,8 @@ def drill_preprocess(cluster, out: Path, n: int, root: Path) -> dict:
     shutil.rmtree(_staging(target), ignore_errors=True)
     argv = _preprocess_argv(root, str(target))
     killed = run_stage(cluster, out, f"drill-preprocess-kill-{n}", "pipelines.preprocess", argv,
-                       kill_when=lambda: _written_rows(_staging(target)) >= n // 2)
-    kept = _written_rows(_staging(target))
+                       kill_when=lambda: written_rows(_staging(target)) >= n // 2)
+    kept = written_rows(_staging(target))
     resumed = run_stage(cluster, out, f"drill-preprocess-resume-{n}", "pipelines.preprocess", [*argv, "--resume"])
     mine, theirs = (json.loads((d / "_manifest.json").read_text()) for d in (target, out / f"data-{n}"))
     same = mine["sample_id_checksum"] == theirs["sample_id_checksum"] and _image_digest(target) == _image_digest(
