@@ -45,6 +45,7 @@ from pipelines.lib.parquet_store import DatasetError, Store, read_part, read_ran
 PROTOCOL_LABEL = "π_f > ½, DRC protocol"
 BEFORE_REFINE = "π_f's mask before GrabCut"         # the row of a refined output's unrefined mask
 BASELINE_LIMIT = 5000        # GrabCut on every image up to this many, on a seeded sample of this many beyond
+ROW_GROUP = 65_536           # per_image.parquet's rows per row group
 CSV_LIMIT = 100_000          # per_image.csv next to per_image.parquet up to this many images
 UNIT = 256                   # ground-truth images per scoring task
 HIST_BINS = 20
@@ -258,8 +259,10 @@ def _member(sample: np.ndarray, pos: int) -> bool:
 
 
 # ---- the driver: units, the stream of scores, the table ---------------------------------------------
-def _units(data: str, split: str | None, masks_dir: str | None, job: dict) -> tuple[list[dict], int, str]:
-    """(units, candidate images, what the ground truth is)."""
+def _units(data: str, split: str | None, masks_dir: str | None, job: dict,
+           listing_dir: str | None = None) -> tuple[list[dict], int, str]:
+    """(units, candidate images, what the ground truth is). `listing_dir`: where the folders'
+    listings are written by the tasks that list them (None: kept in the object store)."""
     if masks_dir is None:
         manifest = Store(data).read_manifest()
         if manifest["counts"].get("with_mask", 0) < manifest["counts"]["ok"]:
@@ -268,8 +271,9 @@ def _units(data: str, split: str | None, masks_dir: str | None, job: dict) -> tu
         job.update(kind="parquet", where=Store(data).location, resolution=manifest["resolution"], first=lo)
         units = [{"lo": a, "hi": min(hi, a + UNIT)} for a in range(lo, hi, UNIT)]
         return units, hi - lo, f"{hi - lo} ground-truth images"
-    photos = listing.list_folder(data, rows=UNIT)
-    masks = listing.list_folder(masks_dir, rows=UNIT * 4)
+    where = (lambda name: None) if listing_dir is None else (lambda name: locations.join(listing_dir, name))
+    photos = listing.list_folder(data, rows=UNIT, folder=where("photos"))
+    masks = listing.list_folder(masks_dir, rows=UNIT * 4, folder=where("masks"))
     if not masks.total:
         raise DatasetError(f"--masks {masks_dir}: no mask file")
     job.update(kind="photos", where=data)
@@ -334,11 +338,23 @@ class Totals:
             (sum(self.sums[k][2] for k in keys) / n if n else float("nan"))
 
 
+def _listing_dir(out: str, local: Path) -> str | None:
+    """Where the photo folders' listings can be written for every task to read: under an object
+    store `--out`, or under a local one when Ray runs on one node; None (the object store) when a
+    local `--out` is not shared by the cluster's nodes."""
+    import ray
+    from pipelines.lib.ray_env import init_ray
+    if locations.is_uri(out):
+        return locations.join(out, "_listing")
+    init_ray()
+    return str(local / "_listing") if sum(1 for n in ray.nodes() if n["Alive"]) == 1 else None
+
+
 def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None = None, grabcut: bool = True,
              margin: float = 0.05, gallery: int = 12, title: str | None = None,
              sections: list[tuple[str, str]] = (), thresholds: tuple[str, ...] = ("0.5",),
              masks_dir: str | None = None, max_pixels: int | None = None, quiet: bool = False,
-             baseline_images: int | None = BASELINE_LIMIT, seed: int = 0) -> dict:
+             baseline_images: int | None = BASELINE_LIMIT, seed: int = 0, listing_dir: str | None = None) -> dict:
     """Score each segmentation output's masks (row `name`, the policy it was segmented with) and,
     from its stored π_f, the same π_f under each policy of `thresholds` (row `name, <policy>`; the
     DRC protocol's ½ is always among them), beside GrabCut and trivial masks on the same images.
@@ -346,7 +362,9 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     `data` is a Parquet dataset with masks (scored at the model's resolution), or, with
     `masks_dir`, the folder of photos that segment read (scored at each photo's own size against
     the mask files there, keyed like the photos). `baseline_images`: GrabCut on every image up to
-    this many, else on a seeded sample of this many (None: every image)."""
+    this many, else on a seeded sample of this many (None: every image). `listing_dir`: a folder
+    every Ray node can reach where the photo and mask folders' listings are written (the driver
+    then holds nothing per file); None keeps them in the object store."""
     import pyarrow.parquet as pq
     import ray
     from pipelines.lib.imaging import MAX_PIXELS
@@ -370,7 +388,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
            "split": split,
            "margin": margin, "grabcut": grabcut, "max_pixels": max_pixels or MAX_PIXELS,
            "corpus": _corpus_thresholds(loaded, extra)}
-    units, candidates, truth = _units(data, split, masks_dir, job)
+    units, candidates, truth = _units(data, split, masks_dir, job, listing_dir)
     if not units:
         raise DatasetError("no image is covered by the ground truth (check --split and --masks)")
     limit = candidates if baseline_images is None else baseline_images
@@ -381,14 +399,24 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     out.mkdir(parents=True, exist_ok=True)
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ds = ds.map_batches(score_unit, batch_size=None, batch_format="pyarrow", fn_kwargs={"units": units, "job": job})
-    writer, last = None, time.perf_counter()
+    writer, pending, last = None, [], time.perf_counter()
+
+    def flush() -> None:                 # row groups of ROW_GROUP rows: a writer keeps metadata per group
+        nonlocal writer, pending
+        if pending:
+            t = pa.concat_tables(pending)
+            writer = writer or pq.ParquetWriter(out / "per_image.parquet", t.schema)
+            writer.write_table(t, row_group_size=ROW_GROUP)
+            pending = []
     for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer = writer or pq.ParquetWriter(out / "per_image.parquet", t.schema)
-        writer.write_table(t)
+        pending.append(t)
+        if sum(x.num_rows for x in pending) >= ROW_GROUP:
+            flush()
         totals.add(t)
         if not quiet and time.perf_counter() - last > 30:
             last = time.perf_counter()
             print(f"evaluate: {totals.seen} images scored, {totals.seen / (last - t0):.1f}/s", flush=True)
+    flush()
     if writer:
         writer.close()
     if not totals.covered:
@@ -587,10 +615,15 @@ def main(argv=None) -> dict:
     import tempfile
     remote = locations.is_uri(args.out)          # an object store: written locally, then copied there
     local = Path(tempfile.mkdtemp(prefix="drc-evaluate-")) if remote else Path(args.out)
+    listing_dir = None
     try:
+        listing_dir = _listing_dir(args.out, local) if args.masks else None
         result = evaluate(args.data, preds, local, split=args.split, grabcut=not args.no_grabcut,
                           margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds,
-                          masks_dir=args.masks, quiet=args.quiet, baseline_images=args.baseline_images, seed=args.seed)
+                          masks_dir=args.masks, quiet=args.quiet, baseline_images=args.baseline_images, seed=args.seed,
+                          listing_dir=listing_dir)
+        if listing_dir is not None:
+            locations.delete(listing_dir)                    # only the listing's files: the results stay
         if remote:
             import pyarrow.fs as pafs
             fs, path = locations.resolve(args.out)

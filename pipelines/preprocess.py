@@ -131,13 +131,14 @@ def check_inputs(args) -> None:
 
 
 def listing_maker(args, rows: int):
-    """A function that lists the inputs (it needs Ray): (listing, mask listing or None)."""
-    def make():
+    """A function that lists the inputs (it needs Ray) into the folders `where(name)` names:
+    (listing, mask listing or None)."""
+    def make(where):
         if args.source == "tm-dsprites":
             return listing.tm_dsprites(args.train, args.test, rows), None
         if args.source == "folder":
-            masks = listing.list_folder(args.masks, rows=rows) if args.masks else None
-            return listing.list_folder(args.input, rows=rows), masks
+            masks = listing.list_folder(args.masks, rows=rows, folder=where("_listing_masks")) if args.masks else None
+            return listing.list_folder(args.input, rows=rows, folder=where("_listing")), masks
         records = {"cub": lambda: sources.cub(args.input),
                    "stanford-dogs": lambda: sources.stanford_dogs(args.input, args.masks),
                    "stanford-cars": lambda: sources.stanford_cars(args.input, args.masks),
@@ -256,7 +257,8 @@ def _examples(folder: str, names: list[str], duplicates: list) -> tuple[list[dic
 
 
 def run(make_listing, opt: Options, out: str, **kwargs) -> dict:
-    """Process the listing `make_listing()` returns ((listing, mask listing or None); called only when
+    """Process the listing `make_listing(where)` returns ((listing, mask listing or None), listed into
+    the folders `where(name)` names; called only when
     no saved listing is resumed) and publish the dataset at `out`; returns the manifest. A write that
     fails (a full disk) is a DatasetError naming `out`; what was written stays for --resume."""
     try:
@@ -296,7 +298,7 @@ def _run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, ove
         return manifest
     lists = [listing.load(output.file(f)) for f in ("_listing", "_listing_masks")] if verdict == "resume" else [None]
     if lists[0] is None:
-        fresh, masks = make_listing()
+        fresh, masks = make_listing(output.file)
         if not fresh.total:
             raise sources.SourceError("no inputs found")
         if masks is not None:
@@ -318,11 +320,12 @@ def _run(make_listing, opt: Options, out: str, *, rows_per_file: int = 2000, ove
     window = window or max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
     queue, writes, summaries, offset, processed = deque(), [], {}, 0, 0
 
-    def settle(block: bool) -> None:
+    def settle(every: bool) -> None:
+        """Wait for every write in flight (`every`) or for one of them (blocking: no busy loop)."""
         nonlocal writes
         if not writes:
             return
-        ready, writes = ray.wait(writes, num_returns=len(writes) if block else 1, timeout=None if block else 0)
+        ready, writes = ray.wait(writes, num_returns=len(writes) if every else 1)
         for s in ray.get(ready):
             summaries[s["part"]] = s
     for k, part in enumerate(inputs.parts):

@@ -286,7 +286,7 @@ def run(args) -> dict:
         saved = listing.load(output.file("_listing")) if verdict == "resume" else None
         if saved is None:
             try:
-                fresh = listing.list_folder(args.input, rows=args.rows_per_file)
+                fresh = listing.list_folder(args.input, rows=args.rows_per_file, folder=output.file("_listing"))
             except Exception as exc:
                 clear = find_cause(exc, OSError)
                 raise ModelError(f"--input {args.input}: cannot list it ({os_reason(clear or exc)})") from None

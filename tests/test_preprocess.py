@@ -162,7 +162,34 @@ def test_uri_output_and_the_manifest_last_publish_path(ray_local, tmp_path, monk
             self.target.local = False
 
     monkeypatch.setattr(preprocess, "Output", ObjectStoreLike)
-    m2 = preprocess.run(lambda: (listing.tm_dsprites(3, 0), None), opt, str(tmp_path / "obj"), progress=False)
+    m2 = preprocess.run(lambda where: (listing.tm_dsprites(3, 0), None), opt, str(tmp_path / "obj"), progress=False)
     assert m2["counts"]["ok"] == 3 and sorted(p.name for p in (tmp_path / "obj").iterdir()) == \
         ["_manifest.json", "part-00000.parquet"]
     assert not list(tmp_path.glob(".obj*"))
+
+
+def test_a_listing_written_by_its_tasks_equals_the_one_kept_in_the_object_store(ray_local, tmp_path):
+    """list_folder(folder=…) (what preprocess and segment use: nothing per file reaches the driver)
+    gives the rows, order, splits and duplicates of the in-memory listing, with parts that span
+    directories and a directory that spans parts; its per-directory tables are gone afterwards."""
+    root = tmp_path / "tree"
+    files = [f"b/{i:03d}.png" for i in range(7)] + ["a.png", "a.jpg", "a/x.png", "a/y/z.png", "a-b.png",
+                                                    "test/t1.png", "test/sub/t0.png", "val/v.png", "z.png"]
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(b"x")
+    kept = listing.list_folder(str(root), rows=3)
+    written = listing.list_folder(str(root), rows=3, folder=str(tmp_path / "listed"))
+
+    def rows(lst):
+        return [r for p in lst.parts for r in listing.table(p.source, p.first).select(
+            ["index", "key", "split", "path"]).to_pylist()]
+    assert rows(written) == rows(kept) and written.splits == kept.splits
+    assert [r["key"] for r in rows(kept)] == ["a", "a-b", "a/x", "a/y/z", *[f"b/{i:03d}" for i in range(7)], "z",
+                                              "val/v", "test/sub/t0", "test/t1"]
+    assert [(p.first, p.count, p.lo, p.hi) for p in written.parts] == [(p.first, p.count, p.lo, p.hi) for p in kept.parts]
+    assert written.n_duplicates == kept.n_duplicates == 1
+    dups = [listing.duplicates_table(d).to_pylist() for d in written.duplicates]
+    assert dups == [[{"input": str(root / "a.png"), "key": "a", "reason": "duplicate key 'a'"}]]
+    assert not (tmp_path / "listed" / listing.DIRS).exists() and written.saved_in == str(tmp_path / "listed")
+    assert listing.save(written, str(tmp_path / "listed")) is written       # already there: nothing rewritten

@@ -69,6 +69,7 @@ class Listing:
     splits: dict[str, list[int]]                 # split → [first index, last index + 1]
     duplicates: list = field(default_factory=list)   # tables (input, key, reason), ObjectRefs or locations
     n_duplicates: int = 0
+    saved_in: str | None = None                  # the folder it was read from (`load`)
 
     @property
     def total(self) -> int:
@@ -102,7 +103,11 @@ def duplicates_table(source) -> pa.Table:
 
 
 # ---- folders --------------------------------------------------------------------------------------
-def _list_directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
+DIRS = "_dirs"                 # file mode: one table per directory, deleted once the parts are written
+ROW_GROUP = 8192               # rows per row group of a directory's table: a part reads only its slice
+
+
+def _directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
     """One directory: (its file count and sub-folders with their place among the file stems, its
     files as (key, path) in key order, its duplicate keys as (input, key, reason))."""
     folder = locations.join(root, rel) if rel else root
@@ -127,34 +132,83 @@ def _list_directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
     return summary, files, pa.table(dups, schema=DUPLICATE_SCHEMA)
 
 
-def _assemble(first: int, slices: list[tuple[int, int, str]], *tables: pa.Table) -> tuple[dict, pa.Table]:
-    """A listing part from slices (lo, hi, split) of directory tables, in order."""
+def _list_directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
+    """In-memory mode: the directory's summary and tables, returned through the object store."""
+    return _directory(root, rel)
+
+
+def _list_directory_to(root: str, rel: str, folder: str) -> dict:
+    """File mode: the directory's tables written under `folder/_dirs/` (its files in row groups of
+    ROW_GROUP), only the summary returned, naming them: nothing per file reaches the driver."""
+    import hashlib
+    summary, files, dups = _directory(root, rel)
+    name = hashlib.sha1(rel.encode()).hexdigest()[:24]
+    summary["files"] = summary["dups"] = None
+    if files.num_rows:
+        summary["files"] = locations.join(folder, DIRS, f"{name}.parquet")
+        _write_table(files, summary["files"], row_group_size=ROW_GROUP)
+    if dups.num_rows:
+        summary["dups"] = locations.join(folder, f"duplicates-{name}.parquet")
+        _write_table(dups, summary["dups"])
+    return summary
+
+
+def _join_slices(first: int, slices: list[tuple[int, int, str]], tables) -> tuple[dict, pa.Table]:
+    """A listing part from directory tables already cut to their slices (lo, hi, split), in order,
+    with its dense `index` from `first`; and its sort-key range."""
     pieces = []
     for (lo, hi, split), t in zip(slices, tables):
-        piece = t.slice(lo, hi - lo)
-        pieces.append(piece.append_column("split", pa.array([split] * piece.num_rows, pa.string())))
+        pieces.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
     out = pa.concat_tables(pieces)
     out = out.append_column("index", pa.array(np.arange(first, first + out.num_rows), pa.int64()))
     ends = [out.slice(i, 1).to_pylist()[0] for i in (0, out.num_rows - 1)]
     return {"lo": sort_key(ends[0]["split"], ends[0]["key"]), "hi": sort_key(ends[1]["split"], ends[1]["key"])}, out
 
 
-def list_folder(root: str, *, rows: int = 2000, concurrency: int = 256) -> Listing:
+def _assemble(first: int, slices: list[tuple[int, int, str]], *tables: pa.Table) -> tuple[dict, pa.Table]:
+    """In-memory mode: a part from slices of directory tables held in the object store."""
+    return _join_slices(first, slices, [t.slice(lo, hi - lo) for (lo, hi, _), t in zip(slices, tables)])
+
+
+def _assemble_to(first: int, slices: list[tuple[int, int, str]], files: list[str], out: str) -> dict:
+    """File mode: a part from slices of the directories' files, reading only their row groups,
+    written to `out`; returns its sort-key range."""
+    from pipelines.lib.parquet_store import read_rows
+    meta, table = _join_slices(first, slices, [read_rows(f, lo, hi) for (lo, hi, _), f in zip(slices, files)])
+    _write_table(table, out)
+    return meta
+
+
+def list_folder(root: str, *, rows: int = 2000, concurrency: int = 256, folder: str | None = None) -> Listing:
     """The listing of every file under `root` (a folder or a URI). Needs Ray; OSError (raised in
-    the task that met it) when a directory cannot be listed."""
+    the task that met it) when a directory cannot be listed.
+
+    With `folder` (a location every task can reach, e.g. a stage's staging folder), the listing is
+    written there as `save` writes one, by the tasks themselves, and read back: the driver holds a
+    few numbers per directory and part, whatever the corpus. Without it, the directories' and the
+    parts' tables stay in the object store (owned by the driver; a table under Ray's inline limit,
+    ~100 KB, is held in the driver's own memory)."""
     import ray
-    lister = ray.remote(num_cpus=0.25, num_returns=3, max_retries=3)(_list_directory)
+    if folder is None:
+        lister = ray.remote(num_cpus=0.25, num_returns=3, max_retries=3)(_list_directory)
+    else:
+        lister = ray.remote(num_cpus=0.25, max_retries=3)(_list_directory_to)
     tree: dict[str, tuple[dict, object]] = {}
     duplicates, n_dup = [], 0
     todo, running = [""], {}
     while todo or running:
         while todo and len(running) < concurrency:
             rel = todo.pop()
-            summary, files, dups = lister.remote(root, rel)
+            if folder is None:
+                summary, files, dups = lister.remote(root, rel)
+            else:
+                summary, files, dups = lister.remote(root, rel, folder), None, None
             running[summary] = (rel, files, dups)
         (ready,), _ = ray.wait(list(running), num_returns=1)
         rel, files, dups = running.pop(ready)
         summary = ray.get(ready)
+        if folder is not None:
+            files, dups = summary.pop("files"), summary.pop("dups")
         tree[rel] = (summary, files)
         if summary["duplicates"]:
             duplicates.append(dups)
@@ -176,20 +230,36 @@ def list_folder(root: str, *, rows: int = 2000, concurrency: int = 256) -> Listi
 
     top = {name for name, _ in tree[""][0]["folders"]}
     segments = [*walk("", "train", top=True), *(seg for s in ("val", "test") if s in top for seg in walk(s, s))]
-    return _cut(segments, rows, duplicates, n_dup)
+    listing = _cut(segments, rows, duplicates, n_dup, folder)
+    if folder is None:
+        return listing
+    _write_index(folder, listing, [p.source for p in listing.parts], listing.duplicates)
+    try:
+        locations.delete(locations.join(folder, DIRS))
+    except OSError:
+        pass                                             # only space: nothing reads them again
+    return load(folder)
 
 
-def _cut(segments, rows: int, duplicates: list, n_dup: int) -> Listing:
-    """Parts of at most `rows` rows from ordered segments (table ref, lo, hi, split)."""
+def _cut(segments, rows: int, duplicates: list, n_dup: int, folder: str | None = None) -> Listing:
+    """Parts of at most `rows` rows from ordered segments (table ref or file, lo, hi, split); in
+    file mode each part is written to `folder/part-XXXXX.parquet` by the task that assembles it."""
     import ray
-    assemble = ray.remote(num_cpus=0.25, num_returns=2)(_assemble)
+    if folder is None:
+        assemble = ray.remote(num_cpus=0.25, num_returns=2)(_assemble)
+    else:
+        assemble = ray.remote(num_cpus=0.25, max_retries=3)(_assemble_to)
     launched, first, splits = [], 0, {}
     slices, refs, n = [], [], 0
 
     def flush():
         nonlocal slices, refs, n, first
         if n:
-            launched.append((*assemble.remote(first, slices, *refs), first, n))
+            if folder is None:
+                launched.append((*assemble.remote(first, slices, *refs), first, n))
+            else:
+                out = locations.join(folder, f"part-{len(launched):05d}.parquet")
+                launched.append((assemble.remote(first, slices, refs, out), out, first, n))
             first += n
         slices, refs, n = [], [], 0
     for files, lo, hi, split in segments:
@@ -252,27 +322,38 @@ def tm_dsprites(train: int, test: int, rows: int = 2000) -> Listing:
 
 
 # ---- persisting a listing, so that a resumed job sees the very same inputs -------------------------
-def _write_table(t: pa.Table, location: str) -> None:
+def _write_table(t: pa.Table, location: str, row_group_size: int | None = None) -> None:
     import pyarrow.parquet as pq
     sink = pa.BufferOutputStream()
-    pq.write_table(t, sink)
+    pq.write_table(t, sink, row_group_size=row_group_size)
     locations.write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def _write_index(folder: str, listing: Listing, names: list[str], duplicates: list[str]) -> None:
+    """`folder/_listing.json`, written last: a listing is there once its index is."""
+    def base(location: str) -> str:                     # every file named here lies in `folder`
+        return str(location).rstrip("/").rsplit("/", 1)[-1]
+    index = {"parts": [{"name": base(n), "first": p.first, "count": p.count, "lo": p.lo, "hi": p.hi}
+                       for n, p in zip(names, listing.parts)],
+             "duplicates": [base(d) for d in duplicates],
+             "n_duplicates": listing.n_duplicates, "splits": listing.splits}
+    locations.write_text(locations.join(folder, INDEX_FILE), json.dumps(index))
 
 
 def save(listing: Listing, folder: str) -> Listing:
     """Write the parts as `folder/part-XXXXX.parquet` (one task each), the duplicates, and
-    `folder/_listing.json` last; returns the listing read back from there."""
+    `folder/_listing.json` last; returns the listing read back from there (a listing that
+    `list_folder` already wrote there is returned as it is)."""
     import ray
+    if listing.saved_in == folder:
+        return listing
     writer = ray.remote(num_cpus=0.25)(lambda src, first, loc: _write_table(table(src, first), loc))
     names = [f"part-{k:05d}.parquet" for k in range(len(listing.parts))]
     waits = [writer.remote(p.source, p.first, locations.join(folder, n)) for p, n in zip(listing.parts, names)]
     dup_names = [f"duplicates-{k:05d}.parquet" for k in range(len(listing.duplicates))]
     waits += [writer.remote(d, 0, locations.join(folder, n)) for d, n in zip(listing.duplicates, dup_names)]
     ray.get(waits)
-    index = {"parts": [{"name": n, "first": p.first, "count": p.count, "lo": p.lo, "hi": p.hi}
-                       for n, p in zip(names, listing.parts)],
-             "duplicates": dup_names, "n_duplicates": listing.n_duplicates, "splits": listing.splits}
-    locations.write_text(locations.join(folder, INDEX_FILE), json.dumps(index))
+    _write_index(folder, listing, names, dup_names)
     return load(folder)
 
 
@@ -284,4 +365,4 @@ def load(folder: str) -> Listing | None:
     index = json.loads(locations.read_text(index_file))
     parts = [Part(locations.join(folder, p["name"]), p["first"], p["count"], p["lo"], p["hi"]) for p in index["parts"]]
     return Listing(parts, index["splits"], [locations.join(folder, n) for n in index["duplicates"]],
-                   index["n_duplicates"])
+                   index["n_duplicates"], saved_in=folder)

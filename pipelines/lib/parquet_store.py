@@ -133,6 +133,23 @@ def read_part(store: Store, name: str, columns: list[str] | None = None, filters
         raise part_error(store.uri, name, exc) from None
 
 
+def _read_row_range(fs, path: str, a: int, b: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows [a, b) (positions) of one Parquet file, reading only the row groups that hold them,
+    page checksums verified."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        first, last = np.searchsorted(starts, a, "right") - 1, np.searchsorted(starts, b, "left")
+        t = pf.read_row_groups(list(range(first, last)), columns=columns)
+    return t.slice(a - starts[first], b - a)
+
+
+def read_rows(location: str, a: int, b: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows [a, b) (positions) of the Parquet file at `location` (a path or URI)."""
+    fs, path = locations.resolve(location)
+    return _read_row_range(fs, path, a, b, columns)
+
+
 def read_part_rows(store: Store, part: dict, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
     """Rows with sample ids [lo, hi) of a part of a preprocessed dataset (ids dense within the part:
     row r holds id_min + r), reading only the row groups that hold them, checksums verified."""
@@ -140,14 +157,9 @@ def read_part_rows(store: Store, part: dict, lo: int, hi: int, columns: list[str
     if b <= a:
         return None
     try:
-        with store.fs.open_input_file(f"{store.path}/{part['name']}") as f:
-            pf = pq.ParquetFile(f, page_checksum_verification=True)
-            starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-            first, last = np.searchsorted(starts, a, "right") - 1, np.searchsorted(starts, b, "left")
-            t = pf.read_row_groups(list(range(first, last)), columns=columns)
+        return _read_row_range(store.fs, f"{store.path}/{part['name']}", a, b, columns)
     except (OSError, pa.ArrowException) as exc:
         raise part_error(store.uri, part["name"], exc) from None
-    return t.slice(a - starts[first], b - a)
 
 
 def split_range(manifest: dict, split: str | None) -> tuple[int, int]:

@@ -17,6 +17,7 @@ loop calls the generators hundreds of times per step for gradients with respect 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -71,8 +72,16 @@ def batch_ids(ids: torch.Tensor, batch: int, steps_per_epoch: int, iteration: in
     """The sample ids of this worker's batch at `iteration`: a fresh permutation of its share
     every epoch, a pure function of (seed, epoch, rank), so a resumed run continues exactly."""
     epoch, pos = divmod(iteration, steps_per_epoch)
-    perm = np.random.default_rng([seed, epoch, rank]).permutation(len(ids))
-    return ids[torch.from_numpy(perm[pos * batch:(pos + 1) * batch])]
+    perm = _permutation(len(ids), seed, epoch, rank)
+    return ids[torch.as_tensor(perm[pos * batch:(pos + 1) * batch].copy())]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int, rank: int) -> np.ndarray:
+    """An epoch's order of a shard, drawn once per epoch (not once per iteration: O(shard))."""
+    perm = np.random.default_rng([seed, epoch, rank]).permutation(n)
+    perm.flags.writeable = False
+    return perm
 
 
 class Comms:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 18 that exists today, in one run for a short GPU loan (the `device`
+# Every GPU check that exists today, in one run for a short GPU loan (the `device`
 # tool): ~5 minutes on an H100-class GPU after setup. Needs the CUDA build of torch (cluster/README.md).
 #   1. the `gpu` tests: the model and the chains on CUDA in segment's actors, distill, the pyfunc;
 #   2. pipelines.bench core --device cuda: s/iteration, TFLOP/s against the GPU's measured bf16 peaks, peak memory, top kernels.
