@@ -45,7 +45,7 @@ from pipelines.lib.parquet_store import DatasetError, Store, read_part, read_ran
 PROTOCOL_LABEL = "π_f > ½, DRC protocol"
 BEFORE_REFINE = "π_f's mask before GrabCut"         # the row of a refined output's unrefined mask
 BASELINE_LIMIT = 5000        # GrabCut on every image up to this many, on a seeded sample of this many beyond
-ROW_GROUP = 65_536           # per_image.parquet's rows per row group
+ROW_GROUP = 16_384           # per_image.parquet's rows per row group (the driver buffers one)
 CSV_LIMIT = 100_000          # per_image.csv next to per_image.parquet up to this many images
 UNIT = 256                   # ground-truth images per scoring task
 HIST_BINS = 20
