@@ -107,7 +107,7 @@ DIRS = "_dirs"                 # file mode: one table per directory, deleted onc
 ROW_GROUP = 8192               # rows per row group of a directory's table: a part reads only its slice
 
 
-def _directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
+def _list_directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
     """One directory: (its file count and sub-folders with their place among the file stems, its
     files as (key, path) in key order, its duplicate keys as (input, key, reason))."""
     folder = locations.join(root, rel) if rel else root
@@ -132,16 +132,11 @@ def _directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
     return summary, files, pa.table(dups, schema=DUPLICATE_SCHEMA)
 
 
-def _list_directory(root: str, rel: str) -> tuple[dict, pa.Table, pa.Table]:
-    """In-memory mode: the directory's summary and tables, returned through the object store."""
-    return _directory(root, rel)
-
-
 def _list_directory_to(root: str, rel: str, folder: str) -> dict:
     """File mode: the directory's tables written under `folder/_dirs/` (its files in row groups of
     ROW_GROUP), only the summary returned, naming them: nothing per file reaches the driver."""
     import hashlib
-    summary, files, dups = _directory(root, rel)
+    summary, files, dups = _list_directory(root, rel)
     name = hashlib.sha1(rel.encode()).hexdigest()[:24]
     summary["files"] = summary["dups"] = None
     if files.num_rows:
@@ -153,11 +148,11 @@ def _list_directory_to(root: str, rel: str, folder: str) -> dict:
     return summary
 
 
-def _join_slices(first: int, slices: list[tuple[int, int, str]], tables) -> tuple[dict, pa.Table]:
-    """A listing part from directory tables already cut to their slices (lo, hi, split), in order,
-    with its dense `index` from `first`; and its sort-key range."""
+def _join_slices(first: int, splits: list[str], tables) -> tuple[dict, pa.Table]:
+    """A listing part from directory tables already cut to their slices, each with its split, in
+    order, with its dense `index` from `first`; and its sort-key range."""
     pieces = []
-    for (lo, hi, split), t in zip(slices, tables):
+    for split, t in zip(splits, tables):
         pieces.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
     out = pa.concat_tables(pieces)
     out = out.append_column("index", pa.array(np.arange(first, first + out.num_rows), pa.int64()))
@@ -167,14 +162,16 @@ def _join_slices(first: int, slices: list[tuple[int, int, str]], tables) -> tupl
 
 def _assemble(first: int, slices: list[tuple[int, int, str]], *tables: pa.Table) -> tuple[dict, pa.Table]:
     """In-memory mode: a part from slices of directory tables held in the object store."""
-    return _join_slices(first, slices, [t.slice(lo, hi - lo) for (lo, hi, _), t in zip(slices, tables)])
+    return _join_slices(first, [s for _, _, s in slices],
+                        [t.slice(lo, hi - lo) for (lo, hi, _), t in zip(slices, tables)])
 
 
 def _assemble_to(first: int, slices: list[tuple[int, int, str]], files: list[str], out: str) -> dict:
     """File mode: a part from slices of the directories' files, reading only their row groups,
     written to `out`; returns its sort-key range."""
     from pipelines.lib.parquet_store import read_rows
-    meta, table = _join_slices(first, slices, [read_rows(f, lo, hi) for (lo, hi, _), f in zip(slices, files)])
+    meta, table = _join_slices(first, [s for _, _, s in slices],
+                               [read_rows(f, lo, hi) for (lo, hi, _), f in zip(slices, files)])
     _write_table(table, out)
     return meta
 
