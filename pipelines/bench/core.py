@@ -46,25 +46,51 @@ def _gflops(flops: float, fn, seconds: float, device: str) -> float:
     return flops / _timeit(fn, n, device=device) / 1e9
 
 
+def _peak(flops, run, sizes, seconds: float, device: str) -> float:
+    """GFLOP/s of `run(size)` at the largest of `sizes` (ascending) whose one call, at the rate
+    measured on the size before it, takes under `seconds`: a path the device only emulates (bf16 on
+    a CPU without native bf16 runs at < 1 GFLOP/s) is measured on a small problem in seconds instead
+    of a large one in minutes, a fast path on the full-size problem."""
+    rate = None
+    for size in sizes:
+        if rate is not None and flops(size) / (rate * 1e9) > seconds:
+            break
+        rate = _gflops(flops(size), run(size), seconds, device)
+    return rate
+
+
 def measure_peaks(seconds: float = 2.0, device: str = "cpu") -> dict[str, float]:
     """GFLOP/s of a large GEMM (fp32, bf16) and of a generator-sized 3×3 conv (fp32, bf16) on `device`.
 
     The conv peak (`conv_<dtype>`) is the faster of the NCHW and NHWC layouts (both also reported):
-    the bar our Langevin loop is measured against is the best this device does on such a conv."""
+    the bar our Langevin loop is measured against is the best this device does on such a conv.
+    Problem sizes grow while a call stays under `seconds` (`_peak`): 2048² GEMM and a batch of 8
+    64×64 maps on a CPU (8192², 64 maps on CUDA) wherever the device runs them at full speed."""
     out = {}
-    n = 8192 if device.startswith("cuda") else 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    batch = 64 if device.startswith("cuda") else 8
-    x = torch.randn(batch, 256, 64, 64, device=device)
+    cuda = device.startswith("cuda")
+    gemm_sizes = (2048, 4096, 8192) if cuda else (256, 512, 1024, 2048)
+    conv_sizes = ((8, 64), (64, 64)) if cuda else ((1, 16), (1, 32), (2, 64), (8, 64))     # (batch, side)
     w = torch.randn(128, 256, 3, 3, device=device)
-    gemm_flops = 2 * n ** 3
-    conv_flops = 2 * batch * 128 * 64 * 64 * 256 * 9
+
+    def gemm_flops(n):
+        return 2 * n ** 3
+
+    def conv_flops(size):
+        batch, side = size
+        return 2 * batch * 128 * side * side * 256 * 9
+
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        aa, bb = a.to(dtype), b.to(dtype)
-        out[f"gemm_{name}"] = _gflops(gemm_flops, lambda: aa @ bb, seconds, device)
+        def gemm(n, dtype=dtype):
+            a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+            return lambda: a @ b
+        out[f"gemm_{name}"] = _peak(gemm_flops, gemm, gemm_sizes, seconds, device)
         for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
-            xx, ww = x.to(dtype, memory_format=fmt), w.to(dtype, memory_format=fmt)
-            out[f"conv_{name}_{layout}"] = _gflops(conv_flops, lambda: F.conv2d(xx, ww, padding=1), seconds, device)
+            ww = w.to(dtype, memory_format=fmt)
+
+            def conv(size, dtype=dtype, fmt=fmt, ww=ww):
+                xx = torch.randn(size[0], 256, size[1], size[1], device=device).to(dtype, memory_format=fmt)
+                return lambda: F.conv2d(xx, ww, padding=1)
+            out[f"conv_{name}_{layout}"] = _peak(conv_flops, conv, conv_sizes, seconds, device)
         out[f"conv_{name}"] = max(out[f"conv_{name}_nchw"], out[f"conv_{name}_nhwc"])
     return out
 
