@@ -20,7 +20,7 @@ from drc_core.presets import get_config
 from drc_core.threshold import DEFAULT
 from drc_core.tmds import render_many
 
-ITERATIONS = 600
+ITERATIONS = 250
 
 
 @pytest.mark.learning
@@ -41,7 +41,7 @@ def test_cpu32_learns_to_separate_sprites_from_texture():
                       "train_baselines": base_train}))
     assert np.isfinite([h["gen_loss"] for h in state.history]).all()
     assert state.history[-1]["chains_reset"] == 0
-    assert after["recon_l1"] < before["recon_l1"] - 0.05      # measured 0.568 → 0.474
+    assert after["recon_l1"] < before["recon_l1"] - 0.05      # measured 0.568 → 0.474 (600 it.), 0.569 → 0.492 (250)
     # What the model earns under the default label-free threshold policy (Otsu per image; the labels
     # only score it): measured in docs/quality.md, 2 seeds of the preset reach 49–56 IoU on held-out
     # images by iteration 130–200 against a best centred disc of 31 and all-foreground of 20, with
@@ -53,13 +53,15 @@ def test_cpu32_learns_to_separate_sprites_from_texture():
     # docs/quality.md) leaves the IoU near the best centred disc (28–33 across runs), so no IoU bar is
     # set at ½ (a disc would pass one); what held in every run is the ranking: π_f on sprite pixels
     # far above π_f on texture pixels.
-    assert after["pi_fg"] - after["pi_bg"] > 0.25
+    assert after["pi_fg"] - after["pi_bg"] > 0.25              # measured 0.82 − 0.52 at 250 iterations
 
     # The distilled student (one forward pass per image) earns at the DRC protocol's ½ what the
     # Langevin posterior earns only under the default policy: trained on the default policy's masks,
     # its π_f is near 0 or 1 and the texture tie is gone. Measured here (2026-12-03): student 70.9 at
     # ½ and 69.6 under the default policy; its teacher 31.6 at ½ and 55.3 under the default policy;
-    # best centred disc 31.0. The test takes ~6 min on 2 cores, ~80 s of it the student.
+    # best centred disc 31.0; at 250 iterations (2026-12-06): student 70.8 at ½, 69.2 under the default
+    # policy, teacher 29.6 / 56.6. 250 iterations, not 600: the default policy's curve is flat after
+    # ~130 (docs/log/quality-log.md) and the test costs 2.4× less (852 s → 475 s beside a benchmark).
     pairs = [chain_pairs(state.model, train, state.chains.z),
              prior_pairs(state.model, cfg, 2000, generator=torch.Generator().manual_seed(1))]
     student = distill(training_pairs(pairs, DEFAULT, max_border=None), StudentConfig(resolution=32), steps=1500)
