@@ -351,8 +351,9 @@ def run(args) -> dict:
         student = None
         for n in sorted(args.images):
             root = roots[n]
-            for name in ("data", "seg", "eval"):
-                shutil.rmtree(out / f"{name}-{n}", ignore_errors=True)
+            for name in ("data", "seg", "eval"):          # and the staging of a run that was stopped
+                for folder in (f"{name}-{n}", f".{name}-{n}.partial"):
+                    shutil.rmtree(out / folder, ignore_errors=True)
             shutil.rmtree(out / "ray" / f"scale-{n}", ignore_errors=True)
             for stage in stages:
                 if (stage, str(n)) in skip:
