@@ -1,8 +1,9 @@
 """Corpus scale on real Ray clusters started with `ray start` (separate raylets, separate object
-stores): segment and preprocess SIGKILLed half-way and continued with --resume, and a cluster of a
-head and two worker nodes running preprocess → train → segment → evaluate as a `ray job submit`
-job with every input and output on the local S3 server, then segment with one of its actors' nodes
-killed half-way. The growth curves themselves are `python -m pipelines.bench scale` (docs/scale.md)."""
+stores): preprocess SIGKILLed half-way and continued with --resume, and a cluster of a head and two
+worker nodes running preprocess → train → segment → evaluate as a `ray job submit` job with every
+input and output on the local S3 server, then segment with one of its actors' nodes killed a third
+of the way and its driver half-way, continued with --resume. The growth curves themselves are
+`python -m pipelines.bench scale` (docs/scale.md)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipelines.bench.cluster import LocalCluster
 from pipelines.bench.scale import written_rows as _rows_written
@@ -50,53 +50,6 @@ def cluster():
         yield c
 
 
-@pytest.fixture(scope="module")
-def drill_data(cluster, tmp_path_factory):
-    """800 TM-dSprites images at 32² and a small DRC model with random weights (Langevin makes
-    each batch take long enough to stop a run half-way)."""
-    from drc_core.fit import TrainState
-    from pipelines.lib.models import save_drc
-    from tests.conftest import tiny_config
-    root = tmp_path_factory.mktemp("drill")
-    code, _, out = _run(cluster, "pipelines.preprocess", ["--source", "tm-dsprites", "--preset", "cpu-32", "--train",
-                                                          "800", "--test", "0", "--rows-per-file", "100",
-                                                          "--out", str(root / "data"), "--quiet"])
-    assert code == 0, out[-3000:]
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    model = save_drc(root / "model.pt", cfg, TrainState.create(cfg, 4).model.state_dict())
-    return {"root": root, "data": str(root / "data"), "model": str(model), "n": 800}
-
-
-def test_a_segment_killed_half_way_resumes_each_input_once_with_the_same_masks(cluster, drill_data, tmp_path):
-    from pipelines import segment
-    n = drill_data["n"]
-    argv = ["--model", drill_data["model"], "--input", drill_data["data"], "--steps", "4", "--batch-size", "16",
-            "--rows-per-file", "48", "--actors", "2", "--quiet"]
-    code, _, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(tmp_path / "whole")])
-    assert code == 0, out[-3000:]
-    target = tmp_path / "killed"
-    code, killed, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(target)],
-                             kill_at=(tmp_path / ".killed.partial", n // 2))
-    assert killed, "the run finished before half of it was written: make it slower"
-    assert not (target / "_manifest.json").exists()
-    kept = _rows_written(tmp_path / ".killed.partial")
-    with pytest.raises(SystemExit, match="interrupted run left its parts .* --resume"):
-        segment.main([*argv, "--output", str(target), "--address", cluster.address])   # neither flag: refused
-    code, _, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(target), "--resume"])
-    assert code == 0, out[-3000:]
-    manifest = json.loads((target / "_manifest.json").read_text())
-    done = manifest["run"]["inputs_processed"]
-    assert done == n - kept and done <= 0.55 * n, (done, kept)
-    rows = segment.read_output(str(target), ok_only=False)
-    ids = rows["sample_id"].to_numpy()
-    assert len(ids) == n and len(np.unique(ids)) == n and manifest["counts"]["ok"] == n   # each input once
-    assert segment.read_output(str(target)).equals(segment.read_output(str(tmp_path / "whole")))  # byte for byte
-    # --resume of a finished output does nothing
-    code, _, out = _run(cluster, "pipelines.segment", [*argv, "--output", str(target), "--resume"])
-    assert code == 0 and json.loads((target / "_manifest.json").read_text()) == manifest
-
-
 def test_a_preprocess_killed_half_way_resumes_to_the_same_dataset(cluster, tmp_path):
     from pipelines.lib.parquet_store import load_arrays
     argv = ["--source", "tm-dsprites", "--preset", "cpu-32", "--train", "1500", "--test", "100",
@@ -116,6 +69,22 @@ def test_a_preprocess_killed_half_way_resumes_to_the_same_dataset(cluster, tmp_p
     a, b = load_arrays(str(target)), load_arrays(str(tmp_path / "whole"))
     assert a["sample_id"].tolist() == list(range(1600))
     assert a["images"].tobytes() == b["images"].tobytes() and a["masks"].tobytes() == b["masks"].tobytes()
+
+
+def test_a_benchmark_stopped_with_sigterm_stops_its_cluster():
+    """`kill <bench>` must not leave raylets behind: LocalCluster turns SIGTERM into SystemExit."""
+    from pipelines.bench.cluster import processes
+    code = ("import time\nfrom pipelines.bench.cluster import LocalCluster\n"
+            "with LocalCluster(head_cpus=1) as c:\n    print(c.temp, flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    temp = proc.stdout.readline().strip()
+    assert processes(temp), "the cluster did not start"
+    proc.terminate()
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while processes(temp) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes(temp)
 
 
 # ---- several nodes, object storage, ray job submit -------------------------------------------------
@@ -164,8 +133,9 @@ def test_a_submitted_job_runs_every_stage_on_both_worker_nodes_with_everything_o
 def test_segment_survives_an_actors_node_lost_and_resumes_after_its_driver_is_killed(three_nodes, tmp_path):
     """After the job above: segment its photos again; SIGKILL one worker node (its raylet, its actor
     and every process under it) a third of the way (the run goes on with the other node's actor),
-    then the driver half-way; bring the node back and --resume: each photo once, the resumed run
-    did only what was not written, and the masks are the job's."""
+    then the driver half-way; a rerun without --resume is refused; bring the node back and --resume:
+    each photo once, the resumed run did only what was not written, the masks are the job's, and a
+    --resume of the finished output does nothing."""
     from pipelines import segment
     from pipelines.lib import locations
     root = "s3://drc-test/multinode"
@@ -186,6 +156,9 @@ def test_segment_survives_an_actors_node_lost_and_resumes_after_its_driver_is_ki
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     kept = _rows_written(staging)
+    assert not (out / "_manifest.json").exists()
+    with pytest.raises(SystemExit, match="interrupted run left its parts .* --resume"):
+        segment.main(argv)                        # neither --resume nor --overwrite: refused before Ray starts
     three_nodes.start_node(1)
     code, _, log = _run(three_nodes, "pipelines.segment", [*argv, "--resume"])
     assert code == 0, log[-3000:]
@@ -196,3 +169,5 @@ def test_segment_survives_an_actors_node_lost_and_resumes_after_its_driver_is_ki
     mine = segment.read_output(str(out), ["sample_id", "key", "mask", "prob"])
     theirs = segment.read_output(f"{root}/seg", ["sample_id", "key", "mask", "prob"])
     assert mine.equals(theirs)
+    code, _, log = _run(three_nodes, "pipelines.segment", [*argv, "--resume"])   # a finished output: nothing to do
+    assert code == 0 and json.loads((out / "_manifest.json").read_text()) == manifest, log[-3000:]

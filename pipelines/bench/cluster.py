@@ -9,8 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def free_port() -> int:
@@ -164,6 +169,11 @@ class LocalCluster:
         kill_tree(self.temp)
 
     def __enter__(self) -> "LocalCluster":
+        # `kill <benchmark>` (SIGTERM) would end Python without unwinding and leave the raylets and
+        # GCS running: raise SystemExit instead, so that __exit__ stops them (main thread only)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self.start()
 
     def __exit__(self, *exc) -> None:
