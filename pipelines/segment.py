@@ -175,6 +175,12 @@ class SegmentBatch:
                        overlay(image, final, 128 if row["region"] is None else 1))
 
 
+# units per Ray Data execution: each map operator keeps the stats of every block it made until its
+# execution ends (~12 KB per unit in the driver, measured: +195 B/image at 64-image units from 10⁴ to
+# 10⁶), so a corpus is segmented in windows of this many units (131,072 images at the default batch)
+WINDOW_UNITS = 2048
+
+
 class _PartNames(FilenameProvider):
     """part-<write id>-<task>.parquet: a resumed run's files never replace the interrupted run's."""
 
@@ -225,11 +231,52 @@ def scan_output(output: Output, units: Units | None) -> list[dict]:
     return [s for s in found if s is not None]
 
 
-def run(args) -> dict:
+def _segment_window(args, window: np.ndarray, units: Units, output: Output, *, steps, png, cpus, gpu, policy,
+                    refine) -> None:
+    """Segment the units `window` (indices into `units`) into `output`'s staging folder, as one Ray
+    Data execution."""
     import ray
     from ray.data import SaveMode
-    from pipelines.lib.ray_env import (actor_restarts, check_job_outputs, init_ray, joins_cluster, set_progress_bars,
-                                       wait_for_free_cpus)
+    from pipelines.lib.ray_env import actor_restarts
+    # one block per unit, made on the driver (no read task: a read task waiting for a CPU the
+    # actors hold would wait forever); the read tasks reserve no CPU for the same reason
+    ds = ray.data.from_items([{"id": i} for i in range(window.size)], override_num_blocks=int(window.size))
+    # at most two reads per actor at once: a 0-CPU task is otherwise started as often as Ray Data
+    # likes, each in a new worker process (a second of CPU each)
+    ds = ds.map_batches(read_unit, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"units": units, "pending": window}, num_cpus=0,
+                        compute=ray.data.TaskPoolStrategy(size=2 * args.actors))
+    with warnings.catch_warnings():
+        # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
+        # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+        ds = ds.map_batches(
+            SegmentBatch, batch_size=None, batch_format="pyarrow",
+            fn_constructor_kwargs=dict(model=args.model, steps=steps, seed=args.seed,
+                                       from_chains=args.from_chains, png=png, threads=max(1, int(cpus)),
+                                       batch_size=args.batch_size, tracking_uri=args.tracking_uri,
+                                       max_pixels=args.max_pixels, threshold=policy.name, device=args.device,
+                                       crop=args.crop, refine=refine, max_side=args.refine_max_side),
+            compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
+            max_restarts=actor_restarts(args.address))
+    failure = None
+    try:
+        ds.write_parquet(output.folder, filesystem=output.staging.fs, filename_provider=_PartNames(),
+                         mode=SaveMode.APPEND, min_rows_per_file=args.rows_per_file,
+                         ray_remote_args={"num_cpus": 0}, concurrency=2, write_page_checksum=True,
+                         row_group_size=256)
+    except Exception as exc:
+        failure = _write_failure(exc, args.output, output.folder)
+        if failure is None:
+            raise
+    if failure is not None:
+        del ds
+        raise failure
+
+
+def run(args) -> dict:
+    import ray
+    from pipelines.lib.ray_env import check_job_outputs, init_ray, joins_cluster, set_progress_bars, wait_for_free_cpus
 
     if args.tracking_uri:
         import mlflow
@@ -307,41 +354,11 @@ def run(args) -> dict:
     pending = np.flatnonzero(done == 0)
     cpus = args.cpus_per_actor
     wait_for_free_cpus(cpus)          # no false "will hang" warning from Ray Data on a just-started cluster
-    if pending.size:
-        # one block per unit, made on the driver (no read task: a read task waiting for a CPU the
-        # actors hold would wait forever); the read tasks reserve no CPU for the same reason
-        ds = ray.data.from_items([{"id": i} for i in range(pending.size)], override_num_blocks=int(pending.size))
-        # at most two reads per actor at once: a 0-CPU task is otherwise started as often as Ray Data
-        # likes, each in a new worker process (a second of CPU each)
-        ds = ds.map_batches(read_unit, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"units": units, "pending": pending}, num_cpus=0,
-                            compute=ray.data.TaskPoolStrategy(size=2 * args.actors))
-        with warnings.catch_warnings():
-            # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
-            # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated
-            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-            ds = ds.map_batches(
-                SegmentBatch, batch_size=None, batch_format="pyarrow",
-                fn_constructor_kwargs=dict(model=args.model, steps=steps, seed=args.seed,
-                                           from_chains=args.from_chains, png=png, threads=max(1, int(cpus)),
-                                           batch_size=args.batch_size, tracking_uri=args.tracking_uri,
-                                           max_pixels=args.max_pixels, threshold=policy.name, device=args.device,
-                                           crop=args.crop, refine=refine, max_side=args.refine_max_side),
-                compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
-                max_restarts=actor_restarts(args.address))
-        failure = None
-        try:
-            ds.write_parquet(output.folder, filesystem=output.staging.fs, filename_provider=_PartNames(),
-                             mode=SaveMode.APPEND, min_rows_per_file=args.rows_per_file,
-                             ray_remote_args={"num_cpus": 0}, concurrency=2, write_page_checksum=True,
-                             row_group_size=256)
-        except Exception as exc:
-            failure = _write_failure(exc, args.output, output.folder)
-            if failure is None:
-                raise
-        if failure is not None:
-            del ds
-            raise failure
+    for lo in range(0, pending.size, WINDOW_UNITS):
+        if lo:
+            wait_for_free_cpus(cpus)      # the last window's actors are giving their CPUs back
+        _segment_window(args, pending[lo:lo + WINDOW_UNITS], units, output, steps=steps, png=png, cpus=cpus,
+                        gpu=gpu, policy=policy, refine=refine)
     files = scan_output(output, None)
     examples = [e for d in duplicates for e in listing.duplicates_table(d).to_pylist()][:EXAMPLES]
     for f in files:
