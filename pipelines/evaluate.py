@@ -49,6 +49,9 @@ ROW_GROUP = 16_384           # per_image.parquet's rows per row group (the drive
 CSV_LIMIT = 100_000          # per_image.csv next to per_image.parquet up to this many images
 UNIT = 256                   # ground-truth images per scoring task
 HIST_BINS = 20
+# subsets by the true subject's share of the photo (metrics.json "by_subject_size"; the bounds of
+# the photo-quality acceptance: small < 10 %, large > 40 %)
+SUBJECT_SIZES = (("small (< 10 %)", 0.0, 0.10), ("medium (10–40 %)", 0.10, 0.40), ("large (> 40 %)", 0.40, 1.01))
 
 
 def policy_label(name: str) -> str:
@@ -226,7 +229,7 @@ def score_unit(batch: pa.Table, units: list[dict], job: dict) -> pa.Table:
     import ray
     from pipelines.lib.grabcut import grabcut_masks
     node = ray.get_runtime_context().get_node_id()
-    out = {"sample_id": [], "key": [], "split": [], "covered": [], "baseline": [], "node": []}
+    out = {"sample_id": [], "key": [], "split": [], "covered": [], "baseline": [], "node": [], "truth_area": []}
     scores = {m["name"]: ([], []) for m in job["methods"]}
     sample = job["sample"]
     for u in batch["unit"].to_pylist():
@@ -239,6 +242,7 @@ def score_unit(batch: pa.Table, units: list[dict], job: dict) -> pa.Table:
             out["covered"].append(covered)
             out["baseline"].append(in_sample)
             out["node"].append(node)
+            out["truth_area"].append(float(np.count_nonzero(truth)) / truth.size)
             for m in job["methods"]:
                 mask = None
                 if covered and m["kind"] == "grabcut":
@@ -248,7 +252,8 @@ def score_unit(batch: pa.Table, units: list[dict], job: dict) -> pa.Table:
                 iou, dice = _iou_dice(mask, truth) if mask is not None else (np.nan, np.nan)
                 scores[m["name"]][0].append(iou)
                 scores[m["name"]][1].append(dice)
-    cols = {**out, **{f"iou[{k}]": pa.array(v[0], pa.float32()) for k, v in scores.items()},
+    cols = {**out, "truth_area": pa.array(out["truth_area"], pa.float32()),
+            **{f"iou[{k}]": pa.array(v[0], pa.float32()) for k, v in scores.items()},
             **{f"dice[{k}]": pa.array(v[1], pa.float32()) for k, v in scores.items()}}
     return pa.table(cols)
 
@@ -296,6 +301,7 @@ class Totals:
         self.hist = {m: np.zeros(HIST_BINS, np.int64) for m in methods}
         self.worst: list[tuple[float, int, str]] = []
         self.wins = {m: [0, 0] for m in methods}
+        self.by_size = {(m, s[0]): [0, 0.0, 0] for m in methods for s in SUBJECT_SIZES}   # → [n, iou, wins]
         self.covered = self.seen = 0
         self.nodes: dict[str, int] = {}
 
@@ -308,6 +314,7 @@ class Totals:
         baseline = t["baseline"].to_numpy(zero_copy_only=False)
         splits = np.asarray(t["split"].to_pylist())
         grab = t["iou[GrabCut]"].to_numpy(zero_copy_only=False)
+        area = t["truth_area"].to_numpy(zero_copy_only=False)
         for m in self.methods:
             iou = t[f"iou[{m}]"].to_numpy(zero_copy_only=False).astype(np.float64)
             dice = t[f"dice[{m}]"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -322,6 +329,12 @@ class Totals:
             both = ok & baseline & ~np.isnan(grab)
             self.wins[m][0] += int((iou[both] > grab[both]).sum())
             self.wins[m][1] += int(both.sum())
+            for name, lo, hi in SUBJECT_SIZES:             # on GrabCut's images: every method beside it
+                sel = both & (area >= lo) & (area < hi)
+                acc = self.by_size[(m, name)]
+                acc[0] += int(sel.sum())
+                acc[1] += float(iou[sel].sum())
+                acc[2] += int((iou[sel] > grab[sel]).sum())
             if m == self.first:
                 keys, ids = t["key"].to_pylist(), t["sample_id"].to_pylist()
                 for i in np.flatnonzero(ok):
@@ -330,6 +343,17 @@ class Totals:
                         heapq.heappush(self.worst, item)
                     elif item > self.worst[0]:
                         heapq.heapreplace(self.worst, item)
+
+    def subject_sizes(self, methods: list[str], labels: dict[str, str]) -> list[dict]:
+        """Per subset of SUBJECT_SIZES: its images (of GrabCut's) and per method the mean IoU (%)
+        and the share of those images where the method beats GrabCut."""
+        rows = []
+        for name, lo, hi in SUBJECT_SIZES:
+            acc = {m: self.by_size[(m, name)] for m in methods}
+            per = {labels.get(m, m): {"iou": 100 * s / n, "beats_grabcut": w / n} for m, (n, s, w) in acc.items() if n}
+            rows.append({"subset": name, "true_area": [lo, min(hi, 1.0)],
+                         "images": max((n for n, _, _ in acc.values()), default=0), "methods": per})
+        return rows
 
     def mean(self, m: str, split: str | None, scope: str = "all") -> tuple[int, float, float]:
         keys = [k for k in self.sums if k[0] == m and k[2] == scope and (split is None or k[1] == split)]
@@ -399,18 +423,19 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     out.mkdir(parents=True, exist_ok=True)
     ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     ds = ds.map_batches(score_unit, batch_size=None, batch_format="pyarrow", fn_kwargs={"units": units, "job": job})
-    writer, pending, last = None, [], time.perf_counter()
+    writer, pending, pending_rows, last = None, [], 0, time.perf_counter()
 
     def flush() -> None:                 # row groups of ROW_GROUP rows: a writer keeps metadata per group
-        nonlocal writer, pending
+        nonlocal writer, pending, pending_rows
         if pending:
             t = pa.concat_tables(pending)
             writer = writer or pq.ParquetWriter(out / "per_image.parquet", t.schema)
             writer.write_table(t, row_group_size=ROW_GROUP)
-            pending = []
+            pending, pending_rows = [], 0
     for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         pending.append(t)
-        if sum(x.num_rows for x in pending) >= ROW_GROUP:
+        pending_rows += t.num_rows
+        if pending_rows >= ROW_GROUP:
             flush()
         totals.add(t)
         if not quiet and time.perf_counter() - last > 30:
@@ -424,11 +449,12 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     from drc_core.metrics import DISC_AREAS
     discs = [f"centred disc {f:.0%}" for f in DISC_AREAS]
     best = max(discs, key=lambda m: totals.mean(m, None)[1])
+    best_label = best.replace("centred disc ", "centred disc (best area ") + ")"
     shown = [m for m in names if m not in discs] + [best]
     present = sorted({k[1] for k in totals.sums})
     table = []
     for m in shown:
-        label = m.replace("centred disc ", "centred disc (best area ") + ")" if m == best else m
+        label = best_label if m == best else m
         for s in present + (["all"] if len(present) > 1 else []):
             n, iou, dice = totals.mean(m, None if s == "all" else s)
             if n:
@@ -467,11 +493,17 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     notes.append(f"GrabCut box: the image minus {margin:.0%} on each side, 5 iterations")
     for m, w in wins.items():
         notes.append(f"{m} beats GrabCut on {w['wins']} of {w['images']} images ({100 * w['share']:.0f} %)")
+    sizes = totals.subject_sizes(shown if grabcut else [], {best: best_label})
+    for r in sizes:
+        if r["images"]:
+            notes.append(f"subject {r['subset']} of the photo, {r['images']} images: " + ", ".join(
+                f"{m} {v['iou']:.1f}" for m, v in r["methods"].items()))
     notes.append("scored at each photo's own size (π_f mapped back through segment's crop/resize)" if masks_dir
                  else "scored at the model's resolution")
     report.write_report(out / "report.html", title=title or f"Segmentation evaluation: {data}", table=table,
                         coverage=coverage, hist_png=out / "iou_hist.png", gallery=tiles, notes=notes, sections=sections)
     result = {"data": data, "preds": preds, "table": table, "coverage": coverage, "wins_vs_grabcut": wins,
+              "by_subject_size": sizes,
               "baseline": {"grabcut": bool(grabcut), "images": int(totals.mean("GrabCut", None)[0]) if grabcut else 0,
                            "sampled": sampled, "seed": seed},
               "seconds": time.perf_counter() - t0, "images_per_s": totals.seen / (time.perf_counter() - t0),
@@ -539,6 +571,21 @@ def track(result: dict, out: Path, uri: str, experiment: str, params: dict) -> s
     tracking.client(uri).log_artifacts(run_id, str(out), "evaluation")
     tracking.end_run(uri, run_id)
     return run_id
+
+
+def format_subject_sizes(sizes: list[dict]) -> str:
+    """metrics.json's "by_subject_size" as a table: IoU (%) per method and subset, on GrabCut's images."""
+    sizes = [r for r in sizes if r["images"]]
+    if not sizes:
+        return ""
+    methods = list(dict.fromkeys(m for r in sizes for m in r["methods"]))
+    lines = [f"{'IoU by subject size (GrabCut beaten on %)':<48}" + "".join(f"{r['subset']:>20}" for r in sizes),
+             f"{'images':<48}" + "".join(f"{r['images']:>20}" for r in sizes)]
+    for m in methods:
+        lines.append(f"{m[:47]:<48}" + "".join(
+            f"{r['methods'][m]['iou']:>11.1f} ({100 * r['methods'][m]['beats_grabcut']:>3.0f} %)" if m in r["methods"]
+            else f"{'–':>20}" for r in sizes))
+    return "\n".join(lines)
 
 
 def format_table(table: list[dict]) -> str:
@@ -618,12 +665,14 @@ def main(argv=None) -> dict:
     listing_dir = None
     try:
         listing_dir = _listing_dir(args.out, local) if args.masks else None
-        result = evaluate(args.data, preds, local, split=args.split, grabcut=not args.no_grabcut,
-                          margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds,
-                          masks_dir=args.masks, quiet=args.quiet, baseline_images=args.baseline_images, seed=args.seed,
-                          listing_dir=listing_dir)
-        if listing_dir is not None:
-            locations.delete(listing_dir)                    # only the listing's files: the results stay
+        try:
+            result = evaluate(args.data, preds, local, split=args.split, grabcut=not args.no_grabcut,
+                              margin=args.grabcut_margin, gallery=args.gallery, thresholds=thresholds,
+                              masks_dir=args.masks, quiet=args.quiet, baseline_images=args.baseline_images,
+                              seed=args.seed, listing_dir=listing_dir)
+        finally:                                  # only the listing's files: the results stay, a failure too
+            if listing_dir is not None:
+                locations.delete(listing_dir)
         if remote:
             import pyarrow.fs as pafs
             fs, path = locations.resolve(args.out)
@@ -639,6 +688,9 @@ def main(argv=None) -> dict:
             raise
         failed = f"evaluate: {clear}"
     if failed:
+        if remote:
+            import shutil
+            shutil.rmtree(local, ignore_errors=True)
         sys.exit(failed)
     result["mlflow_run_id"] = track(result, local, tracking.tracking_uri(args.tracking_uri), args.experiment,
                                     {"data": args.data, "split": args.split})
@@ -648,6 +700,9 @@ def main(argv=None) -> dict:
     print(format_table(result["table"]))
     for m, w in result["wins_vs_grabcut"].items():
         print(f"{m} beats GrabCut on {100 * w['share']:.0f} % of {w['images']} images")
+    sizes = format_subject_sizes(result["by_subject_size"])
+    if sizes:
+        print(sizes)
     print(f"report: {result['report']}  (MLflow run {result['mlflow_run_id']})")
     return result
 

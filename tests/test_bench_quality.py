@@ -130,6 +130,13 @@ def test_recipe_benchmark_runs_the_readme_commands_and_tabulates_what_evaluate_s
     for name in ("GrabCut", "all foreground"):
         assert rows[name]["iou"]["values"] == [scored[name]["iou"]]
     assert any(m.startswith("centred disc") for m in rows) and len(rows) == 6
+    # per photo against GrabCut, and by subject size: evaluate's own figures, printed
+    wins = json.loads((out / "eval" / "metrics.json").read_text())["wins_vs_grabcut"]
+    assert result["beats_grabcut_per_photo"]["student + GrabCut refinement (segment's default)"]["values"] == [
+        100 * wins["set1"]["share"]]
+    assert result["by_subject_size"] == json.loads((out / "eval" / "metrics.json").read_text())["by_subject_size"]
+    assert sum(r["images"] for r in result["by_subject_size"]) == 12
+    assert "% of the photos better than GrabCut" in printed and "IoU by subject size" in printed
     assert result["images"] == 12 and result["scored_at"] == "original size"
     assert "GrabCut" in printed and "minutes: preprocess" in printed and result["cpu"]
     assert (out / "mlflow.db").exists()

@@ -421,6 +421,10 @@ def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, 
         Image.fromarray((train["masks"][i] > 0).astype(np.uint8) * 255).resize((w, h), Image.NEAREST) \
             .save(truth / f"p{i}.png")
     (truth / "p7.png").unlink()                                  # a photo without a mask is not scored
+    small, large = np.zeros(sizes[0], np.uint8), np.zeros(sizes[1], np.uint8)   # a subject of each size class
+    small[20:28, 30:40], large[5:85, 4:56] = 255, 255                           # 2 % and 77 % of the photo
+    Image.fromarray(small).save(truth / "p0.png")
+    Image.fromarray(large).save(truth / "p1.png")
     seg = segment.main(["--input", str(photos), "--output", str(tmp_path / "seg"), "--quiet", "--model",
                         world["student"], "--png", str(tmp_path / "png")])
     assert seg["refine"] is None                                 # auto: a TM-dSprites model is not refined
@@ -453,6 +457,21 @@ def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, 
     assert rows["all foreground"]["iou"] == pytest.approx(allfg)
     assert {"GrabCut", f"student, {evaluate.PROTOCOL_LABEL}"} <= set(rows)
     assert any(m.startswith("centred disc") for m in rows)
+    # by subject size (the true mask's share of the photo), on GrabCut's images (all 7 here): each
+    # photo in its class; all-foreground's IoU is the share itself; wins counted per photo
+    per = pq.read_table(tmp_path / "eval" / "per_image.parquet").to_pandas().set_index("key")
+    areas = np.array([(np.asarray(Image.open(truth / f"p{i}.png")) > 127).mean() for i in range(7)])
+    assert per.loc[[f"p{i}" for i in range(7)], "truth_area"].to_numpy() == pytest.approx(areas, abs=1e-6)
+    grab = per.loc[[f"p{i}" for i in range(7)], "iou[GrabCut]"].to_numpy() * 100
+    by_size = {r["subset"]: r for r in r["by_subject_size"]}
+    assert [by_size[name]["images"] for name, _, _ in evaluate.SUBJECT_SIZES] == [1, 5, 1]
+    for name, lo, hi in evaluate.SUBJECT_SIZES:
+        sel = (areas >= lo) & (areas < hi)
+        got = by_size[name]["methods"]
+        assert got["all foreground"]["iou"] == pytest.approx(100 * areas[sel].mean(), abs=1e-3)
+        assert got["student"]["iou"] == pytest.approx(np.mean(np.array(ious)[sel]), abs=1e-3)
+        assert got["student"]["beats_grabcut"] == pytest.approx(np.mean(np.array(ious)[sel] > grab[sel]))
+        assert {"GrabCut", "refined"} <= set(got) and any(m.startswith("centred disc (best area") for m in got)
 
 
 def test_distill_pair_progress_reports_count_rate_and_eta(monkeypatch):

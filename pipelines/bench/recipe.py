@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]          # the checkout: `python -m pipelines.<stage>` runs from it
 
 # evaluate's row suffix → this table's method, for each set's output (evaluate.BEFORE_REFINE, PROTOCOL_LABEL)
 STUDENT_ROWS = (("", "student + GrabCut refinement (segment's default)"),
@@ -140,6 +140,9 @@ def run(args) -> dict:
     rows = [{"method": m, "iou": _stat([r["iou"] for r in rs]), "dice": _stat([r["dice"] for r in rs])}
             for m, rs in students.items()]
     rows += [{"method": m, "iou": _stat([row["iou"]]), "dice": _stat([row["dice"]])} for m, row in baselines.items()]
+    wins = metrics.get("wins_vs_grabcut", {})
+    per_photo = {label: _stat([100 * wins[f"{n}{suffix}"]["share"] for n in names])
+                 for suffix, label in STUDENT_ROWS if all(f"{n}{suffix}" in wins for n in names)}
     minutes = {"preprocess": prep / 60, "evaluate": evaluate / 60,
                "train (each set)": _stat([sum(s["train_seconds"]) / 60 for s in sets]),
                "train (each teacher)": _stat([t / 60 for s in sets for t in s["train_seconds"]]),
@@ -151,6 +154,7 @@ def run(args) -> dict:
     result = {"recipe": "photos", "preset": args.preset, "photos": args.photos, "overrides": args.overrides,
               "sets": [{"name": n, **s} for n, s in zip(names, sets)], "teachers": args.teachers,
               "iterations": args.iterations, "resolution": resolution, "rows": rows, "minutes": minutes,
+              "beats_grabcut_per_photo": per_photo, "by_subject_size": metrics.get("by_subject_size", []),
               "images": metrics["coverage"].get("evaluated (covered by every method)"),
               "scored_at": metrics.get("scored_at"), "cpu": _cpu_name(), "cores": os.cpu_count(),
               "wall_seconds": time.perf_counter() - t0, "steps": recipe.steps, "command": " ".join(sys.argv)}
@@ -161,6 +165,7 @@ def run(args) -> dict:
 
 
 def format_result(r: dict, cell) -> str:
+    from pipelines.evaluate import format_subject_sizes
     m = r["minutes"]
     lines = [f"quality: the photo recipe ({r['preset']} {' '.join(r['overrides'])}".rstrip()
              + f", {len(r['sets'])} set(s) of {r['teachers']} teachers × {r['iterations']} EM iterations, "
@@ -168,6 +173,11 @@ def format_result(r: dict, cell) -> str:
              f"  {r['images']} photos scored at their {r['scored_at']}; {r['cpu']}, {r['cores']} cores",
              f"{'method':<52}{'IoU':>14}{'Dice':>14}"]
     lines += [f"{row['method']:<52}{cell(row['iou']):>14}{cell(row['dice']):>14}" for row in r["rows"]]
+    lines += [f"{m:<52}{cell(share):>14}  % of the photos better than GrabCut"
+              for m, share in r["beats_grabcut_per_photo"].items()]
+    sizes = format_subject_sizes(r["by_subject_size"])
+    if sizes:
+        lines += ["", sizes]
     lines.append(f"minutes: preprocess {m['preprocess']:.1f}; each set: train {cell(m['train (each set)'])} "
                  f"({cell(m['train (each teacher)'])} a teacher), distill {cell(m['distill'])}, segment "
                  f"{cell(m['segment'])}; evaluate (all sets) {m['evaluate']:.1f}; the recipe for one set "
