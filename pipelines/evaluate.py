@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 
 from pipelines.lib import listing, locations, report, tracking
 from pipelines.lib.parquet_store import DatasetError, Store, read_part, read_range, split_range
+from pipelines.lib.ray_env import WINDOW_BLOCKS
 
 PROTOCOL_LABEL = "π_f > ½, DRC protocol"
 BEFORE_REFINE = "π_f's mask before GrabCut"         # the row of a refined output's unrefined mask
@@ -49,6 +50,7 @@ ROW_GROUP = 16_384           # per_image.parquet's rows per row group (the drive
 CSV_LIMIT = 100_000          # per_image.csv next to per_image.parquet up to this many images
 UNIT = 256                   # ground-truth images per scoring task
 HIST_BINS = 20
+WINDOW_UNITS = WINDOW_BLOCKS       # units (one block each) per Ray Data execution: ray_env.WINDOW_BLOCKS
 # subsets by the true subject's share of the photo (metrics.json "by_subject_size"; the bounds of
 # the photo-quality acceptance: small < 10 %, large > 40 %)
 SUBJECT_SIZES = (("small (< 10 %)", 0.0, 0.10), ("medium (10–40 %)", 0.10, 0.40), ("large (> 40 %)", 0.40, 1.01))
@@ -258,6 +260,17 @@ def score_unit(batch: pa.Table, units: list[dict], job: dict) -> pa.Table:
     return pa.table(cols)
 
 
+def _scores(units: list[dict], job: dict):
+    """The per-image score tables of `units`, as they come: WINDOW_UNITS units (one block each) per
+    Ray Data execution, so that the driver holds the block stats of one window (ray_env.WINDOW_BLOCKS)."""
+    import ray
+    for lo in range(0, len(units), WINDOW_UNITS):
+        window = units[lo:lo + WINDOW_UNITS]
+        ds = ray.data.from_items([{"unit": i} for i in range(len(window))], override_num_blocks=len(window))
+        ds = ds.map_batches(score_unit, batch_size=None, batch_format="pyarrow", fn_kwargs={"units": window, "job": job})
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
 def _member(sample: np.ndarray, pos: int) -> bool:
     i = np.searchsorted(sample, pos)
     return bool(i < len(sample) and sample[i] == pos)
@@ -421,8 +434,6 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
     names = [m["name"] for m in methods if m["kind"] != "grabcut" or grabcut]
     totals = Totals(names, methods[0]["name"] if loaded else names[0], gallery)
     out.mkdir(parents=True, exist_ok=True)
-    ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
-    ds = ds.map_batches(score_unit, batch_size=None, batch_format="pyarrow", fn_kwargs={"units": units, "job": job})
     writer, pending, pending_rows, last = None, [], 0, time.perf_counter()
 
     def flush() -> None:                 # row groups of ROW_GROUP rows: a writer keeps metadata per group
@@ -432,7 +443,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
             writer = writer or pq.ParquetWriter(out / "per_image.parquet", t.schema)
             writer.write_table(t, row_group_size=ROW_GROUP)
             pending, pending_rows = [], 0
-    for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for t in _scores(units, job):
         pending.append(t)
         pending_rows += t.num_rows
         if pending_rows >= ROW_GROUP:

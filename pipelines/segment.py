@@ -56,7 +56,7 @@ from pipelines.lib.grabcut import REFINE_MAX_SIDE
 from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, model_input, product_mask, read_photo
 from pipelines.lib.mask_files import overlay, safe_name, write_pair
 from pipelines.lib.models import AMORTIZED, LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine
-from pipelines.lib.ray_env import ScratchPathError
+from pipelines.lib.ray_env import WINDOW_BLOCKS, ScratchPathError
 from pipelines.lib.parquet_store import DatasetError, DatasetExists, Output, Store, read_part
 from pipelines.lib.segment_inputs import Units, dataset_units, folder_units, is_dataset, read_unit
 
@@ -175,10 +175,7 @@ class SegmentBatch:
                        overlay(image, final, 128 if row["region"] is None else 1))
 
 
-# units per Ray Data execution: each map operator keeps the stats of every block it made until its
-# execution ends (~12 KB per unit in the driver, measured: +195 B/image at 64-image units from 10⁴ to
-# 10⁶), so a corpus is segmented in windows of this many units (131,072 images at the default batch)
-WINDOW_UNITS = 2048
+WINDOW_UNITS = WINDOW_BLOCKS       # units (one block each) per Ray Data execution: ray_env.WINDOW_BLOCKS
 
 
 class _PartNames(FilenameProvider):

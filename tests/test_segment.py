@@ -183,7 +183,7 @@ def test_distilled_student_is_tracked_and_its_pyfunc_segments(world):
     assert np.array_equal(got, prob.numpy() > 0.5) and (half["threshold"] == 0.5).all()
 
 
-def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path):
+def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path, monkeypatch):
     _segment(world, tmp_path / "l", "--model", world["ckpt"], "--steps", "3")
     _segment(world, tmp_path / "a", "--model", world["student"])
     r = evaluate.main(["--data", world["data"], "--pred", f"langevin={tmp_path / 'l'}", "--pred",
@@ -223,6 +223,16 @@ def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path):
     run = mlflow.tracking.MlflowClient(world["uri"]).get_run(r["mlflow_run_id"])
     assert run.data.metrics["GrabCut.test.iou"] == pytest.approx(
         next(row["iou"] for row in r["table"] if row["method"] == "GrabCut" and row["split"] == "test"))
+    # units of 8 images, 2 per Ray Data execution (5 windows): the same scores, per image and in total
+    monkeypatch.setattr(evaluate, "UNIT", 8)
+    monkeypatch.setattr(evaluate, "WINDOW_UNITS", 2)
+    r3 = evaluate.main(["--data", world["data"], "--pred", f"langevin={tmp_path / 'l'}", "--pred",
+                        f"amortized={tmp_path / 'a'}", "--out", str(tmp_path / "eval-w"), "--tracking-uri",
+                        world["uri"], "--threshold", "otsu-corpus"])
+    assert [(x["method"], x["split"], x["images"]) for x in r3["table"]] == \
+        [(x["method"], x["split"], x["images"]) for x in r["table"]]
+    assert [x["iou"] for x in r3["table"]] == pytest.approx([x["iou"] for x in r["table"]], abs=1e-4)
+    assert pd.read_csv(tmp_path / "eval-w" / "per_image.csv").equals(pd.read_csv(tmp_path / "eval" / "per_image.csv"))
 
 
 def test_bad_references_fail_with_clear_errors(world, tmp_path):
