@@ -1,6 +1,8 @@
 """Foreground-extraction metrics (paper appendix E): per-image IoU and Dice, averaged over images."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -37,12 +39,21 @@ def all_foreground_masks(n: int, size: int) -> torch.Tensor:
     return torch.ones(n, size, size, dtype=torch.bool)
 
 
-def centre_ellipse(height: int, width: int, fraction: float = 0.25) -> torch.Tensor:
-    """(height, width) bool: the centred ellipse with the image's aspect covering `fraction` of it."""
+@functools.lru_cache(maxsize=64)
+def centre_ellipse_array(height: int, width: int, fraction: float = 0.25) -> np.ndarray:
+    """(height, width) bool, read-only and cached (a scorer asks for the same few per image): the
+    centred ellipse with the image's aspect covering `fraction` of it."""
     s = (4.0 * fraction / np.pi) ** 0.5                       # semi-axes s·w/2, s·h/2: area π s² hw/4
-    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    dy, dx = (yy - (height - 1) / 2.0) / (s * height / 2.0), (xx - (width - 1) / 2.0) / (s * width / 2.0)
-    return dy ** 2 + dx ** 2 <= 1.0
+    dy = (np.arange(height) - (height - 1) / 2.0) / (s * height / 2.0)
+    dx = (np.arange(width) - (width - 1) / 2.0) / (s * width / 2.0)
+    mask = dy[:, None] ** 2 + dx[None, :] ** 2 <= 1.0
+    mask.flags.writeable = False
+    return mask
+
+
+def centre_ellipse(height: int, width: int, fraction: float = 0.25) -> torch.Tensor:
+    """centre_ellipse_array as a tensor of its own."""
+    return torch.from_numpy(centre_ellipse_array(height, width, fraction).copy())
 
 
 def centre_ellipse_masks(n: int, size: int, fraction: float = 0.25) -> torch.Tensor:

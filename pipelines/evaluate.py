@@ -182,14 +182,14 @@ def _ground_truth(unit: dict, job: dict, ids: set | None = None):
 
 def _masks_of(method: dict, row: dict | None, truth: np.ndarray, job: dict) -> np.ndarray | None:
     """One method's bool mask of one image at the ground truth's size (None: not scored here)."""
-    from drc_core.metrics import centre_ellipse
+    from drc_core.metrics import centre_ellipse_array
     from drc_core.threshold import ThresholdPolicy
     from pipelines.lib.imaging import full_size_mask
     kind = method["kind"]
     if kind == "all":
         return np.ones_like(truth)
     if kind == "disc":
-        return centre_ellipse(*truth.shape, method["area"]).numpy()
+        return centre_ellipse_array(*truth.shape, method["area"])
     if kind == "refined":
         return _png(row["refined"]) == 255
     at_size = job["kind"] == "photos"
