@@ -3,6 +3,7 @@ placement group of a Ray Train run whose controller was killed (a Tune trial ASH
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,24 @@ def test_every_writing_stage_refuses_scratch_outputs_in_a_job_before_any_work(tm
     save_drc(model, cfg, DRCModel(cfg.model, cfg.ablation).state_dict())
     with pytest.raises(SystemExit, match="segment: inside Ray job.*--output seg"):
         segment.main(["--model", str(model), "--input", str(tmp_path), "--output", "seg"])
+
+
+def test_a_stage_without_an_address_starts_its_own_instance_even_beside_a_ray_start_cluster(monkeypatch):
+    """No --address and no RAY_ADDRESS: init_ray asks Ray for a new local instance ("local"), not the
+    default lookup that would join whatever cluster `ray start` left in /tmp/ray/ray_current_cluster
+    (a stage's settings, e.g. actor restarts, assume a local instance then); with either, it joins."""
+    import ray
+
+    from pipelines.lib import ray_env
+    calls = []
+    for var in ("PYTHONPATH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", *ray_env._DEFAULT_ENV):   # init_ray sets them
+        monkeypatch.setenv(var, os.environ.get(var, ray_env._DEFAULT_ENV.get(var, "")))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_env.init_ray(num_cpus=2)
+    ray_env.init_ray("10.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    ray_env.init_ray()
+    assert [c["address"] for c in calls] == ["local", "10.0.0.1:6379", None]
+    assert calls[0]["num_cpus"] == 2 and ray_env.actor_restarts() == -1

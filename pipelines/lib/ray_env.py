@@ -81,8 +81,8 @@ def joins_cluster(address: str | None = None) -> bool:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
-    """Join `address` (or RAY_ADDRESS, as under `ray job submit`) or start a local instance
-    whose dashboard binds to 127.0.0.1."""
+    """Join `address` (or RAY_ADDRESS, as under `ray job submit`), or else start a local instance of
+    its own whose dashboard binds to 127.0.0.1 (not a cluster that `ray start` runs on the machine)."""
     import ray
 
     for k, v in _DEFAULT_ENV.items():
@@ -109,7 +109,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
             env = dict(kwargs.get("runtime_env") or {})
             env.setdefault("worker_process_setup_hook", "pipelines.lib.ray_env.quiet_state_api_warnings")
             kwargs["runtime_env"] = env
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local": a new instance even where a cluster started with `ray start` runs on this machine
+        # (Ray's default would join that one, which joins_cluster() and the stage's settings don't expect)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return ray
 
 
