@@ -86,7 +86,7 @@ def ray_local(request):
                  "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
         os.environ.setdefault(k, v)
     import ray
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=300 * 1024 ** 2,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=300 * 1024 ** 2,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
