@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from pipelines.lib import listing, locations, report, tracking
 from pipelines.lib.parquet_store import DatasetError, Store, split_range
-from pipelines.lib.ray_env import WINDOW_BLOCKS
+from pipelines.lib.ray_env import WINDOW_BLOCKS, end_window
 from pipelines.lib.scoring import (BEFORE_REFINE, PROTOCOL_LABEL, SUBJECT_SIZES, Totals, corpus_thresholds,  # noqa: F401
                                    load_prediction, masks_of, png, score_unit, table_methods, unit_rows)
 
@@ -60,6 +60,8 @@ def _scores(units: list[dict], job: dict):
         ds = ray.data.from_items([{"unit": i} for i in range(len(window))], override_num_blocks=len(window))
         ds = ds.map_batches(score_unit, batch_size=None, batch_format="pyarrow", fn_kwargs={"units": window, "job": job})
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        del ds
+        end_window()
 
 
 def _units(data: str, split: str | None, masks_dir: str | None, job: dict,

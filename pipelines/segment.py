@@ -56,7 +56,7 @@ from pipelines.lib.grabcut import REFINE_MAX_SIDE
 from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, model_input, product_mask, read_photo
 from pipelines.lib.mask_files import overlay, safe_name, write_pair
 from pipelines.lib.models import AMORTIZED, LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine
-from pipelines.lib.ray_env import WINDOW_BLOCKS, ScratchPathError
+from pipelines.lib.ray_env import WINDOW_BLOCKS, ScratchPathError, end_window
 from pipelines.lib.parquet_store import DatasetError, DatasetExists, Output, Store, read_part
 from pipelines.lib.segment_inputs import Units, dataset_units, folder_units, is_dataset, read_unit
 
@@ -356,6 +356,7 @@ def run(args) -> dict:
             wait_for_free_cpus(cpus)      # the last window's actors are giving their CPUs back
         _segment_window(args, pending[lo:lo + WINDOW_UNITS], units, output, steps=steps, png=png, cpus=cpus,
                         gpu=gpu, policy=policy, refine=refine)
+        end_window()
     files = scan_output(output, None)
     examples = [e for d in duplicates for e in listing.duplicates_table(d).to_pylist()][:EXAMPLES]
     for f in files:

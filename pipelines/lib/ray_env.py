@@ -75,6 +75,16 @@ def check_job_outputs(stage: str, outputs: dict[str, str | None]) -> None:
 WINDOW_BLOCKS = 2048
 
 
+def end_window() -> None:
+    """After a window's execution: collect the cycles its operators leave. Ray Data's finished
+    operators sit in reference cycles that hold the window's input blocks (the driver's own small
+    objects, one per unit) until Python's full collection, which a streaming driver rarely reaches:
+    measured in segment's driver, 1 such object per unit left after every window (38, 76, 111 after
+    windows of 32 units), none with a collection after each window."""
+    import gc
+    gc.collect()
+
+
 def joins_cluster(address: str | None = None) -> bool:
     """Whether init_ray(address) joins a running cluster rather than starting a local instance."""
     return bool(address or os.environ.get("RAY_ADDRESS"))
