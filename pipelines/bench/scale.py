@@ -170,11 +170,16 @@ def run_stage(cluster: LocalCluster, out: Path, name: str, module: str, argv: li
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.bench.peak", str(peak), module, *argv],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         killed = False
-        while proc.poll() is None:
-            if kill_when is not None and not killed and kill_when():
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = True
-            time.sleep(0.5)
+        try:
+            while proc.poll() is None:
+                if kill_when is not None and not killed and kill_when():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed = True
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:       # the benchmark is being stopped: the stage (its own session) too
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     seconds = time.perf_counter() - t0
     got = sampler.finish()
     text = (out / "logs" / f"{name}.log").read_text()
