@@ -169,12 +169,13 @@ def run_stage(cluster: LocalCluster, out: Path, name: str, module: str, argv: li
     with open(out / "logs" / f"{name}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.bench.peak", str(peak), module, *argv],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        killed = False
+        killed, rss = False, []
         try:
             while proc.poll() is None:
                 if kill_when is not None and not killed and kill_when():
                     os.kill(proc.pid, signal.SIGKILL)
                     killed = True
+                rss.append((time.perf_counter() - t0, resident(proc.pid)))
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:       # the benchmark is being stopped: the stage (its own session) too
@@ -186,7 +187,30 @@ def run_stage(cluster: LocalCluster, out: Path, name: str, module: str, argv: li
     if proc.returncode != 0 and not killed:
         raise RuntimeError(f"{name}: {module} exited with {proc.returncode}:\n{text[-3000:]}")
     driver = json.loads(peak.read_text())["peak_rss_bytes"] if peak.exists() else None
-    return {"stage": name, "seconds": seconds, "driver_peak": driver, **got, "killed": killed}
+    return {"stage": name, "seconds": seconds, "driver_peak": driver, **got, "killed": killed,
+            "driver_curve": driver_curve(rss, seconds)}
+
+
+def resident(pid: int) -> int:
+    """A process's resident bytes now (VmRSS; 0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def driver_curve(samples: list[tuple[float, int]], seconds: float, points: int = 10) -> list[int]:
+    """The driver's highest resident memory up to each tenth of the run's wall time (sampled every
+    0.5 s): how it grows while the stage streams, where the peak alone also holds the end of the run
+    (a report, the manifest)."""
+    out, high, i = [], 0, 0
+    for k in range(1, points + 1):
+        while i < len(samples) and samples[i][0] <= seconds * k / points:
+            high = max(high, samples[i][1])
+            i += 1
+        out.append(high)
+    return out
 
 
 # ---- the stages ----------------------------------------------------------------------------------
@@ -418,6 +442,11 @@ def growth(rows: list[dict]) -> dict:
              "worker_bytes_per_image": slope("worker_peak"), "store_bytes_per_image": slope("store_peak")}
         if a.get("images_per_s") and b.get("images_per_s"):
             g["images_per_s_ratio"] = b["images_per_s"] / a["images_per_s"]
+        curve = b.get("driver_curve") or []
+        if len(curve) == 10 and curve[4] and b.get("images"):
+            # the largest run's own streaming half: 50 → 90 % of its wall time (~40 % of its images
+            # at a steady rate; the last tenth is its report and manifest)
+            g["driver_streaming_bytes_per_image"] = (curve[8] - curve[4]) / (0.4 * b["images"])
         if stage == "train":
             g["s_per_iteration_ratio"] = b["s_per_iteration"] / a["s_per_iteration"]
             more = b["shard_rows"] - a["shard_rows"]
@@ -471,6 +500,10 @@ def format_result(r: dict) -> str:
         ips = "" if not x.get("images_per_s") else f"{x['images_per_s']:.0f}"
         lines.append(f"{x['stage']:<11}{x['images']:>9}{x['seconds']:>9.0f}{ips:>10}{_mb(x['driver_peak']):>11}"
                      f"{_mb(x['worker_peak']):>11}{_mb(x['store_peak']):>10}{_mb(x.get('bytes')):>12}")
+    curves = [x for x in r["rows"] if len(x.get("driver_curve") or []) == 10]
+    if curves:
+        lines += ["", "driver MB up to each tenth of the run's wall time:"]
+        lines += [f"  {x['stage']:<11}{x['images']:>9}: " + " ".join(_mb(v) for v in x["driver_curve"]) for x in curves]
     trains = [x for x in r["rows"] if x["stage"] == "train"]
     if trains:
         lines += ["", "train: s/iteration; per worker: checkpoint write s, chain bytes written (1st / 2nd checkpoint), "
@@ -484,6 +517,8 @@ def format_result(r: dict) -> str:
     for stage, g in r["growth"].items():
         lines.append(f"  {stage:<11} driver {g['driver_bytes_per_image'] or 0:+.1f} B/image, worker "
                      f"{g['worker_bytes_per_image'] or 0:+.1f} B/image"
+                     + (f" ({g['driver_streaming_bytes_per_image']:+.1f} while the largest streams: 50 → 90 % of its time)"
+                        if g.get("driver_streaming_bytes_per_image") is not None else "")
                      + (f", images/s ×{g['images_per_s_ratio']:.2f}" if "images_per_s_ratio" in g else "")
                      + (f", s/iteration ×{g['s_per_iteration_ratio']:.2f}" if "s_per_iteration_ratio" in g else ""))
     lines += ["", "targets:"]
