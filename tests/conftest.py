@@ -86,8 +86,24 @@ def ray_local(request):
                  "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
         os.environ.setdefault(k, v)
     import ray
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=300 * 1024 ** 2,
-             log_to_driver=False)
+
+    from pipelines.lib.ray_env import _free_port
+    # A dashboard port of its own, and the State API of this instance's processes pointed at it (as
+    # init_ray does): under `pytest -n 2` the other worker's session has a Ray instance too, and Ray
+    # Train's placement-group cleaner, left to guess, finds two and gives up. Only the instance gets
+    # the address: a stage a test starts as a subprocess runs its own Ray, whose cleaner must not ask
+    # this one (an actor it does not find there counts as dead, and it frees the run's group).
+    port = _free_port("127.0.0.1", preferred=0)
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 object_store_memory=300 * 1024 ** 2, log_to_driver=False)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS")
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -97,10 +113,19 @@ def ray_local(request):
 STARTS_SERVICES = ("ray_local", "s3_server")
 
 
+# The longest modules first (`--durations` of the full suite on 2 cores): under `pytest -n 2` (whole
+# modules per worker: `--dist loadfile` in pyproject.toml) the long ones start at once and the many
+# short ones even out the end.
+LONGEST_FIRST = ("test_learning", "test_faults", "test_scale", "test_bench_quality", "test_tune", "test_train",
+                 "test_quickstart", "test_segment", "test_train_cluster", "test_object_storage")
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that starts Ray or the S3 server, itself or through a fixture it uses, is an
     integration test whether or not its module says so (the fast tier cannot pick one up by
-    accident); `learning` tests are also `slow`."""
+    accident); `learning` tests are also `slow`. Modules run longest first (LONGEST_FIRST)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
     for item in items:
         if any(name in item.fixturenames for name in STARTS_SERVICES):
             item.add_marker(pytest.mark.integration)
