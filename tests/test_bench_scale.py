@@ -36,3 +36,14 @@ def test_growth_gives_the_slope_between_sizes_and_the_largest_runs_streaming_slo
 def test_a_run_without_a_curve_has_no_streaming_slope():
     g = growth([_row("segment", 10_000, 400), _row("segment", 100_000, 405)])["segment"]
     assert "driver_streaming_bytes_per_image" not in g and round(g["driver_bytes_per_image"], 1) == 58.3
+
+
+def test_memory_figures_come_from_proc_without_extra_packages():
+    """The benchmarks read /proc themselves (psutil is not a dependency: `bench stages` imported it
+    and failed before it measured anything)."""
+    from pipelines.bench.common import peak_rss_mb
+    from pipelines.bench.peak import high_water_mark, memory
+    assert 0 < memory("self", "VmRSS") <= high_water_mark() and memory(2 ** 22 + 1) == 0     # no such process
+    mine = peak_rss_mb(include_ray_workers=False)
+    assert 0 < mine <= high_water_mark() / 2 ** 20                  # a high-water mark only rises
+    assert peak_rss_mb(include_ray_workers=True) >= mine

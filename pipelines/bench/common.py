@@ -9,25 +9,19 @@ import numpy as np
 
 def peak_rss_mb(include_ray_workers: bool) -> float:
     """High-water resident memory (VmHWM) of this process, plus that of every Ray worker process
-    when asked: read once at the end, so nothing samples while the benchmark runs. The sum over
-    processes is an upper bound on their simultaneous peak."""
-    import psutil
-
-    def hwm(pid: int) -> int:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            return 0
-
-    total = hwm(psutil.Process().pid)
+    (a command line starting `ray::`) when asked: read once at the end, so nothing samples while the
+    benchmark runs. The sum over processes is an upper bound on their simultaneous peak."""
+    from pipelines.bench.peak import high_water_mark
+    total = high_water_mark()
     if include_ray_workers:
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if cmd and cmd[0].startswith("ray::"):
-                total += hwm(p.pid)
+        for proc in Path("/proc").iterdir():
+            try:
+                ray_worker = proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::")
+            except OSError:                     # gone meanwhile
+                continue
+            if ray_worker:
+                total += high_water_mark(proc.name)
     return total / 2 ** 20
-
 
 
 def cpu_name() -> str:

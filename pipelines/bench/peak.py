@@ -13,13 +13,19 @@ import sys
 import time
 
 
-def high_water_mark(pid: int | str = "self") -> int:
-    """Peak resident bytes of a process (0 when it is gone)."""
+def memory(pid: int | str = "self", field: str = "VmHWM") -> int:
+    """A process's memory figure from /proc/PID/status in bytes (0 when it is gone): VmHWM, its
+    peak resident memory; VmRSS, its resident memory now."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
         return 0
+
+
+def high_water_mark(pid: int | str = "self") -> int:
+    """Peak resident bytes of a process (0 when it is gone)."""
+    return memory(pid, "VmHWM")
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from pipelines.bench.cluster import LocalCluster
 from pipelines.bench.common import cpu_name
-from pipelines.bench.peak import high_water_mark
+from pipelines.bench.peak import high_water_mark, memory
 
 POOL = 10_000            # distinct scenes the corpus is drawn from
 SHARD = 1_000            # files per folder
@@ -175,7 +175,7 @@ def run_stage(cluster: LocalCluster, out: Path, name: str, module: str, argv: li
                 if kill_when is not None and not killed and kill_when():
                     os.kill(proc.pid, signal.SIGKILL)
                     killed = True
-                rss.append((time.perf_counter() - t0, resident(proc.pid)))
+                rss.append((time.perf_counter() - t0, memory(proc.pid, "VmRSS")))
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:       # the benchmark is being stopped: the stage (its own session) too
@@ -189,15 +189,6 @@ def run_stage(cluster: LocalCluster, out: Path, name: str, module: str, argv: li
     driver = json.loads(peak.read_text())["peak_rss_bytes"] if peak.exists() else None
     return {"stage": name, "seconds": seconds, "driver_peak": driver, **got, "killed": killed,
             "driver_curve": driver_curve(rss, seconds)}
-
-
-def resident(pid: int) -> int:
-    """A process's resident bytes now (VmRSS; 0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
 
 
 def driver_curve(samples: list[tuple[float, int]], seconds: float, points: int = 10) -> list[int]:
