@@ -29,7 +29,7 @@ def test_growth_gives_the_slope_between_sizes_and_the_largest_runs_streaming_slo
     text = format_result({"cpu": "test CPU", "cpus": 2, "command": "x", "rows": rows, "growth": {"evaluate": g},
                           "drills": []})
     assert "evaluate     1000000: 400 420 430 430 430 431 431 432 432 600" in text
-    assert f"({g['driver_streaming_bytes_per_image']:+.1f} while the largest streams" in text
+    assert f"driver +190.7 B/image ({g['driver_streaming_bytes_per_image']:+.1f} while the largest streams" in text
     assert "evaluate: driver < 100 B/image: FAIL (190.7)" in text     # the peak slope is what the target reads
 
 

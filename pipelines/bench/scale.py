@@ -506,10 +506,10 @@ def format_result(r: dict) -> str:
                          f"{x['second_checkpoint_chain_bytes']}, restore {x['restore_s']}, read {x['restore_bytes']}")
     lines += ["", "growth (smallest → largest size):"]
     for stage, g in r["growth"].items():
-        lines.append(f"  {stage:<11} driver {g['driver_bytes_per_image'] or 0:+.1f} B/image, worker "
-                     f"{g['worker_bytes_per_image'] or 0:+.1f} B/image"
+        lines.append(f"  {stage:<11} driver {g['driver_bytes_per_image'] or 0:+.1f} B/image"
                      + (f" ({g['driver_streaming_bytes_per_image']:+.1f} while the largest streams: 50 → 90 % of its time)"
                         if g.get("driver_streaming_bytes_per_image") is not None else "")
+                     + f", worker {g['worker_bytes_per_image'] or 0:+.1f} B/image"
                      + (f", images/s ×{g['images_per_s_ratio']:.2f}" if "images_per_s_ratio" in g else "")
                      + (f", s/iteration ×{g['s_per_iteration_ratio']:.2f}" if "s_per_iteration_ratio" in g else ""))
     lines += ["", "targets:"]
