@@ -123,6 +123,9 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.cluster, self.stop_event = cluster, threading.Event()
         self.worker_peak, self.store_peak, self.spilled = 0, None, 0
+        # which task the largest resident worker was running when sampled (a worker's high-water mark
+        # spans its whole life, and Ray reuses task workers across tasks)
+        self.worker_rss, self.worker_task = 0, None
 
     def _store(self) -> tuple[int, int] | None:
         try:
@@ -137,6 +140,9 @@ class Sampler(threading.Thread):
         while not self.stop_event.is_set():
             for pid in self.cluster.worker_processes():
                 self.worker_peak = max(self.worker_peak, high_water_mark(pid))
+                rss = memory(pid, "VmRSS")
+                if rss > self.worker_rss:
+                    self.worker_rss, self.worker_task = rss, _title(pid)
             if time.monotonic() - last_store > 2:
                 last_store = time.monotonic()
                 got = self._store()
@@ -148,7 +154,16 @@ class Sampler(threading.Thread):
     def finish(self) -> dict:
         self.stop_event.set()
         self.join()
-        return {"worker_peak": self.worker_peak, "store_peak": self.store_peak, "spilled": self.spilled}
+        return {"worker_peak": self.worker_peak, "store_peak": self.store_peak, "spilled": self.spilled,
+                "worker_rss": self.worker_rss, "worker_task": self.worker_task}
+
+
+def _title(pid: int) -> str | None:
+    """A Ray worker's process title (`ray::<task or actor method>`), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return None
 
 
 def du(path: Path) -> int:
