@@ -51,6 +51,11 @@ def _table() -> dict[int, tuple[int, str]]:
     return out
 
 
+def ray_workers() -> dict[int, str]:
+    """pid → process title (`ray::<task or actor method>`) of every Ray worker process on the machine."""
+    return {pid: cmd.split(" ", 1)[0] for pid, (_, cmd) in _table().items() if cmd.startswith("ray::")}
+
+
 def processes(marker: str) -> set[int]:
     """Every process whose command line contains `marker`, and all their descendants."""
     table = _table()
@@ -179,7 +184,7 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def worker_processes(self) -> set[int]:
-        """The pids of the cluster's Ray worker processes (tasks and actors), on every node."""
-        table = _table()
-        return {pid for pid in processes(self.temp) if table.get(pid, (0, ""))[1].startswith("ray::")}
+    def worker_processes(self) -> dict[int, str]:
+        """pid → process title of the cluster's Ray worker processes (tasks and actors), on every node."""
+        workers = ray_workers()
+        return {pid: workers[pid] for pid in processes(self.temp) if pid in workers}

@@ -11,16 +11,11 @@ def peak_rss_mb(include_ray_workers: bool) -> float:
     """High-water resident memory (VmHWM) of this process, plus that of every Ray worker process
     (a command line starting `ray::`) when asked: read once at the end, so nothing samples while the
     benchmark runs. The sum over processes is an upper bound on their simultaneous peak."""
+    from pipelines.bench.cluster import ray_workers
     from pipelines.bench.peak import high_water_mark
     total = high_water_mark()
     if include_ray_workers:
-        for proc in Path("/proc").iterdir():
-            try:
-                ray_worker = proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::")
-            except OSError:                     # gone meanwhile
-                continue
-            if ray_worker:
-                total += high_water_mark(proc.name)
+        total += sum(high_water_mark(pid) for pid in ray_workers())
     return total / 2 ** 20
 
 

@@ -138,11 +138,11 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         last_store = 0.0
         while not self.stop_event.is_set():
-            for pid in self.cluster.worker_processes():
+            for pid, title in self.cluster.worker_processes().items():
                 self.worker_peak = max(self.worker_peak, high_water_mark(pid))
                 rss = memory(pid, "VmRSS")
                 if rss > self.worker_rss:
-                    self.worker_rss, self.worker_task = rss, _title(pid)
+                    self.worker_rss, self.worker_task = rss, title
             if time.monotonic() - last_store > 2:
                 last_store = time.monotonic()
                 got = self._store()
@@ -156,14 +156,6 @@ class Sampler(threading.Thread):
         self.join()
         return {"worker_peak": self.worker_peak, "store_peak": self.store_peak, "spilled": self.spilled,
                 "worker_rss": self.worker_rss, "worker_task": self.worker_task}
-
-
-def _title(pid: int) -> str | None:
-    """A Ray worker's process title (`ray::<task or actor method>`), None when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-    except OSError:
-        return None
 
 
 def du(path: Path) -> int:
