@@ -26,11 +26,12 @@ so no key can escape DIR). For image files those are at each photo's own size: �
 back through the exact crop/resize the model input went through (`--crop resize`, the default:
 the whole photo; `--crop center`: pixels outside the centred square are 128, "not segmented").
 The Parquet `mask` stays at model resolution. `--refine grabcut` (the default for a model trained
-on photos, off for the synthetic benchmarks) re-draws each mask with GrabCut started from the
-model's partition at the photo's own size (π_f > 0.9 definite foreground, the frame definite
-background, the rest probable as the mask says): that mask is the `refined` column (PNG at the
-photo's size; model resolution for Parquet rows) and what `--png` writes; on PASCAL-S it lifts the
-distilled student from 39.4 / 41.2 to 45.4 / 47.9 IoU (docs/quality.md §3, stop 31). Each image's
+on photos, off for the synthetic benchmarks) re-draws each mask with GrabCut at the photo's own
+size, the model saying where and GrabCut what: GrabCut from a box around the model's mask (+10 % of
+the photo's long side), or from the model's partition where that cut comes back empty
+(pipelines.lib.grabcut.refine_photo). That mask is the `refined` column (PNG at the photo's size;
+model resolution for Parquet rows) and what `--png` writes (docs/quality.md: what it gives on
+PASCAL-S beside GrabCut, per subject size). Each image's
 chain depends only on (seed, sample_id): the same input, model and seed give the same masks however
 the work is batched.
 """
@@ -52,7 +53,7 @@ from pipelines.lib import devices, listing, locations
 from pipelines.lib.checkpoints import CheckpointError
 from pipelines.lib.errors import find_cause, os_reason
 from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
-from pipelines.lib.grabcut import REFINE_MAX_SIDE
+from pipelines.lib.grabcut import COLLAPSED, EXTENT_MARGIN, REFINE_MAX_SIDE
 from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, model_input, product_mask, read_photo
 from pipelines.lib.mask_files import overlay, safe_name, write_pair
 from pipelines.lib.models import AMORTIZED, LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine
@@ -375,8 +376,9 @@ def run(args) -> dict:
         "resolution": segmenter.resolution, "source": source,
         "preset": segmenter.cfg.preset, "crop": args.crop if source["kind"] == "folder" else None,
         "threshold_policy": policy.name,
-        "refine": {"method": "grabcut", "sure_foreground": 0.9, "frame_px": 1, "iterations": 5,
-                   "max_side": args.refine_max_side} if refine else None,
+        "refine": {"method": "grabcut", "start": "box around the mask", "margin": EXTENT_MARGIN,
+                   "fallback": {"below": COLLAPSED, "start": "the model's partition", "sure_foreground": 0.9,
+                                "frame_px": 1}, "iterations": 5, "max_side": args.refine_max_side} if refine else None,
         "mask_encoding": f"PNG, 8-bit grey, 255 = foreground (π_f > the image's threshold under policy {policy.name})",
         "prob_encoding": "PNG, 8-bit grey, round(255·π_f)",
         "status": "rows with status 'quarantined' (and their reason) are inputs that could not be segmented",
@@ -447,9 +449,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"how π_f becomes a mask: 0.5 (the DRC protocol), a number, otsu, gmm (per image) "
                         f"(default: {DEFAULT.name}; drc_core/threshold.py)")
     p.add_argument("--refine", default="auto", choices=REFINE,
-                   help="'grabcut': re-draw each mask with GrabCut started from the model's partition (π_f > 0.9 "
-                        "definite foreground, the frame definite background, the rest as the mask says) at the "
-                        "photo's own size, stored as `refined` and written by --png; 'auto' (default): grabcut for "
+                   help="'grabcut': re-draw each mask with GrabCut at the photo's own size, started from a box "
+                        "around the model's mask (from the model's partition where that cut comes back empty), "
+                        "stored as `refined` and written by --png; 'auto' (default): grabcut for "
                         f"a model trained on photos, off for {', '.join(SYNTHETIC)}")
     p.add_argument("--refine-max-side", type=int, default=REFINE_MAX_SIDE, metavar="PX",
                    help="photos whose long side exceeds PX are refined on a copy scaled down to it "

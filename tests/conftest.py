@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -164,3 +166,28 @@ def pytest_terminal_summary(terminalreporter):
     passed = sum(r[1] == "passed" for r in _fault_rows)
     tr.write_line(f"{passed}/{len(_fault_rows)} cases ended as designed (a completed run or a clear error, "
                   f"nothing previously written lost); {sum(r[2] for r in _fault_rows):.0f} s in the cases")
+
+
+# ---- where the suite's time goes: DRC_TEST_CPU=FILE records, per test, its wall seconds and the ----
+# machine's busy CPU-seconds over it (every process: Ray's workers and `ray start` nodes included),
+# from /proc/stat. On a machine running nothing else and one pytest process (no -n), wall ≫ busy
+# means the test waits (a timeout, a poll, a start-up), not computes.
+def _busy_seconds() -> float:
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")      # all but idle and iowait
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    target = os.environ.get("DRC_TEST_CPU")
+    if not target:
+        yield
+        return
+    import json
+    import time
+    t0, b0 = time.perf_counter(), _busy_seconds()
+    yield
+    row = {"test": item.nodeid, "wall": time.perf_counter() - t0, "busy": _busy_seconds() - b0}
+    with open(target, "a") as f:
+        f.write(json.dumps(row) + "\n")

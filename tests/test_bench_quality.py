@@ -167,3 +167,59 @@ def test_recipe_benchmark_needs_photos_and_masks(tmp_path):
         bench_main(["quality", "--recipe", "photos", "--photos", str(tmp_path)])
     with pytest.raises(SystemExit, match="--photos .*nowhere: no such folder"):
         bench_main(["quality", "--recipe", "photos", "--photos", str(tmp_path / "nowhere"), "--masks", str(tmp_path)])
+
+
+def test_refine_benchmark_scores_every_variant_per_photo_on_a_segment_output(tmp_path, capsys):
+    """bench refine on a hand-made segment output (π_f as segment stores it): the box row is
+    GrabCut's own mask, `default` is what segment writes (refine_at_size), the subsets partition the
+    photos, and the oracle is the better of box and model per photo."""
+    import io
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from pipelines.lib.grabcut import refine_at_size
+    from pipelines.lib.imaging import quantised, to_original
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    photos, masks, seg = (tmp_path / d for d in ("photos", "masks", "seg"))
+    for d in (photos, masks, seg):
+        d.mkdir()
+    rows, sizes = [], [(48, 64, 0.05), (60, 60, 0.25), (40, 56, 0.6)]      # (h, w, subject share)
+    for i, (h, w, share) in enumerate(sizes):
+        image = np.clip(rng.normal(70, 15, (h, w, 3)), 0, 255).astype(np.uint8)
+        side = int(np.sqrt(share * h * w))
+        truth = np.zeros((h, w), bool)
+        truth[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2] = True
+        image[truth] = np.clip(rng.normal(190, 15, (int(truth.sum()), 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(photos / f"p{i}.jpg", quality=95)
+        Image.fromarray(truth.astype(np.uint8) * 255).save(masks / f"p{i}.png")
+        prob = np.clip(rng.random((32, 32)) * 0.4 + 0.5 * np.asarray(Image.fromarray(truth.astype(np.uint8) * 255)
+                       .resize((32, 32))) / 255, 0, 1)
+        rows.append({"sample_id": i, "key": f"p{i}.jpg", "prob": png(np.rint(prob * 255).astype(np.uint8)),
+                     "threshold": 0.5, "region": [0, 0, w, h]})
+    pq.write_table(pa.Table.from_pylist(rows), seg / "part-00000.parquet")
+    bench_main(["refine", "--segmentation", str(seg), "--photos", str(photos), "--masks", str(masks),
+                "--out", str(tmp_path / "out"), "--workers", "1"])
+    result = json.loads((tmp_path / "out" / "refine.json").read_text())
+    per = pd.read_parquet(tmp_path / "out" / "per_photo.parquet").set_index("key")
+    assert result["photos"] == 3 and set(per.index) == {"p0.jpg", "p1.jpg", "p2.jpg"}
+    from pipelines.lib.imaging import read_photo
+    for r in rows:
+        image, truth = read_photo(str(photos / r["key"])), np.asarray(Image.open(masks / r["key"].replace("jpg", "png"))) > 127
+        prob = to_original(quantised(np.asarray(Image.open(io.BytesIO(r["prob"]))) / 255.0), tuple(r["region"]), *truth.shape)
+        box = grabcut_masks(image[None], start=r["sample_id"])[0]
+        default = refine_at_size(image, prob, 0.5, seed=r["sample_id"])
+        iou = lambda m: 100 * (m & truth).sum() / (m | truth).sum()
+        assert per.loc[r["key"], "iou:box"] == pytest.approx(iou(box))
+        assert per.loc[r["key"], "iou:default"] == pytest.approx(iou(default))
+    m = result["methods"]
+    assert [s["photos"] for s in m["box"]["subsets"].values()] == [1, 1, 1]
+    assert m["oracle"]["iou"] == pytest.approx(np.maximum(per["iou:box"], per["iou:model"]).mean())
+    assert m["box"]["ties_box"] == 1.0
+    assert "default" in capsys.readouterr().out

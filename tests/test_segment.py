@@ -603,6 +603,41 @@ def test_grabcut_refine_snaps_a_rough_mask_to_the_object():
     assert np.array_equal(grabcut_refine_all(images, prob, rough, workers=2, chunk=2), refined)
 
 
+def test_refine_photo_cuts_inside_a_box_around_the_model_mask_and_falls_back_where_that_collapses(monkeypatch):
+    """The product's refinement: GrabCut from a box around the model's mask, so a small subject in a
+    cluttered photo is cut where the model put it (box-started GrabCut also takes the red thing the
+    model left out), and
+    from the model's partition where the box's cut comes back (almost) empty."""
+    from pipelines.lib import grabcut
+    rng = np.random.default_rng(1)
+    image = np.clip(rng.normal(70, 10, (96, 96, 3)), 0, 255).astype(np.uint8)
+    image[:, 60:, :] = np.clip(rng.normal(150, 10, (96, 36, 3)), 0, 255).astype(np.uint8)   # a bright wall
+    truth = np.zeros((96, 96), bool)
+    truth[30:42, 20:32] = True                                          # a small red subject, 1.6 % of the photo
+    other = np.zeros((96, 96), bool)
+    other[60:80, 66:86] = True                                          # and a red thing the model left out
+    for region in (truth, other):
+        image[region] = np.clip(rng.normal((200, 30, 30), 10, (int(region.sum()), 3)), 0, 255).astype(np.uint8)
+    prob = np.zeros((96, 96), np.float32)
+    prob[26:46, 16:36] = 0.7                                            # the model's blob: right place, too big
+    iou = lambda m: (m & truth).sum() / (m | truth).sum()
+    refined = grabcut.refine_photo(image, prob, 0.5, seed=3)
+    x, y, w, h = grabcut.extent_rect(prob > 0.5, grabcut.EXTENT_MARGIN)
+    assert not refined[:y].any() and not refined[y + h:].any() and not refined[:, :x].any() and not refined[:, x + w:].any()
+    assert iou(grabcut.grabcut_masks(image[None])[0]) < 0.3 < 0.8 < iou(refined), iou(refined)
+    assert np.array_equal(grabcut.refine_at_size(image, prob, 0.5, seed=3), refined)
+    # a box cut that loses the subject (under 1 % of the photo) gives way to the partition-started one
+    calls = []
+    real_cut = grabcut.cut
+    def collapsing(img, seed, *, labels=None, rect=None):
+        calls.append("rect" if rect is not None else "labels")
+        return np.zeros(img.shape[:2], bool) if rect is not None else real_cut(img, seed, labels=labels)
+    monkeypatch.setattr(grabcut, "cut", collapsing)
+    fallback = grabcut.refine_photo(image, prob, 0.5, seed=3)
+    assert calls == ["rect", "labels"]
+    assert np.array_equal(fallback, grabcut.grabcut_refine(image[None], prob[None], (prob > 0.5)[None], start=3)[0])
+
+
 def test_evaluate_table_keeps_its_columns_for_long_method_names():
     """A refined output's "<name>, π_f's mask before GrabCut" row is wider than the old fixed column."""
     rows = [{"method": m, "split": "test", "images": 200, "iou": 67.1, "dice": 79.9}

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 import pipelines.bench as package
-from pipelines.bench import core, quality, scale, segment, stages
+from pipelines.bench import core, quality, refine, scale, segment, stages
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     stages.add_parsers(sub)
     segment.add_parser(sub)
     quality.add_parser(sub)
+    refine.add_parser(sub)
     scale.add_parser(sub)
     args = p.parse_args(argv)
     args.run(args)

@@ -8,7 +8,7 @@ table of what they give beside GrabCut, the best centred ellipse and all-foregro
 Each command is a `python -m pipelines.<stage>` subprocess with the README's arguments (its log in
 <out>/logs/): `preprocess --source folder --crop resize` once; per set k = 1, 2, … (seeds
 (k−1)·T+1 … k·T, so set 1 is the README's seeds 1–4) T × `train --preset P --workers 2 --iterations I
-seed=S`, one `distill` of the T teachers, `segment --png` of the photos with the student (its default GrabCut
+--eval-every 0 seed=S`, one `distill` of the T teachers, `segment --png` of the photos with the student (its default GrabCut
 refinement for a model trained on photos); then one `evaluate --masks` of every set's output,
 which scores them at each photo's own size beside the baselines on the same photos. Training is
 unsupervised: `--masks` only reaches `evaluate`.
@@ -76,7 +76,7 @@ class Recipe:
         seeds = [k * a.teachers + t + 1 for t in range(a.teachers)]
         train = [self.run(f"train-s{s}", "train",
                           ["--data", str(self.data), "--preset", a.preset, "--workers", str(a.workers),
-                           "--iterations", str(a.iterations), "--name", f"photos-s{s}", "--storage",
+                           "--iterations", str(a.iterations), "--eval-every", "0", "--name", f"photos-s{s}", "--storage",
                            str(self.out / "ray"), "--tracking-uri", self.tracking, "--quiet", f"seed={s}",
                            *a.overrides], self.teacher(s)) for s in seeds]
         student = self.out / "distill" / f"set{k + 1}"

@@ -1,7 +1,8 @@
 """GrabCut (OpenCV), the classical baseline every quality figure stands beside: per image, and for a
-whole set in a process pool; and `grabcut_refine`, GrabCut started from a model's π_f instead of a
-box (what `distill --refine grabcut` does to a photo teacher's masks), and `refine_at_size`, the same
-on one photo at its own size (what `segment --refine grabcut` writes). A light module (numpy +
+whole set in a process pool; `grabcut_refine`, GrabCut started from a model's partition instead of a
+box (what `distill --refine grabcut` does to a photo teacher's masks); and `refine_photo` /
+`refine_at_size`, the product's mask of one photo at its own size (what `segment --refine grabcut`
+writes): GrabCut from a box around the model's mask, from its partition where that collapses. A light module (numpy +
 OpenCV): pool workers import only this."""
 from __future__ import annotations
 
@@ -10,62 +11,113 @@ import time
 import numpy as np
 
 
+def cut(image: np.ndarray, seed: int, *, labels: np.ndarray | None = None, rect=None) -> np.ndarray | None:
+    """One GrabCut (OpenCV, 5 iterations) of an RGB uint8 image from a GC_* label map or a rect
+    (x, y, w, h); OpenCV's RNG (its k-means) seeded with `seed`, so a mask is the same in any run or
+    batch. None where OpenCV cannot split the image (one colour, or no probable pixel of a class)."""
+    import cv2
+    h, w = image.shape[:2]
+    cv2.setRNGSeed(seed)
+    g = np.zeros((h, w), np.uint8) if labels is None else labels.copy()
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    try:
+        cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), g, rect, bgd, fgd, 5,
+                    cv2.GC_INIT_WITH_MASK if rect is None else cv2.GC_INIT_WITH_RECT)
+    except cv2.error:
+        return None
+    return (g == cv2.GC_FGD) | (g == cv2.GC_PR_FGD)
+
+
+def box_rect(h: int, w: int, margin: float = 0.05) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the box = image less `margin` of its short side on each side."""
+    m = max(1, int(round(margin * min(h, w))))
+    return m, m, w - 2 * m, h - 2 * m
+
+
+def extent_rect(mask: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) of a box around `mask`'s foreground plus `margin` of the image's long side, kept
+    at least 1 px inside the image (GrabCut needs background outside it); None for an empty mask."""
+    if not mask.any():
+        return None
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    pad = int(round(margin * max(h, w)))
+    x0, y0 = max(1, int(xs.min()) - pad), max(1, int(ys.min()) - pad)
+    x1, y1 = min(w - 1, int(xs.max()) + 1 + pad), min(h - 1, int(ys.max()) + 1 + pad)
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def model_labels(prob: np.ndarray, mask: np.ndarray, sure: float = 0.9, frame: int = 1) -> np.ndarray:
+    """GrabCut's start from a model's partition: π_f > `sure` definite foreground, the `frame`
+    outermost pixels definite background (the boundary prior), the rest probable foreground where
+    `mask` says so and probable background elsewhere."""
+    import cv2
+    g = np.where(mask, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    g[prob > sure] = cv2.GC_FGD
+    if frame:
+        g[:frame], g[-frame:], g[:, :frame], g[:, -frame:] = (cv2.GC_BGD,) * 4
+    return g
+
+
 def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5, start: int = 0) -> np.ndarray:
     """GrabCut (OpenCV) per image, initialised with the box = image minus `margin` on each side;
-    deterministic (OpenCV's RNG is seeded with the image's index, `start` + its place in `images`)."""
-    import cv2
+    deterministic (OpenCV's RNG is seeded with the image's index, `start` + its place in `images`).
+    An image GrabCut cannot split keeps the box."""
+    assert iterations == 5, "GrabCut runs 5 iterations everywhere"
     n, h, w = images.shape[:3]
-    m = max(1, int(round(margin * min(h, w))))
-    rect = (m, m, w - 2 * m, h - 2 * m)
+    x, y, bw, bh = rect = box_rect(h, w, margin)
     out = np.zeros((n, h, w), bool)
     for i in range(n):
-        cv2.setRNGSeed(start + i)          # GrabCut's k-means draws from OpenCV's global RNG: seed per
-        mask = np.zeros((h, w), np.uint8)  # image, so an image's mask is the same in any run or batch
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        try:
-            cv2.grabCut(np.ascontiguousarray(images[i][..., ::-1]), mask, rect, bgd, fgd, iterations,
-                        cv2.GC_INIT_WITH_RECT)
-        except cv2.error:                  # degenerate image (e.g. one colour): keep the box
-            mask[m:h - m, m:w - m] = cv2.GC_PR_FGD
-        out[i] = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+        mask = cut(images[i], start + i, rect=rect)
+        if mask is None:                   # degenerate image (e.g. one colour): keep the box
+            out[i, y:y + bh, x:x + bw] = True
+        else:
+            out[i] = mask
     return out
 
 
 def grabcut_refine(images: np.ndarray, prob: np.ndarray, masks: np.ndarray, *, sure: float = 0.9,
                    frame: int = 1, iterations: int = 5, start: int = 0) -> np.ndarray:
-    """GrabCut per image started from a model's partition instead of a box: pixels with π_f > `sure`
-    are definite foreground, the `frame` outermost pixels definite background (the boundary prior),
-    the rest probable foreground where `masks` (the model's mask, e.g. Otsu of π_f) says so and
-    probable background elsewhere. uint8 images (N, H, W, 3), π_f (N, H, W), bool masks (N, H, W) →
-    bool (N, H, W); deterministic as `grabcut_masks`. An image GrabCut cannot split keeps its mask."""
-    import cv2
-    n, h, w = images.shape[:3]
+    """GrabCut per image started from a model's partition instead of a box (`model_labels`): what
+    `distill --refine grabcut` does to a photo teacher's masks. uint8 images (N, H, W, 3), π_f
+    (N, H, W), bool masks (N, H, W) → bool (N, H, W); deterministic as `grabcut_masks`. An image
+    GrabCut cannot split keeps its mask."""
+    assert iterations == 5, "GrabCut runs 5 iterations everywhere"
     out = np.asarray(masks, bool).copy()
-    for i in range(n):
-        cv2.setRNGSeed(start + i)
-        g = np.where(out[i], cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
-        g[prob[i] > sure] = cv2.GC_FGD
-        if frame:
-            g[:frame], g[-frame:], g[:, :frame], g[:, -frame:] = (cv2.GC_BGD,) * 4
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        try:
-            cv2.grabCut(np.ascontiguousarray(images[i][..., ::-1]), g, None, bgd, fgd, iterations,
-                        cv2.GC_INIT_WITH_MASK)
-        except cv2.error:                  # one colour, or no probable pixel of a class: keep the mask
-            continue
-        out[i] = (g == cv2.GC_FGD) | (g == cv2.GC_PR_FGD)
+    for i in range(len(images)):
+        mask = cut(images[i], start + i, labels=model_labels(prob[i], out[i], sure, frame))
+        if mask is not None:
+            out[i] = mask
     return out
 
 
 REFINE_MAX_SIDE = 400     # segment --refine-max-side: GrabCut's cost grows with the pixels (~90 ms at 160 px)
+EXTENT_MARGIN = 0.1       # the box around the model's mask: + 10 % of the photo's long side on each side
+COLLAPSED = 0.01          # a GrabCut mask under 1 % of the photo has lost the subject
+
+
+def refine_photo(image: np.ndarray, prob: np.ndarray, threshold: float, *, seed: int,
+                 margin: float = EXTENT_MARGIN) -> np.ndarray:
+    """The product's mask of one photo (uint8 (H, W, 3)) from π_f on it ((H, W) float): the model says
+    where, GrabCut what. GrabCut starts from a box around the model's mask (π_f > `threshold`, plus
+    `margin` of the long side; the photo less 5 % when the mask is empty); where that mask collapses
+    (under 1 % of the photo, or no split), GrabCut starts from the model's partition instead
+    (`model_labels`). On PASCAL-S this beats both the box-started GrabCut and the partition-started
+    one on every subject size (docs/quality.md)."""
+    mask = prob > threshold
+    h, w = mask.shape
+    out = cut(image, seed, rect=extent_rect(mask, margin) or box_rect(h, w))
+    if out is None or out.mean() < COLLAPSED:
+        out = grabcut_refine(image[None], prob[None], mask[None], start=seed)[0]
+    return out
 
 
 def refine_at_size(image: np.ndarray, prob: np.ndarray, threshold: float, *, seed: int,
                    max_side: int = REFINE_MAX_SIDE) -> np.ndarray:
-    """`grabcut_refine` of one photo (uint8 (H, W, 3)) from π_f mapped onto it ((H, W) float), its
-    mask π_f > `threshold`: bool (H, W). A photo whose long side exceeds `max_side` is refined on a
-    copy scaled down to it (area-averaged; π_f bilinear) and the mask scaled back (nearest).
-    Deterministic: OpenCV's RNG is seeded with `seed` (segment: the sample id)."""
+    """`refine_photo` of one photo (uint8 (H, W, 3)) from π_f mapped onto it ((H, W) float): bool
+    (H, W). A photo whose long side exceeds `max_side` is refined on a copy scaled down to it
+    (area-averaged; π_f bilinear) and the mask scaled back (nearest). Deterministic: OpenCV's RNG is
+    seeded with `seed` (segment: the sample id)."""
     import cv2
     h, w = prob.shape
     small = max_side and max(h, w) > max_side
@@ -74,7 +126,7 @@ def refine_at_size(image: np.ndarray, prob: np.ndarray, threshold: float, *, see
         size = (max(1, round(w * s)), max(1, round(h * s)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         prob = cv2.resize(np.asarray(prob, np.float32), size, interpolation=cv2.INTER_LINEAR)
-    mask = grabcut_refine(image[None], prob[None], (prob > threshold)[None], start=seed)[0]
+    mask = refine_photo(image, prob, threshold, seed=seed)
     if small:
         mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     return mask

@@ -8,7 +8,7 @@ photo stretched to the model's square exactly as `pipelines.segment --crop resiz
 uint8 array (N, H, W, 3) at the model's resolution. Output: one row per image with
 `fg_fraction`, `confidence`, `mask_png` (PNG bytes, 0/255, π_f above the threshold of the
 `threshold` policy param, default drc_core.threshold.DEFAULT; at the photo's own size for encoded
-inputs; re-drawn by GrabCut from that partition as `pipelines.segment --refine` does when the
+inputs; re-drawn by GrabCut guided by that mask as `pipelines.segment --refine` does when the
 `refine` param is `grabcut`, or `auto` (default) and the model was trained on photos), `threshold`,
 `prob_png` (π_f in 8 bits, model resolution) and `recon_l1`. The
 same class serves the DRC model (posterior Langevin, `steps`/`seed` params) and the distilled
