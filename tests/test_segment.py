@@ -621,7 +621,7 @@ def test_refine_photo_cuts_inside_a_box_around_the_model_mask_and_falls_back_whe
     prob = np.zeros((96, 96), np.float32)
     prob[26:46, 16:36] = 0.7                                            # the model's blob: right place, too big
     iou = lambda m: (m & truth).sum() / (m | truth).sum()
-    refined = grabcut.refine_photo(image, prob, 0.5, seed=3)
+    refined = grabcut.refine_photo(image, prob, prob > 0.5, seed=3)
     x, y, w, h = grabcut.extent_rect(prob > 0.5, grabcut.EXTENT_MARGIN)
     assert not refined[:y].any() and not refined[y + h:].any() and not refined[:, :x].any() and not refined[:, x + w:].any()
     assert iou(grabcut.grabcut_masks(image[None])[0]) < 0.3 < 0.8 < iou(refined), iou(refined)
@@ -633,7 +633,7 @@ def test_refine_photo_cuts_inside_a_box_around_the_model_mask_and_falls_back_whe
         calls.append("rect" if rect is not None else "labels")
         return np.zeros(img.shape[:2], bool) if rect is not None else real_cut(img, seed, labels=labels)
     monkeypatch.setattr(grabcut, "cut", collapsing)
-    fallback = grabcut.refine_photo(image, prob, 0.5, seed=3)
+    fallback = grabcut.refine_photo(image, prob, prob > 0.5, seed=3)
     assert calls == ["rect", "labels"]
     assert np.array_equal(fallback, grabcut.grabcut_refine(image[None], prob[None], (prob > 0.5)[None], start=3)[0])
 

@@ -54,7 +54,7 @@ def variants(image: np.ndarray, prob: np.ndarray, threshold: float, seed: int, e
     for k, v in out.items():
         if v is None:                          # OpenCV could not split: the box, or the model's mask
             out[k] = grabcut_masks(image[None], start=seed)[0] if k == "box" else mask
-    out["default"] = refine_photo(image, prob, threshold, seed=seed, margin=extent_margin)
+    out["default"] = refine_photo(image, prob, mask, seed=seed, margin=extent_margin)
     return out
 
 

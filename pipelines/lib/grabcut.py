@@ -96,15 +96,14 @@ EXTENT_MARGIN = 0.1       # the box around the model's mask: + 10 % of the photo
 COLLAPSED = 0.01          # a GrabCut mask under 1 % of the photo has lost the subject
 
 
-def refine_photo(image: np.ndarray, prob: np.ndarray, threshold: float, *, seed: int,
+def refine_photo(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, *, seed: int,
                  margin: float = EXTENT_MARGIN) -> np.ndarray:
-    """The product's mask of one photo (uint8 (H, W, 3)) from π_f on it ((H, W) float): the model says
-    where, GrabCut what. GrabCut starts from a box around the model's mask (π_f > `threshold`, plus
-    `margin` of the long side; the photo less 5 % when the mask is empty); where that mask collapses
-    (under 1 % of the photo, or no split), GrabCut starts from the model's partition instead
-    (`model_labels`). On PASCAL-S this beats both the box-started GrabCut and the partition-started
+    """The product's mask of one photo (uint8 (H, W, 3)) from π_f on it ((H, W) float) and the model's
+    mask (bool (H, W): π_f above its threshold): the model says where, GrabCut what. GrabCut starts
+    from a box around the mask plus `margin` of the long side (the photo less 5 % when the mask is
+    empty); where that cut collapses (under 1 % of the photo, or no split), GrabCut starts from the
+    model's partition instead (`model_labels`). On PASCAL-S this beats both the box-started GrabCut and the partition-started
     one on every subject size (docs/quality.md)."""
-    mask = prob > threshold
     h, w = mask.shape
     out = cut(image, seed, rect=extent_rect(mask, margin) or box_rect(h, w))
     if out is None or out.mean() < COLLAPSED:
@@ -126,7 +125,7 @@ def refine_at_size(image: np.ndarray, prob: np.ndarray, threshold: float, *, see
         size = (max(1, round(w * s)), max(1, round(h * s)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         prob = cv2.resize(np.asarray(prob, np.float32), size, interpolation=cv2.INTER_LINEAR)
-    mask = refine_photo(image, prob, threshold, seed=seed)
+    mask = refine_photo(image, prob, prob > threshold, seed=seed)
     if small:
         mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     return mask
