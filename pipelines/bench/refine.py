@@ -33,8 +33,9 @@ import numpy as np
 
 from pipelines.lib.grabcut import EXTENT_MARGIN, box_rect, cut, extent_rect, grabcut_masks, model_labels, refine_photo
 
+from pipelines.lib.scoring import SUBJECT_SIZES
+
 VARIANTS = ("box", "model", "soft", "box+model", "extent", "default")
-SUBSETS = ((0.0, 0.1, "small < 10 %"), (0.1, 0.4, "medium"), (0.4, 1.01, "large > 40 %"))
 
 
 def variants(image: np.ndarray, prob: np.ndarray, threshold: float, seed: int, extent_margin: float = EXTENT_MARGIN,
@@ -64,7 +65,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def one_photo(job: dict) -> dict:
-    """Every variant, its IoU and its scores, for one photo of the segmentation."""
+    """Every variant's IoU and mask area for one photo of the segmentation, and the true subject's share."""
     import cv2
     from pipelines.lib.imaging import quantised, read_photo, to_original
     from pipelines.lib.scoring import png
@@ -97,13 +98,18 @@ def jobs(args) -> list[dict]:
         root = Path(folder)
         return {str(p.relative_to(root).with_suffix("")): p for p in root.rglob("*") if p.is_file()}
     photos, masks = by_key(args.photos), by_key(args.masks)
-    out = []
+    out, missing = [], []
     for r in sorted(t, key=lambda r: r["sample_id"]):
         key = str(Path(r["key"]).with_suffix("")) if Path(r["key"]).suffix.lower() in (".jpg", ".jpeg", ".png") else r["key"]
         if key in masks and key in photos and r["region"] is not None:
             out.append({"key": r["key"], "photo": str(photos[key]), "mask": str(masks[key]),
                         "prob": r["prob"], "threshold": r["threshold"], "region": r["region"],
                         "seed": int(r["sample_id"]), "max_side": args.max_side, "extent_margin": args.extent_margin})
+        elif r["region"] is not None:
+            missing.append(r["key"] if key in photos else f"{r['key']} (photo)")
+    if missing:
+        print(f"bench refine: {len(missing)} of {len(t)} segmented photos have no mask in {args.masks} (or no "
+              f"photo in {args.photos}), not scored: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     if args.limit:
         out = out[:args.limit]
     if not out:
@@ -120,7 +126,7 @@ def report(rows) -> dict:
         v = rows[f"iou:{m}"]
         entry = {"iou": float(v.mean()), "beats_box": float((v > rows["iou:box"] + 1e-9).mean()),
                  "ties_box": float((np.abs(v - rows["iou:box"]) <= 1e-9).mean()), "subsets": {}}
-        for lo, hi, name in SUBSETS:
+        for name, lo, hi in SUBJECT_SIZES:
             sel = (rows["subject"] >= lo) & (rows["subject"] < hi)
             entry["subsets"][name] = {"photos": int(sel.sum()), "iou": float(v[sel].mean()) if sel.any() else None}
         result["methods"][m] = entry
@@ -128,7 +134,7 @@ def report(rows) -> dict:
 
 
 def format_report(r: dict) -> str:
-    names = [n for _, _, n in SUBSETS]
+    names = [n for n, _, _ in SUBJECT_SIZES]
     first = next(iter(r["methods"].values()))
     head = f"{'variant':<12}{'IoU':>7}{'beats box':>11}{'ties':>7}" + "".join(
         f"{n + ' (' + str(first['subsets'][n]['photos']) + ')':>22}" for n in names)
