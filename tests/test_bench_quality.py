@@ -170,7 +170,7 @@ def test_recipe_benchmark_needs_photos_and_masks(tmp_path):
 
 
 def test_refine_benchmark_scores_every_variant_per_photo_on_a_segment_output(tmp_path, capsys):
-    """bench refine on a hand-made segment output (π_f as segment stores it): the box row is
+    """bench refine on a hand-made segment output (π_f and keys as segment stores them): the box row is
     GrabCut's own mask, `default` is what segment writes (refine_at_size), the subsets partition the
     photos, and the oracle is the better of box and model per photo."""
     import io
@@ -201,17 +201,17 @@ def test_refine_benchmark_scores_every_variant_per_photo_on_a_segment_output(tmp
         Image.fromarray(truth.astype(np.uint8) * 255).save(masks / f"p{i}.png")
         prob = np.clip(rng.random((32, 32)) * 0.4 + 0.5 * np.asarray(Image.fromarray(truth.astype(np.uint8) * 255)
                        .resize((32, 32))) / 255, 0, 1)
-        rows.append({"sample_id": i, "key": f"p{i}.jpg", "prob": png(np.rint(prob * 255).astype(np.uint8)),
+        rows.append({"sample_id": i, "key": f"p{i}", "prob": png(np.rint(prob * 255).astype(np.uint8)),
                      "threshold": 0.5, "region": [0, 0, w, h]})
     pq.write_table(pa.Table.from_pylist(rows), seg / "part-00000.parquet")
     bench_main(["refine", "--segmentation", str(seg), "--photos", str(photos), "--masks", str(masks),
                 "--out", str(tmp_path / "out"), "--workers", "1"])
     result = json.loads((tmp_path / "out" / "refine.json").read_text())
     per = pd.read_parquet(tmp_path / "out" / "per_photo.parquet").set_index("key")
-    assert result["photos"] == 3 and set(per.index) == {"p0.jpg", "p1.jpg", "p2.jpg"}
+    assert result["photos"] == 3 and set(per.index) == {"p0", "p1", "p2"}
     from pipelines.lib.imaging import read_photo
     for r in rows:
-        image, truth = read_photo(str(photos / r["key"])), np.asarray(Image.open(masks / r["key"].replace("jpg", "png"))) > 127
+        image, truth = read_photo(str(photos / f"{r['key']}.jpg")), np.asarray(Image.open(masks / f"{r['key']}.png")) > 127
         prob = to_original(quantised(np.asarray(Image.open(io.BytesIO(r["prob"]))) / 255.0), tuple(r["region"]), *truth.shape)
         box = grabcut_masks(image[None], start=r["sample_id"])[0]
         default = refine_at_size(image, prob, 0.5, seed=r["sample_id"])

@@ -629,9 +629,10 @@ def test_refine_photo_cuts_inside_a_box_around_the_model_mask_and_falls_back_whe
     # a box cut that loses the subject (under 1 % of the photo) gives way to the partition-started one
     calls = []
     real_cut = grabcut.cut
-    def collapsing(img, seed, *, labels=None, rect=None):
+    def collapsing(img, seed, *, labels=None, rect=None, iterations=5):
         calls.append("rect" if rect is not None else "labels")
-        return np.zeros(img.shape[:2], bool) if rect is not None else real_cut(img, seed, labels=labels)
+        return np.zeros(img.shape[:2], bool) if rect is not None else real_cut(img, seed, labels=labels,
+                                                                               iterations=iterations)
     monkeypatch.setattr(grabcut, "cut", collapsing)
     fallback = grabcut.refine_photo(image, prob, prob > 0.5, seed=3)
     assert calls == ["rect", "labels"]

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.lib.grabcut import EXTENT_MARGIN, box_rect, cut, extent_rect, grabcut_masks, model_labels, refine_photo
+from pipelines.lib.grabcut import (EXTENT_MARGIN, at_size, box_rect, cut, extent_rect, grabcut_masks, model_labels,
+                                   refine_photo, working_copy)
 
 from pipelines.lib.scoring import SUBJECT_SIZES
 
@@ -47,14 +48,14 @@ def variants(image: np.ndarray, prob: np.ndarray, threshold: float, seed: int, e
     x, y, rw, rh = box = box_rect(h, w)
     boxed = np.full((h, w), cv2.GC_BGD, np.uint8)
     boxed[y:y + rh, x:x + rw] = np.where(mask, cv2.GC_PR_FGD, cv2.GC_PR_BGD)[y:y + rh, x:x + rw]
-    out = {"box": cut(image, seed, rect=box),
-           "model": cut(image, seed, labels=model_labels(prob, mask, sure)),
+    out = {"model": cut(image, seed, labels=model_labels(prob, mask, sure)),
            "soft": cut(image, seed, labels=model_labels(prob, mask, sure=2.0)),
            "box+model": cut(image, seed, labels=boxed),
            "extent": cut(image, seed, rect=extent_rect(mask, extent_margin) or box)}
     for k, v in out.items():
-        if v is None:                          # OpenCV could not split: the box, or the model's mask
-            out[k] = grabcut_masks(image[None], start=seed)[0] if k == "box" else mask
+        if v is None:                          # OpenCV could not split: the model's mask
+            out[k] = mask
+    out["box"] = grabcut_masks(image[None], start=seed)[0]
     out["default"] = refine_photo(image, prob, mask, seed=seed, margin=extent_margin)
     return out
 
@@ -66,7 +67,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def one_photo(job: dict) -> dict:
     """Every variant's IoU and mask area for one photo of the segmentation, and the true subject's share."""
-    import cv2
     from pipelines.lib.imaging import quantised, read_photo, to_original
     from pipelines.lib.scoring import png
     image = read_photo(job["photo"])
@@ -74,33 +74,29 @@ def one_photo(job: dict) -> dict:
     truth = (truth.max(-1) if truth.ndim == 3 else truth) > 127
     h, w = truth.shape
     prob = to_original(quantised(png(job["prob"]).astype(np.float32) / 255.0), tuple(job["region"]), h, w, fill=0.0)
-    small = max(h, w) > job["max_side"]
-    if small:
-        s = job["max_side"] / max(h, w)
-        size = (max(1, round(w * s)), max(1, round(h * s)))
-        image, prob = cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.resize(prob, size)
+    image, prob = working_copy(image, prob, job["max_side"])
     masks = variants(image, prob, job["threshold"], job["seed"], job["extent_margin"])
     masks["and"], masks["or"] = masks["box"] & masks["model"], masks["box"] | masks["model"]
     masks["student"] = prob > job["threshold"]
     row = {"key": job["key"], "subject": float(truth.mean())}
     for name, m in masks.items():
-        if small:
-            m = cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        m = at_size(m, (h, w))
         row[f"iou:{name}"], row[f"area:{name}"] = iou(m, truth), float(m.mean())
     return row
 
 
 def jobs(args) -> list[dict]:
     import pyarrow.dataset as ds
+    from pipelines.lib import listing
     t = ds.dataset(args.segmentation, format="parquet").to_table(
         columns=["sample_id", "key", "prob", "threshold", "region"]).to_pylist()
-    def by_key(folder):                      # segment's key: the path under the folder without its suffix
+    def by_key(folder):                      # segment's key of each file (pipelines.lib.listing.stem)
         root = Path(folder)
-        return {str(p.relative_to(root).with_suffix("")): p for p in root.rglob("*") if p.is_file()}
+        return {listing.stem(p.relative_to(root).as_posix()): p for p in root.rglob("*") if p.is_file()}
     photos, masks = by_key(args.photos), by_key(args.masks)
     out, missing = [], []
     for r in sorted(t, key=lambda r: r["sample_id"]):
-        key = str(Path(r["key"]).with_suffix("")) if Path(r["key"]).suffix.lower() in (".jpg", ".jpeg", ".png") else r["key"]
+        key = r["key"]
         if key in masks and key in photos and r["region"] is not None:
             out.append({"key": r["key"], "photo": str(photos[key]), "mask": str(masks[key]),
                         "prob": r["prob"], "threshold": r["threshold"], "region": r["region"],

@@ -2,8 +2,8 @@
 whole set in a process pool; `grabcut_refine`, GrabCut started from a model's partition instead of a
 box (what `distill --refine grabcut` does to a photo teacher's masks); and `refine_photo` /
 `refine_at_size`, the product's mask of one photo at its own size (what `segment --refine grabcut`
-writes): GrabCut from a box around the model's mask, from its partition where that collapses. A light module (numpy +
-OpenCV): pool workers import only this."""
+writes): GrabCut from a box around the model's mask, from its partition where that collapses.
+A light module (numpy + OpenCV): pool workers import only this."""
 from __future__ import annotations
 
 import time
@@ -11,8 +11,9 @@ import time
 import numpy as np
 
 
-def cut(image: np.ndarray, seed: int, *, labels: np.ndarray | None = None, rect=None) -> np.ndarray | None:
-    """One GrabCut (OpenCV, 5 iterations) of an RGB uint8 image from a GC_* label map or a rect
+def cut(image: np.ndarray, seed: int, *, labels: np.ndarray | None = None, rect=None,
+        iterations: int = 5) -> np.ndarray | None:
+    """One GrabCut (OpenCV) of an RGB uint8 image from a GC_* label map or a rect
     (x, y, w, h); OpenCV's RNG (its k-means) seeded with `seed`, so a mask is the same in any run or
     batch. None where OpenCV cannot split the image (one colour, or no probable pixel of a class)."""
     import cv2
@@ -21,7 +22,7 @@ def cut(image: np.ndarray, seed: int, *, labels: np.ndarray | None = None, rect=
     g = np.zeros((h, w), np.uint8) if labels is None else labels.copy()
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     try:
-        cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), g, rect, bgd, fgd, 5,
+        cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), g, rect, bgd, fgd, iterations,
                     cv2.GC_INIT_WITH_MASK if rect is None else cv2.GC_INIT_WITH_RECT)
     except cv2.error:
         return None
@@ -63,12 +64,11 @@ def grabcut_masks(images: np.ndarray, margin: float = 0.05, iterations: int = 5,
     """GrabCut (OpenCV) per image, initialised with the box = image minus `margin` on each side;
     deterministic (OpenCV's RNG is seeded with the image's index, `start` + its place in `images`).
     An image GrabCut cannot split keeps the box."""
-    assert iterations == 5, "GrabCut runs 5 iterations everywhere"
     n, h, w = images.shape[:3]
     x, y, bw, bh = rect = box_rect(h, w, margin)
     out = np.zeros((n, h, w), bool)
     for i in range(n):
-        mask = cut(images[i], start + i, rect=rect)
+        mask = cut(images[i], start + i, rect=rect, iterations=iterations)
         if mask is None:                   # degenerate image (e.g. one colour): keep the box
             out[i, y:y + bh, x:x + bw] = True
         else:
@@ -82,10 +82,9 @@ def grabcut_refine(images: np.ndarray, prob: np.ndarray, masks: np.ndarray, *, s
     `distill --refine grabcut` does to a photo teacher's masks. uint8 images (N, H, W, 3), π_f
     (N, H, W), bool masks (N, H, W) → bool (N, H, W); deterministic as `grabcut_masks`. An image
     GrabCut cannot split keeps its mask."""
-    assert iterations == 5, "GrabCut runs 5 iterations everywhere"
     out = np.asarray(masks, bool).copy()
     for i in range(len(images)):
-        mask = cut(images[i], start + i, labels=model_labels(prob[i], out[i], sure, frame))
+        mask = cut(images[i], start + i, labels=model_labels(prob[i], out[i], sure, frame), iterations=iterations)
         if mask is not None:
             out[i] = mask
     return out
@@ -102,8 +101,8 @@ def refine_photo(image: np.ndarray, prob: np.ndarray, mask: np.ndarray, *, seed:
     mask (bool (H, W): π_f above its threshold): the model says where, GrabCut what. GrabCut starts
     from a box around the mask plus `margin` of the long side (the photo less 5 % when the mask is
     empty); where that cut collapses (under 1 % of the photo, or no split), GrabCut starts from the
-    model's partition instead (`model_labels`). On PASCAL-S this beats both the box-started GrabCut and the partition-started
-    one on every subject size (docs/quality.md)."""
+    model's partition instead (`model_labels`). On PASCAL-S this beats both the box-started GrabCut
+    and the partition-started one on every subject size (docs/quality.md)."""
     h, w = mask.shape
     out = cut(image, seed, rect=extent_rect(mask, margin) or box_rect(h, w))
     if out is None or out.mean() < COLLAPSED:
@@ -117,18 +116,29 @@ def refine_at_size(image: np.ndarray, prob: np.ndarray, threshold: float, *, see
     (H, W). A photo whose long side exceeds `max_side` is refined on a copy scaled down to it
     (area-averaged; π_f bilinear) and the mask scaled back (nearest). Deterministic: OpenCV's RNG is
     seeded with `seed` (segment: the sample id)."""
+    small_image, small_prob = working_copy(image, prob, max_side)
+    return at_size(refine_photo(small_image, small_prob, small_prob > threshold, seed=seed), prob.shape)
+
+
+def working_copy(image: np.ndarray, prob: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The photo and its π_f as GrabCut sees them: unchanged up to `max_side` pixels on the long side
+    (0: no limit), else scaled down to it (the photo area-averaged, π_f bilinear)."""
     import cv2
     h, w = prob.shape
-    small = max_side and max(h, w) > max_side
-    if small:
-        s = max_side / max(h, w)
-        size = (max(1, round(w * s)), max(1, round(h * s)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        prob = cv2.resize(np.asarray(prob, np.float32), size, interpolation=cv2.INTER_LINEAR)
-    mask = refine_photo(image, prob, prob > threshold, seed=seed)
-    if small:
-        mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-    return mask
+    if not max_side or max(h, w) <= max_side:
+        return image, prob
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return (cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(np.asarray(prob, np.float32), size, interpolation=cv2.INTER_LINEAR))
+
+
+def at_size(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask drawn on a `working_copy` back at the photo's (H, W) (nearest neighbour)."""
+    import cv2
+    if mask.shape == tuple(shape):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
 def _refine_chunk(args):
