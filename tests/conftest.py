@@ -188,6 +188,7 @@ def pytest_runtest_protocol(item, nextitem):
     import time
     t0, b0 = time.perf_counter(), _busy_seconds()
     yield
-    row = {"test": item.nodeid, "wall": time.perf_counter() - t0, "busy": _busy_seconds() - b0}
+    row = {"test": item.nodeid, "wall": time.perf_counter() - t0, "busy": _busy_seconds() - b0,
+           "start": time.time() - (time.perf_counter() - t0), "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}
     with open(target, "a") as f:
         f.write(json.dumps(row) + "\n")
