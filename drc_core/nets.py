@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 
 def orthogonal_init(module: nn.Module, gain: float = 1.0) -> None:

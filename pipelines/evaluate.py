@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -38,10 +37,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.lib import listing, locations, report, tracking
+from pipelines.lib.evaluation_output import format_subject_sizes, format_table, track
 from pipelines.lib.parquet_store import DatasetError, Store, split_range
 from pipelines.lib.ray_env import WINDOW_BLOCKS, end_window
-from pipelines.lib.scoring import (BEFORE_REFINE, PROTOCOL_LABEL, SUBJECT_SIZES, Totals, corpus_thresholds,  # noqa: F401
-                                   load_prediction, masks_of, png, score_unit, table_methods, unit_rows)
+from pipelines.lib.scoring import (PROTOCOL_LABEL, Totals, corpus_thresholds, load_prediction, masks_of, score_unit,
+                                   table_methods, unit_rows)
 
 BASELINE_LIMIT = 5000        # GrabCut on every image up to this many, on a seeded sample of this many beyond
 ROW_GROUP = 16_384           # per_image.parquet's rows per row group (the driver buffers one)
@@ -196,7 +196,7 @@ def evaluate(data: str, preds: dict[str, str], out: Path, *, split: str | None =
             for m, (w, n) in totals.wins.items() if m in {x["name"] for x in methods if "pred" in x} and n}
     coverage = {"ground truth": truth, "evaluated (covered by every method)": totals.covered,
                 **{f"{p['name']}: predicted": p["predicted"] for p in loaded},
-                "GrabCut": ("off" if not grabcut else f"every evaluated image" if not sampled else
+                "GrabCut": ("off" if not grabcut else "every evaluated image" if not sampled else
                             f"a seeded sample of {limit} of {candidates} images (seed {seed})")}
     plotted = [m for m in shown if m == "GrabCut" or any(x["name"] == m and "pred" in x for x in methods)] or shown[:1]
     report.histogram_counts({m: totals.hist[m] for m in plotted}, out / "iou_hist.png",
@@ -257,69 +257,6 @@ def _gallery(units: list[dict], job: dict, worst: list[tuple[float, int, str]], 
             key, image, truth, pred = found[sid]
             tiles.append({"key": key, "iou": -100 * neg, "png": report.png_b64(report.tile(image, truth, pred))})
     return tiles
-
-
-def read_predictions(uri: str) -> dict:
-    """A small segmentation output in numpy (tests, notebooks): {"manifest", "sample_id" (N,), "masks"
-    (N, H, W) bool, "prob" (N, H, W) float32 π_f, "key", "geometry" (per row: the photo's (height,
-    width, region, threshold) for image files, None for Parquet rows), "refined" (per row the uint8
-    mask GrabCut re-drew, or None)}, in sample-id order. `evaluate` itself reads by id range."""
-    from pipelines.segment import read_output
-    manifest = Store(uri).read_manifest()
-    t = read_output(uri)
-    size = manifest["resolution"]
-    rows = t.to_pylist()
-    stack = (lambda col, f, dtype: np.stack([f(png(r[col])) for r in rows]) if rows
-             else np.zeros((0, size, size), dtype))
-    return {"manifest": manifest, "sample_id": t["sample_id"].to_numpy(),
-            "masks": stack("mask", lambda a: a > 127, bool),
-            "prob": stack("prob", lambda a: a.astype(np.float32) / 255.0, np.float32),
-            "key": [r["key"] for r in rows],
-            "geometry": [None if r["region"] is None else (r["height"], r["width"], tuple(r["region"]), r["threshold"])
-                         for r in rows],
-            "refined": [png(r["refined"]) for r in rows] if manifest.get("refine") else None}
-
-
-def metric_name(method: str, split: str, metric: str) -> str:
-    """An MLflow metric name for a table cell (MLflow allows letters, digits, _ - . / : and spaces):
-    `GrabCut.test.iou`, `langevin_threshold_0.5_DRC_protocol.test.iou`, `centred_disc_best_area_40pct…`."""
-    m = method.replace(PROTOCOL_LABEL, "threshold 0.5 DRC protocol").replace("%", "pct").replace("−", "-")
-    m = re.sub(r"_+", "_", re.sub(r"[^0-9A-Za-z_.\-]", "_", m)).strip("_")
-    return f"{m}.{split}.{metric}"
-
-
-def track(result: dict, out: Path, uri: str, experiment: str, params: dict) -> str:
-    """One MLflow run: <method>.<split>.iou/dice metrics and the report folder as artifacts."""
-    run_id = tracking.start_run(uri, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
-                                {**params, **{f"pred.{k}": v for k, v in result["preds"].items()}},
-                                experiment=experiment, tags={"drc.stage": "evaluate"})
-    tracking.log_metrics(uri, run_id, {metric_name(r["method"], r["split"], m): r[m]
-                                       for r in result["table"] for m in ("iou", "dice")}, 0)
-    tracking.client(uri).log_artifacts(run_id, str(out), "evaluation")
-    tracking.end_run(uri, run_id)
-    return run_id
-
-
-def format_subject_sizes(sizes: list[dict]) -> str:
-    """metrics.json's "by_subject_size" as a table: IoU (%) per method and subset, on GrabCut's images."""
-    sizes = [r for r in sizes if r["images"]]
-    if not sizes:
-        return ""
-    methods = list(dict.fromkeys(m for r in sizes for m in r["methods"]))
-    lines = [f"{'IoU by subject size (GrabCut beaten on %)':<48}" + "".join(f"{r['subset']:>20}" for r in sizes),
-             f"{'images':<48}" + "".join(f"{r['images']:>20}" for r in sizes)]
-    for m in methods:
-        lines.append(f"{m[:47]:<48}" + "".join(
-            f"{r['methods'][m]['iou']:>11.1f} ({100 * r['methods'][m]['beats_grabcut']:>3.0f} %)" if m in r["methods"]
-            else f"{'–':>20}" for r in sizes))
-    return "\n".join(lines)
-
-
-def format_table(table: list[dict]) -> str:
-    w = max([34, *(len(r["method"]) + 2 for r in table)])     # "<name>, π_f's mask before GrabCut" is longer
-    lines = [f"{'method':<{w}}{'split':<8}{'images':>8}{'IoU':>8}{'Dice':>8}"]
-    lines += [f"{r['method']:<{w}}{r['split']:<8}{r['images']:>8}{r['iou']:>8.1f}{r['dice']:>8.1f}" for r in table]
-    return "\n".join(lines)
 
 
 def _pred(text: str) -> tuple[str, str]:

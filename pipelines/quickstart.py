@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from pipelines import distill, evaluate, preprocess, segment, train
+    from pipelines.lib.evaluation_output import format_table, track
     from pipelines.lib import report, tracking
     from pipelines.local import save_grid
     from pipelines.lib.models import load
@@ -145,10 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     result = evaluate.evaluate(data, {m: str(out / f"seg-{m}") for m in seg}, out / "report", split="test",
                                title="DRC on Ray — quickstart report", sections=sections)
-    result["mlflow_run_id"] = evaluate.track(result, out / "report", uri, EXPERIMENT, {"data": data, "split": "test"})
+    result["mlflow_run_id"] = track(result, out / "report", uri, EXPERIMENT, {"data": data, "split": "test"})
     timings["evaluate"] = time.perf_counter() - t
 
-    print("\n" + evaluate.format_table(result["table"]))
+    print("\n" + format_table(result["table"]))
     final = {"out": str(out), "report": result["report"], "tracking_uri": uri, "train_run": summary["mlflow_run_id"],
              "checkpoint": checkpoint, "student": student.get("model_uri"), "seconds": timings,
              "wall_seconds": time.perf_counter() - start}

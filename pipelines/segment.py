@@ -41,192 +41,24 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
 
+from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
 from pipelines.lib import devices, listing, locations
 from pipelines.lib.checkpoints import CheckpointError
 from pipelines.lib.errors import find_cause, os_reason
-from drc_core.threshold import DEFAULT, PolicyError, ThresholdPolicy
 from pipelines.lib.grabcut import COLLAPSED, EXTENT_MARGIN, REFINE_MAX_SIDE
-from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED, BadInput, model_input, product_mask, read_photo
-from pipelines.lib.mask_files import overlay, safe_name, write_pair
+from pipelines.lib.imaging import MAX_PIXELS, NOT_SEGMENTED
 from pipelines.lib.models import AMORTIZED, LANGEVIN, REFINE, SYNTHETIC, ModelError, load, resolve_refine
+from pipelines.lib.parquet_store import DatasetError, DatasetExists, Output
 from pipelines.lib.ray_env import WINDOW_BLOCKS, ScratchPathError, end_window
-from pipelines.lib.parquet_store import DatasetError, DatasetExists, Output, Store, read_part
+from pipelines.lib.segment_batch import SegmentBatch
 from pipelines.lib.segment_inputs import Units, dataset_units, folder_units, is_dataset, read_unit
-
-OUTPUT_SCHEMA = pa.schema([("sample_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
-                           ("status", pa.string()), ("reason", pa.string()), ("mask", pa.binary()),
-                           ("fg_fraction", pa.float64()), ("confidence", pa.float64()),
-                           ("recon_l1", pa.float64()), ("prob", pa.binary()), ("threshold", pa.float64()),
-                           # image files: the photo's size and the (left, top, right, bottom) region
-                           # the model saw (null for Parquet rows, which are at model resolution)
-                           ("height", pa.int32()), ("width", pa.int32()), ("region", pa.list_(pa.int32())),
-                           # --refine grabcut: the mask GrabCut re-drew from π_f's partition (PNG 0/255, at
-                           # the photo's own size for image files, model resolution for Parquet rows)
-                           ("refined", pa.binary()),
-                           # image files: where the photo was read from
-                           ("input", pa.string()),
-                           # the Ray node whose actor segmented the row
-                           ("node", pa.string())])
-BOOKKEEPING = ("status", "reason", "input", "node")
-RESULT_COLUMNS = [f.name for f in OUTPUT_SCHEMA if f.name not in BOOKKEEPING]
-EXAMPLES = 1000                    # quarantined inputs named in the manifest (every one is a row of the output)
-
-
-class SegmentBatch:
-    """Ray Data actor: loads the model once, then segments one unit (a batch of inputs) per call.
-    A row that cannot be decoded is returned as quarantined with its reason; the batch goes on."""
-
-    def __init__(self, model: str, *, steps: int | None, seed: int, from_chains: bool, png: str | None,
-                 threads: int, batch_size: int, tracking_uri: str | None = None, max_pixels: int = MAX_PIXELS,
-                 threshold: str = DEFAULT.name, device: str = "auto", crop: str = "resize",
-                 refine: bool = False, max_side: int = REFINE_MAX_SIDE):
-        import torch
-        torch.set_num_threads(max(1, threads))
-        if tracking_uri:
-            import mlflow
-            mlflow.set_tracking_uri(tracking_uri)
-        self.seg = load(model, devices.resolve(device, "segment"))
-        self.steps, self.seed, self.batch_size = steps, seed, batch_size
-        self.chains = None
-        if from_chains:
-            from pipelines.lib.checkpoints import ChainReader
-            self.chains = ChainReader(self.seg.checkpoint)
-        self.png = png
-        self.max_pixels = max_pixels
-        self.policy = ThresholdPolicy.parse(threshold)
-        self.crop = crop
-        self.refine, self.max_side = refine, max_side
-        import ray
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-    def _read_photo(self, path: str) -> np.ndarray:
-        return read_photo(path, self.max_pixels)
-
-    def _decode(self, row: dict) -> tuple[np.ndarray, dict | None]:
-        """(the model input, the photo's geometry {height, width, region} or None for a Parquet row)."""
-        size = self.seg.resolution
-        if row.get("image") is not None:                      # a Parquet dataset row: raw uint8
-            raw = row["image"]
-            if len(raw) != size * size * 3:
-                raise BadInput(f"image has {len(raw)} bytes, expected {size}×{size}×3")
-            return np.frombuffer(raw, np.uint8).reshape(size, size, 3), None
-        photo = self._read_photo(row["path"])
-        image, region = model_input(photo, size, self.crop)
-        return image, {"height": photo.shape[0], "width": photo.shape[1], "region": list(region)}
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipelines.lib.mlflow_model import result_frame
-        rows = batch.to_pylist()
-        out = [{"sample_id": int(r["sample_id"]), "key": r["key"], "split": r["split"], "status": "ok",
-                "reason": "", **dict.fromkeys(RESULT_COLUMNS[3:]), "input": r["path"] or None,
-                "node": getattr(self, "node", None)}
-               for r in rows]
-        images, good = [], []
-        for i, r in enumerate(rows):
-            try:
-                image, geometry = self._decode(r)
-                images.append(image)
-                out[i].update(geometry or {})
-                good.append(i)
-            except BadInput as exc:
-                out[i]["status"], out[i]["reason"] = "quarantined", str(exc)
-        if good:
-            ids = np.array([out[i]["sample_id"] for i in good], np.int64)
-            z_init = self.chains.get(ids) if self.chains is not None else None
-            res = self.seg.segment(np.stack(images), ids, steps=self.steps, seed=self.seed, z_init=z_init,
-                                   batch_size=self.batch_size)
-            frame, masks = result_frame(res["prob"], res["recon_l1"], self.policy)
-            for j, i in enumerate(good):
-                out[i].update(mask=frame["mask_png"][j], fg_fraction=float(frame["fg_fraction"][j]),
-                              confidence=float(frame["confidence"][j]), recon_l1=float(frame["recon_l1"][j]),
-                              prob=frame["prob_png"][j], threshold=float(frame["threshold"][j]))
-                if self.refine or self.png is not None:
-                    self._finish(out[i], rows[i], images[j], res["prob"][j], masks[j])
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
-
-    def _final_mask(self, row: dict, image: np.ndarray, prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """pipelines.lib.imaging.product_mask of the row: at the photo's own size for image files, at
-        model resolution for Parquet rows; re-drawn by GrabCut when refining."""
-        return product_mask(image, prob, row["threshold"], mask, row["region"], refine=self.refine,
-                            seed=row["sample_id"], max_side=self.max_side)
-
-    def _finish(self, row: dict, source: dict, image: np.ndarray, prob: np.ndarray, mask: np.ndarray) -> None:
-        """The row's `refined` mask when refining, and DIR/masks/<name>.png + DIR/overlays/<name>.png
-        (the product's mask: the refined one when refining) with --png."""
-        import io
-
-        from PIL import Image
-        if row["region"] is not None:
-            image = self._read_photo(source["path"])          # decoded again: batches hold no full-size photos
-        final = self._final_mask(row, image, prob, mask)
-        buf = io.BytesIO()
-        Image.fromarray(final).save(buf, format="PNG")
-        if self.refine:
-            row["refined"] = buf.getvalue()
-        if self.png is not None:                            # model-resolution rows: overlays upscaled to be seen
-            write_pair(self.png, safe_name(row["sample_id"], row["key"]), buf.getvalue(),
-                       overlay(image, final, 128 if row["region"] is None else 1))
-
+from pipelines.lib.segment_output import (EXAMPLES, PartNames, count_nodes, read_output,  # noqa: F401 (read_output: segment's reader)
+                                          scan_output, write_failure)
 
 WINDOW_UNITS = WINDOW_BLOCKS       # units (one block each) per Ray Data execution: ray_env.WINDOW_BLOCKS
-
-
-class _PartNames(FilenameProvider):
-    """part-<write id>-<task>.parquet: a resumed run's files never replace the interrupted run's."""
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{write_uuid}-{task_index:06d}.parquet"
-
-    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
-        return self.get_filename_for_task(write_uuid, task_index)
-
-
-def scan_part(location: str, units: Units | None) -> dict:
-    """One output file's summary, read from its small columns: rows, ok / quarantined counts, per
-    split, sample-id range, its first quarantined rows and (with `units`) the units whose rows it
-    holds with their row counts. None when the file is unreadable (a write cut short)."""
-    fs, path = locations.resolve(location)
-    try:
-        with fs.open_input_file(path) as f:
-            t = pq.read_table(f, columns=["sample_id", "key", "split", "status", "reason", "input", "node"])
-    except (OSError, pa.ArrowException):
-        return None
-    ids = t["sample_id"].to_numpy()
-    ok = np.asarray(t["status"].to_pylist()) == "ok"
-    splits, counts = np.unique(np.asarray(t["split"].to_pylist())[ok], return_counts=True)
-    nodes, per_node = np.unique(np.asarray([n or "" for n in t["node"].to_pylist()]), return_counts=True)
-    bad = t.filter(pa.array(~ok)).slice(0, EXAMPLES).to_pylist()
-    out = {"name": location.rstrip("/").rsplit("/", 1)[-1], "rows": t.num_rows, "ok": int(ok.sum()),
-           "quarantined": int((~ok).sum()), "per_split": dict(zip(splits.tolist(), counts.tolist())),
-           "id_min": int(ids.min()) if len(ids) else None, "id_max": int(ids.max()) if len(ids) else None,
-           "examples": [{"input": r["input"] or r["key"], "key": r["key"], "sample_id": r["sample_id"],
-                         "reason": r["reason"]} for r in bad],
-           "nodes": {n: int(c) for n, c in zip(nodes.tolist(), per_node.tolist()) if n}}
-    if units is not None:
-        u, n = np.unique(units.of_ids(ids), return_counts=True)
-        out["units"] = [u, n]
-    return out
-
-
-def scan_output(output: Output, units: Units | None) -> list[dict]:
-    """Every readable output file's summary, one task per file; an unreadable one (cut short by a
-    kill) is deleted, so that its unit is done again."""
-    import ray
-    scan = ray.remote(num_cpus=0.25)(scan_part)
-    names = output.parts()
-    found = ray.get([scan.remote(output.file(n), units) for n in names])
-    for name, s in zip(names, found):
-        if s is None:
-            locations.delete(output.file(name))
-    return [s for s in found if s is not None]
 
 
 def _segment_window(args, window: np.ndarray, units: Units, output: Output, *, steps, png, cpus, gpu, policy,
@@ -259,12 +91,12 @@ def _segment_window(args, window: np.ndarray, units: Units, output: Output, *, s
             max_restarts=actor_restarts(args.address))
     failure = None
     try:
-        ds.write_parquet(output.folder, filesystem=output.staging.fs, filename_provider=_PartNames(),
+        ds.write_parquet(output.folder, filesystem=output.staging.fs, filename_provider=PartNames(),
                          mode=SaveMode.APPEND, min_rows_per_file=args.rows_per_file,
                          ray_remote_args={"num_cpus": 0}, concurrency=2, write_page_checksum=True,
                          row_group_size=256)
     except Exception as exc:
-        failure = _write_failure(exc, args.output, output.folder)
+        failure = write_failure(exc, args.output, output.folder)
         if failure is None:
             raise
     if failure is not None:
@@ -386,7 +218,7 @@ def run(args) -> dict:
                    "per_split": dict(sorted(per_split.items()))},
         "rows": sum(f["rows"] for f in files), "files": len(files), "file_names": [f["name"] for f in files],
         "parts": [{k: f[k] for k in ("name", "rows", "ok", "id_min", "id_max")} for f in files],
-        "nodes": _count_nodes(files),
+        "nodes": count_nodes(files),
         "seconds": seconds, "images_per_s": int(sizes[pending].sum()) / seconds if seconds > 0 else 0.0,
         "quarantine": examples,
     }
@@ -397,42 +229,6 @@ def run(args) -> dict:
                        "seconds": seconds}
     locations.delete(output.file("_listing"))
     return output.finish(manifest)
-
-
-def _count_nodes(files: list[dict]) -> dict[str, int]:
-    """Rows segmented per Ray node (the actors' nodes), over every output file."""
-    out: dict[str, int] = {}
-    for f in files:
-        for n, c in f["nodes"].items():
-            out[n] = out.get(n, 0) + c
-    return dict(sorted(out.items()))
-
-
-def _write_failure(exc: BaseException, uri: str, folder: str) -> DatasetError | None:
-    """The one-line error for a write that failed (a DatasetError raised by an actor, a full disk),
-    holding no reference to the failed run's frames (nor so to its actors); None for other errors."""
-    clear = find_cause(exc, (DatasetError, OSError))
-    if clear is None:
-        return None
-    if isinstance(clear, DatasetError):
-        return DatasetError(str(clear))
-    return DatasetError(f"{uri}: cannot write the dataset ({os_reason(clear)}); the parts written so far stay in "
-                        f"{folder} (--resume continues)")
-
-
-def read_output(uri: str, columns: list[str] | None = None, ok_only: bool = True) -> pa.Table:
-    """A segmentation output's rows (the segmented ones unless `ok_only` is off), in sample-id order:
-    for small outputs (tests, notebooks); pipelines.evaluate reads by id range instead."""
-    store = Store(uri)
-    manifest = store.read_manifest()
-    cols = None if columns is None else list(dict.fromkeys([*columns, "sample_id", "status"]))
-    tables = [read_part(store, p["name"], cols) for p in manifest["parts"]]
-    t = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
-    if ok_only:
-        t = t.filter(pc.equal(t["status"], "ok"))
-    t = t.sort_by("sample_id")
-    return t.select(columns) if columns is not None else t.drop_columns(list(BOOKKEEPING))
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

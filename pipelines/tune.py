@@ -33,7 +33,8 @@ from pipelines.lib.errors import os_reason
 from pipelines.lib.parquet_store import load_rows, split_ids
 from pipelines.lib.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
-from pipelines.lib.train_worker import LABEL_FREE, TrainJob
+from pipelines.lib.train_eval import LABEL_FREE
+from pipelines.lib.train_worker import TrainJob
 
 STUDY_FILE = "drc_study.json"
 # What a trial actor itself reserves. It only starts the trial's Ray Train run and waits for its
@@ -156,7 +157,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _search(args, params: dict, base, metric: str):
-    from ray import tune
     points = [] if args.no_default_trial else [search_space.defaults(params, base)]
     if args.search == "optuna":
         if any(s["type"] == "grid" for s in params.values()):

@@ -1,6 +1,7 @@
 """The scale benchmark's arithmetic (no cluster): the driver's memory curve over a run, the slopes
 between sizes and within the largest run, and the table that prints them."""
-from pipelines.bench.scale import driver_curve, format_result, growth
+from pipelines.bench.scale import driver_curve
+from pipelines.bench.scale_report import format_result, growth
 
 MB = 2 ** 20
 

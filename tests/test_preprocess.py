@@ -1,6 +1,5 @@
 """pipelines.preprocess on a real local Ray instance, for every source and a corpus of broken files."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +10,8 @@ from drc_core.tmds import render
 from pipelines import preprocess
 from pipelines.lib import listing
 from pipelines.lib.imaging import crop_and_resize, crop_box, to_rgb
-from pipelines.lib.parquet_store import DatasetExists, Store, load_arrays
+from pipelines.lib.parquet_store import Store, load_arrays
+from pipelines.lib.records import Options
 from tests import corpora
 
 pytestmark = pytest.mark.integration
@@ -152,7 +152,7 @@ def test_uri_output_and_the_manifest_last_publish_path(ray_local, tmp_path, monk
     object stores) the parts are written in place and the manifest last."""
     m = _run("tm-dsprites", f"file://{tmp_path}/uri", extra=["--preset", "cpu-32", "--train", "5", "--test", "0"])
     assert m["counts"]["ok"] == 5 and load_arrays(f"file://{tmp_path}/uri")["images"].shape == (5, 32, 32, 3)
-    opt = preprocess.Options(source="tm-dsprites", size=32, sprite_size=(0.25, 0.45))
+    opt = Options(source="tm-dsprites", size=32, sprite_size=(0.25, 0.45))
 
     class ObjectStoreLike(preprocess.Output):
         def __init__(self, uri):                   # behave like S3/GCS: no atomic rename, written in place

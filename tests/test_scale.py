@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.bench.cluster import LocalCluster

@@ -1,7 +1,6 @@
 """pipelines.segment / distill / evaluate on a real local Ray instance, real Parquet and MLflow."""
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,10 @@ from pipelines.lib import checkpoints as ckpt
 from drc_core.threshold import DEFAULT, ThresholdPolicy
 from pipelines import distill, evaluate, preprocess, segment
 from pipelines.lib import mask_files
+from pipelines.lib.evaluation_output import format_table
 from pipelines.lib.parquet_store import load_arrays
+from pipelines.lib.scoring import BEFORE_REFINE, SUBJECT_SIZES
+from pipelines.lib.segment_output import read_predictions
 from tests import corpora
 
 pytestmark = pytest.mark.integration
@@ -193,7 +195,7 @@ def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path, monkeypat
     assert {"langevin", "amortized", "GrabCut", "all foreground", f"langevin, {evaluate.PROTOCOL_LABEL}",
             f"amortized, {evaluate.PROTOCOL_LABEL}", "langevin, threshold otsu-corpus"} <= methods
     # the protocol row is the stored π_f at ½, recomputed without the model
-    pred = evaluate.read_predictions(str(tmp_path / "l"))
+    pred = read_predictions(str(tmp_path / "l"))
     gt = load_arrays(world["data"])
     from drc_core.metrics import mean_iou_dice as miou
     want = miou(pred["prob"] > 0.5, gt["masks"] > 0)["iou"]
@@ -206,10 +208,10 @@ def test_evaluate_writes_tables_report_and_mlflow_run(world, tmp_path, monkeypat
     r2 = evaluate.main(["--data", world["data"], "--pred", f"refined={tmp_path / 'r'}", "--out",
                         str(tmp_path / "eval-r"), "--tracking-uri", world["uri"], "--no-grabcut"])
     at = {row["method"]: row["iou"] for row in r2["table"] if row["split"] == "all"}
-    refined = evaluate.read_predictions(str(tmp_path / "r"))
+    refined = read_predictions(str(tmp_path / "r"))
     assert refined["sample_id"].tolist() == sorted(gt["sample_id"].tolist())
     assert at["refined"] == pytest.approx(miou(np.stack(refined["refined"]) == 255, gt["masks"] > 0)["iou"])
-    assert at[f"refined, {evaluate.BEFORE_REFINE}"] == pytest.approx(
+    assert at[f"refined, {BEFORE_REFINE}"] == pytest.approx(
         next(row["iou"] for row in r["table"] if row["method"] == "amortized" and row["split"] == "all"))
     assert {row["split"] for row in r["table"]} == {"train", "test", "all"}
     allfg = next(row for row in r["table"] if row["method"] == "all foreground" and row["split"] == "test")
@@ -445,7 +447,7 @@ def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, 
                        "--out", str(tmp_path / "eval"), "--tracking-uri", world["uri"]])
     assert r["scored_at"] == "original size" and r["coverage"]["evaluated (covered by every method)"] == 7
     rows = {row["method"]: row for row in r["table"]}
-    pred = evaluate.read_predictions(str(tmp_path / "seg"))
+    pred = read_predictions(str(tmp_path / "seg"))
     ious, refined_ious = [], []
     for i in range(7):
         gt = np.asarray(Image.open(truth / f"p{i}.png")) > 127
@@ -460,8 +462,8 @@ def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, 
     assert rows["student"]["iou"] == pytest.approx(np.mean(ious), abs=1e-6)
     # a refined output is scored by the masks GrabCut drew, with π_f's own mask beside them
     assert rows["refined"]["iou"] == pytest.approx(np.mean(refined_ious), abs=1e-6)
-    assert rows[f"refined, {evaluate.BEFORE_REFINE}"]["iou"] == pytest.approx(rows["student"]["iou"])
-    assert f"student, {evaluate.BEFORE_REFINE}" not in rows
+    assert rows[f"refined, {BEFORE_REFINE}"]["iou"] == pytest.approx(rows["student"]["iou"])
+    assert f"student, {BEFORE_REFINE}" not in rows
     allfg = np.mean([mean_iou_dice(np.ones_like(g), g)["iou"] for g in
                      (np.asarray(Image.open(truth / f"p{i}.png")) > 127 for i in range(7))])
     assert rows["all foreground"]["iou"] == pytest.approx(allfg)
@@ -474,8 +476,8 @@ def test_evaluate_scores_photos_at_their_own_size_as_segment_writes_them(world, 
     assert per.loc[[f"p{i}" for i in range(7)], "truth_area"].to_numpy() == pytest.approx(areas, abs=1e-6)
     grab = per.loc[[f"p{i}" for i in range(7)], "iou[GrabCut]"].to_numpy() * 100
     by_size = {r["subset"]: r for r in r["by_subject_size"]}
-    assert [by_size[name]["images"] for name, _, _ in evaluate.SUBJECT_SIZES] == [1, 5, 1]
-    for name, lo, hi in evaluate.SUBJECT_SIZES:
+    assert [by_size[name]["images"] for name, _, _ in SUBJECT_SIZES] == [1, 5, 1]
+    for name, lo, hi in SUBJECT_SIZES:
         sel = (areas >= lo) & (areas < hi)
         got = by_size[name]["methods"]
         assert got["all foreground"]["iou"] == pytest.approx(100 * areas[sel].mean(), abs=1e-3)
@@ -643,6 +645,6 @@ def test_evaluate_table_keeps_its_columns_for_long_method_names():
     """A refined output's "<name>, π_f's mask before GrabCut" row is wider than the old fixed column."""
     rows = [{"method": m, "split": "test", "images": 200, "iou": 67.1, "dice": 79.9}
             for m in ("amortized", "amortized, π_f's mask before GrabCut", "GrabCut")]
-    lines = evaluate.format_table(rows).splitlines()
+    lines = format_table(rows).splitlines()
     assert len({line.index("test") for line in lines[1:]}) == 1
     assert all(line.split()[-4:] == ["test", "200", "67.1", "79.9"] for line in lines[1:])

@@ -125,7 +125,7 @@ class LocalCluster:
                 "--node-ip-address=127.0.0.1", f"--ray-client-server-port={free_port()}", *_agent_ports(), *self.store]
         if self.resources:
             head.append('--resources={"head": 1}')
-        head += ([f"--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        head += (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
                  if self.with_dashboard else ["--include-dashboard=false"])
         try:
             self._start(head)

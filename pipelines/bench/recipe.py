@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]          # the checkout: `python -m pipelines.<stage>` runs from it
 
-# evaluate's row suffix → this table's method, for each set's output (evaluate.BEFORE_REFINE, PROTOCOL_LABEL)
+# evaluate's row suffix → this table's method, for each set's output (scoring.BEFORE_REFINE, PROTOCOL_LABEL)
 STUDENT_ROWS = (("", "student + GrabCut refinement (segment's default)"),
                 (", π_f's mask before GrabCut", "student, π_f's own mask (Otsu per image)"),
                 (", π_f > ½, DRC protocol", "student, π_f > ½ (DRC protocol)"))
@@ -165,7 +165,7 @@ def run(args) -> dict:
 
 
 def format_result(r: dict, cell) -> str:
-    from pipelines.evaluate import format_subject_sizes
+    from pipelines.lib.evaluation_output import format_subject_sizes
     m = r["minutes"]
     lines = [f"quality: the photo recipe ({r['preset']} {' '.join(r['overrides'])}".rstrip()
              + f", {len(r['sets'])} set(s) of {r['teachers']} teachers × {r['iterations']} EM iterations, "

@@ -1,7 +1,6 @@
 """Ray Data preprocessing against a single-process loop; Ray Train with 1 and 2 workers."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
