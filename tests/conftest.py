@@ -6,9 +6,18 @@ import torch
 from drc_core.presets import get_config
 
 
+# torch's threads in each pytest process: the machine's cores shared by the xdist workers (2 cores,
+# `-n 2`: one each; alone: both). More threads than cores make a busy test starve the Ray workers of
+# the test beside it (their DDP ranks wait on each other at every all-reduce).
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # the same for what a test starts: stage subprocesses, their Ray workers, this worker's Ray instance
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
 @pytest.fixture(autouse=True)
-def _two_threads():
-    torch.set_num_threads(2)
+def _threads():
+    torch.set_num_threads(THREADS)
 
 
 def tiny_config():
