@@ -81,25 +81,14 @@ def test_quick_study_with_asha_and_optuna_records_parent_children_and_best(datas
 
 
 @pytest.mark.integration
-def test_a_diverging_trial_fails_with_its_reason_and_the_others_complete(dataset, tracking_uri, tmp_path):
-    space = tmp_path / "diverge.yaml"
-    space.write_text("params:\n  optim.gen_lr: {type: grid, values: [0.001, 1.0e+30]}\n")
-    out = _study(dataset, tracking_uri, tmp_path, "--space", str(space), "--trials", "1", "--search", "random",
-                 "--no-default-trial", "--no-early-stopping")
-    by_lr = {t["optim.gen_lr"]: t for t in out["trials"]}
-    assert by_lr[0.001]["status"] == "ok" and by_lr[0.001]["iterations"] == 6
-    assert by_lr[1e30]["status"] == "error" and "diverged" in by_lr[1e30]["error"]
-    c, children = _children(tracking_uri, out["parent_run_id"])
-    failed = [r for r in children if r.info.status == "FAILED"]
-    assert len(failed) == 1 and "diverged at iteration" in failed[0].data.tags["failure_reason"]
-    assert out["best"]["optim.gen_lr"] == 0.001
-    assert out["resources_after"]["placement_groups_left"] == []
-
-
-@pytest.mark.integration
 @pytest.mark.slow
-def test_an_interrupted_study_resumes_and_finishes_every_trial(dataset, tracking_uri, tmp_path):
-    args = ["--space", str(ROOT / "tune_spaces/quick.yaml"), "--trials", "4", "--search", "random",
+def test_an_interrupted_study_resumes_finishes_every_trial_and_a_diverging_one_fails_with_its_reason(
+        dataset, tracking_uri, tmp_path):
+    # a grid of four learning rates, two trials at a time, the last one diverging: Ctrl-C while the
+    # first two run, so the last two start only after the resume
+    space = tmp_path / "grid.yaml"
+    space.write_text("params:\n  optim.gen_lr: {type: grid, values: [0.001, 0.002, 0.0005, 1.0e+30]}\n")
+    args = ["--space", str(space), "--trials", "1", "--search", "random", "--no-default-trial",
             "--no-early-stopping", "--name", "interrupted", "--data", dataset, "--storage", str(tmp_path / "tune"),
             "--tracking-uri", tracking_uri, *TRIAL, "--num-cpus", "2", *TINY]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], cwd=ROOT, env=_env(),
@@ -116,10 +105,18 @@ def test_an_interrupted_study_resumes_and_finishes_every_trial(dataset, tracking
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     out = json.loads((tmp_path / "tune" / "interrupted" / "summary.json").read_text())
     assert len(out["trials"]) == 4 and out["unfinished"] == 0
-    assert all(t["status"] == "ok" for t in out["trials"]), out["trials"]
-    # trials that had not started at Ctrl-C ran in full after the resume; a trial that was
+    by_lr = {t["optim.gen_lr"]: t for t in out["trials"]}
+    assert sorted(by_lr) == [0.0005, 0.001, 0.002, 1e30], out["trials"]
+    assert all(by_lr[lr]["status"] == "ok" for lr in (0.0005, 0.001, 0.002)), out["trials"]
+    assert by_lr[1e30]["status"] == "error" and "diverged" in by_lr[1e30]["error"], by_lr[1e30]
+    # the trial that had not started at Ctrl-C ran in full after the resume; a trial that was
     # running at Ctrl-C is restored by Tune 2.60 with the result it had reached (observed here)
-    assert sum(t["iterations"] == 6 for t in out["trials"]) >= 2, out["trials"]
+    assert by_lr[0.0005]["iterations"] == 6, out["trials"]
+    c, children = _children(tracking_uri, out["parent_run_id"])
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 1 and "diverged at iteration" in failed[0].data.tags["failure_reason"]
+    assert float(failed[0].data.params["optim.gen_lr"]) == 1e30
+    assert out["best"]["optim.gen_lr"] != 1e30
     assert out["resources_after"]["placement_groups_left"] == []
 
 
