@@ -9,7 +9,8 @@ from pipelines.bench.__main__ import main as bench_main
 @pytest.mark.slow
 def test_core_benchmark_times_every_variant_against_peaks_measured_in_the_same_run(tmp_path, capsys):
     out = tmp_path / "core.json"
-    bench_main(["core", "--presets", "cpu-32:2", "--iterations", "1", "--step-repeat", "1", "--json", str(out)])
+    bench_main(["core", "--presets", "cpu-32:2", "--iterations", "1", "--step-repeat", "1", "--peak-seconds", "0.2",
+                "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["device"] == "cpu"
     peaks, rows = saved["peaks"], saved["rows"]

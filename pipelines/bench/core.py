@@ -196,7 +196,7 @@ def core(args) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor()
                                                                                  or platform.machine())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}: {name}")
-    peaks = measure_peaks(device=device)
+    peaks = measure_peaks(args.peak_seconds, device=device)
     print("peaks (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     rows = []
     for spec in args.presets:
@@ -241,5 +241,7 @@ def add_parser(sub) -> None:
     c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     c.add_argument("--iterations", type=int, default=1, help="full EM iterations timed per preset (after a warm-up)")
     c.add_argument("--step-repeat", type=int, default=3, help="posterior steps timed per preset")
+    c.add_argument("--peak-seconds", type=float, default=2.0,
+                   help="time per peak measurement (longer: steadier peaks; default %(default)s)")
     c.add_argument("--profile", action="store_true", help="also print the top kernels of one EM iteration")
     c.add_argument("--json", default=None, help="also write the results here")
