@@ -49,12 +49,14 @@ def main() -> None:
     root = args.root.rstrip("/")
     n, n_train = args.images, int(args.images * 0.9)
     write = ray.remote(num_cpus=1)(_write_photos)
-    corpus_nodes = ray.get([write.remote(root, lo, min(n, lo + 125), n_train) for lo in range(0, n, 125)])
+    chunk = -(-n // 8)                           # 8 tasks for the two one-CPU nodes
+    corpus_nodes = ray.get([write.remote(root, lo, min(n, lo + chunk), n_train) for lo in range(0, n, chunk)])
+    rows = str(max(16, n // 4))                  # 4 parts at least: each node gets some
     seconds["corpus"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     data = f"{root}/data"
     pre = preprocess.main(["--source", "folder", "--input", f"{root}/photos", "--masks", f"{root}/masks",
-                           "--resolution", "32", "--crop", "resize", "--rows-per-file", "250", "--out", data,
+                           "--resolution", "32", "--crop", "resize", "--rows-per-file", rows, "--out", data,
                            "--quiet"])
     seconds["preprocess"], t0 = time.perf_counter() - t0, time.perf_counter()
     tr = train.main(["--data", data, "--preset", "cpu-32", "--workers", "2", "--iterations", "4",
@@ -64,7 +66,7 @@ def main() -> None:
     _, records = ckpt.records(tr["checkpoint"])
     seconds["train"], t0 = time.perf_counter() - t0, time.perf_counter()
     seg = segment.main(["--model", tr["checkpoint"], "--input", f"{root}/photos", "--output", f"{root}/seg",
-                        "--steps", "2", "--actors", "2", "--batch-size", "64", "--rows-per-file", "256",
+                        "--steps", "2", "--actors", "2", "--batch-size", "64", "--rows-per-file", "64",
                         "--quiet"])
     seconds["segment"], t0 = time.perf_counter() - t0, time.perf_counter()
     ev = evaluate.main(["--data", f"{root}/photos", "--masks", f"{root}/masks", "--pred", f"drc={root}/seg",
