@@ -84,7 +84,7 @@ def _pairs(kinds: list[str], teacher, train: dict | None, args, log) -> list[tup
             if teacher.checkpoint is None:
                 raise ModelError(f"--pairs chains needs a training checkpoint folder as --teacher, "
                                  f"not {teacher.source}")
-            from pipelines.lib.checkpoints import ChainReader
+            from pipelines.lib.chain_reader import ChainReader
             z = ChainReader(teacher.checkpoint).get(train["sample_id"])
             out.append(chain_pairs(model, train["images"], z))
         elif kind == "posterior":

@@ -8,6 +8,7 @@ import torch
 from drc_core.chains import shard_bounds
 from drc_core.config import ConfigError, apply_overrides
 from drc_core.fit import TrainState
+from pipelines.lib import chain_reader
 from pipelines.lib import checkpoints as ckpt
 from pipelines.lib.train_worker import batch_ids
 
@@ -34,13 +35,13 @@ def test_two_shards_restore_into_one_worker_and_into_three(tiny_cfg, tmp_path):
     meta, records = ckpt.verify(tmp_path)
     assert meta["iteration"] == 7 and meta["world_size"] == 2 and [r["count"] for r in records] == [5, 5]
     whole = torch.cat([s.chains.z for s in states])
-    post, prior, gens = ckpt.load_chains(tmp_path, records, torch.arange(10), torch.arange(16), torch.float32)
+    post, prior, gens = chain_reader.load_chains(tmp_path, records, torch.arange(10), torch.arange(16), torch.float32)
     assert torch.equal(post.z, whole) and post.visits[[0, 1, 5, 6]].tolist() == [1, 1, 1, 1]
     assert torch.equal(prior.z, torch.cat([s.prior_chains.z for s in states]))
     assert set(gens) == {0, 1}
     for rank in range(3):                      # 3 workers: shards 0–2, 3–5, 6–9 (rank 1 reads both files)
         lo, hi = shard_bounds(10, 3, rank)
-        part, _, _ = ckpt.load_chains(tmp_path, records, torch.arange(lo, hi),
+        part, _, _ = chain_reader.load_chains(tmp_path, records, torch.arange(lo, hi),
                                       torch.arange(*shard_bounds(16, 3, rank)), torch.float32)
         assert torch.equal(part.z, whole[lo:hi])
     state = ckpt.load_state(tmp_path)          # weights_only inside
@@ -58,9 +59,9 @@ def test_damaged_or_incomplete_checkpoints_are_refused_and_skipped(tiny_cfg, tmp
     with pytest.raises(ckpt.CheckpointError, match="chains-posterior-r00001-of-00002.pt: checksum mismatch"):
         ckpt.verify(bad_chains)
     _, records = ckpt.records(bad_chains)                     # rank 0 reads only its own chains: they load
-    ckpt.load_chains(bad_chains, records, torch.arange(5), torch.arange(8), torch.float32)
+    chain_reader.load_chains(bad_chains, records, torch.arange(5), torch.arange(8), torch.float32)
     with pytest.raises(ckpt.CheckpointError, match="chains-posterior-r00001-of-00002.pt: checksum mismatch"):
-        ckpt.load_chains(bad_chains, records, torch.arange(5, 10), torch.arange(8, 16), torch.float32)
+        chain_reader.load_chains(bad_chains, records, torch.arange(5, 10), torch.arange(8, 16), torch.float32)
     with pytest.raises(ckpt.CheckpointError, match="state.pt: checksum mismatch"):
         ckpt.load_model(bad_model)
     states = _states(tiny_cfg, 10, 2)          # rank 1 dies before committing its shard record
@@ -94,7 +95,7 @@ def test_the_chain_log_writes_what_changed_and_replays_to_the_same_chains(tiny_c
         assert rec["chains"]["posterior"][-1]["rows"] == 10
     assert max(sizes) < first["chains"]["posterior"][0]["bytes"] / 20     # a delta costs what changed
     _, records = ckpt.records(tmp_path / "checkpoint_00000005")
-    post, _, _ = ckpt.load_chains(tmp_path / "checkpoint_00000005", records, torch.arange(1000), torch.arange(16),
+    post, _, _ = chain_reader.load_chains(tmp_path / "checkpoint_00000005", records, torch.arange(1000), torch.arange(16),
                                   torch.float32)
     assert torch.equal(post.z, state.chains.z) and torch.equal(post.visits, state.chains.visits)
     # once the deltas since the base would outweigh it, a new base replaces them
@@ -121,7 +122,7 @@ def test_a_model_loads_without_reading_any_chain(tiny_cfg, tmp_path):
     meta, cfg, saved = ckpt.load_model(tmp_path / "checkpoint_00000003")
     assert meta["iteration"] == 3 and saved["iteration"] == 3 and cfg.model.fg_dim == tiny_cfg.model.fg_dim
     with pytest.raises(ckpt.CheckpointError, match="missing"):
-        ckpt.ChainReader(tmp_path / "checkpoint_00000003").get([0])
+        chain_reader.ChainReader(tmp_path / "checkpoint_00000003").get([0])
 
 
 def test_resume_with_another_architecture_fails_naming_the_field(tiny_cfg):

@@ -19,6 +19,7 @@ from drc_core.config import apply_overrides
 from drc_core.fit import TrainState, fit
 from drc_core.presets import get_config
 from drc_core.tmds import render_many
+from pipelines.lib import chain_reader
 from pipelines.lib import checkpoints as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,9 +190,9 @@ def test_checkpoint_files_with_pickled_code_are_refused_by_every_loader(tiny_cfg
     _forge_checksum(folder, shard.name)
     _, records = ckpt.verify(folder)
     with pytest.raises(ckpt.CheckpointError, match=r"chains-posterior-r00000-of-00001\.pt: refused"):
-        ckpt.load_chains(folder, records, torch.arange(6), torch.arange(6), torch.float32)
+        chain_reader.load_chains(folder, records, torch.arange(6), torch.arange(6), torch.float32)
     with pytest.raises(ckpt.CheckpointError, match=r"chains-posterior-r00000-of-00001\.pt: refused"):
-        ckpt.ChainReader(folder).get([0])
+        chain_reader.ChainReader(folder).get([0])
     assert not marker.exists()
     record_property("outcome", "clear error: state.pt and chain shard refused by load_state, models.load, "
                                "load_chains, ChainReader; no code ran")

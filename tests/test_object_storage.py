@@ -18,6 +18,7 @@ from PIL import Image
 
 from drc_core.chains import InMemoryChainBuffer
 from pipelines.lib import checkpoints as ckpt
+from pipelines.lib.chain_reader import read_chains
 from pipelines.lib import locations, mask_files
 from pipelines.lib.imaging import decode_mask
 from pipelines.lib.parquet_store import Store, load_arrays, read_part
@@ -123,7 +124,7 @@ def test_train_checkpoints_to_s3_and_resume_continues_from_the_checkpoint(traine
         assert [(e["kind"], e["rows"]) for e in entries] == [("base", 8), ("delta", 4)]
         assert all(locations.exists(f"{BUCKET}/runs/{name}/{e['file']}") for e in entries)
     assert not any("chains" in o for o in _objects(first))
-    shards = [ckpt.read_chains(first, r, "posterior") for r in records]
+    shards = [read_chains(first, r, "posterior") for r in records]
     merged = InMemoryChainBuffer.merge(shards, torch.arange(N_TRAIN))
     assert (merged.visits == 1).all()                                 # one epoch: every chain advanced once
 
@@ -138,7 +139,7 @@ def test_train_checkpoints_to_s3_and_resume_continues_from_the_checkpoint(traine
     last = second["checkpoint"]
     meta, records = ckpt.verify(last)
     assert meta["iteration"] == 4 and meta["world_size"] == 1
-    final = ckpt.read_chains(last, records[0], "posterior")
+    final = read_chains(last, records[0], "posterior")
     assert final["ids"].tolist() == list(range(N_TRAIN))
     # iterations 3-4 on one worker (batch 4, 16 ids) advanced 8 chains a second time; the other 8
     # are exactly as checkpoint 2 left them (a run started over would have visited each once)

@@ -14,6 +14,7 @@ from drc_core.fit import TrainState
 from drc_core.presets import get_config
 from drc_core.inference import decode, images_to_tensor
 from pipelines.lib import checkpoints as ckpt
+from pipelines.lib.chain_reader import ChainReader
 from drc_core.threshold import DEFAULT, ThresholdPolicy
 from pipelines import distill, evaluate, preprocess, segment
 from pipelines.lib import mask_files
@@ -137,7 +138,7 @@ def test_langevin_masks_are_deterministic_and_independent_of_batching(world, tmp
 def test_from_chains_decodes_the_persistent_chains_under_each_threshold_policy(world, tmp_path):
     from pipelines.lib.models import load
     teacher = load(world["ckpt"])
-    z = ckpt.ChainReader(world["ckpt"]).get(np.arange(48))
+    z = ChainReader(world["ckpt"]).get(np.arange(48))
     prob = decode(teacher.net, images_to_tensor(world["train"]["images"]), z).prob
     for policy in ("0.5", "otsu", "0.3"):
         m = _segment(world, tmp_path / policy, "--model", world["ckpt"], "--split", "train", "--from-chains",
@@ -506,7 +507,7 @@ def test_distill_keeps_only_pairs_whose_mask_stays_off_the_frame(world, tmp_path
     from drc_core.amortized import chain_pairs, prior_pairs
     from drc_core.metrics import border_fraction
     from drc_core.presets import get_config
-    from pipelines.lib.checkpoints import ChainReader
+    from pipelines.lib.chain_reader import ChainReader
     from pipelines.lib.models import load
     teacher, train = load(world["ckpt"]), world["train"]
     _, prob = chain_pairs(teacher.net, train["images"], ChainReader(teacher.checkpoint).get(train["sample_id"]))
@@ -563,7 +564,7 @@ def test_distill_refine_grabcut_redraws_the_chain_masks_and_keeps_the_prior_ones
     from types import SimpleNamespace
     from drc_core.amortized import chain_pairs
     from drc_core.presets import get_config
-    from pipelines.lib.checkpoints import ChainReader
+    from pipelines.lib.chain_reader import ChainReader
     from pipelines.lib.grabcut import grabcut_refine
     from pipelines.lib.models import load
     teacher, train = load(world["ckpt"]), world["train"]

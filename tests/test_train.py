@@ -12,6 +12,7 @@ import torch
 
 from drc_core.chains import InMemoryChainBuffer, initial_chains
 from pipelines.lib import checkpoints as ckpt
+from pipelines.lib.chain_reader import read_chains
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def shard(folder: Path, rank: int, world: int) -> dict:
     """Rank `rank`'s chains at this checkpoint (its chain log's base with the deltas replayed)."""
     _, records = ckpt.records(folder)
     assert len(records) == world
-    return {b: ckpt.read_chains(str(folder), records[rank], b) for b in ckpt.BUFFERS}
+    return {b: read_chains(str(folder), records[rank], b) for b in ckpt.BUFFERS}
 
 
 def events(summary) -> list[dict]:

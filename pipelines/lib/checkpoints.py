@@ -23,7 +23,8 @@ record, config.json and state.pt and verifies those two against the record; neve
 restoring rank reads every rank's record (small), the model files and the chain files of the
 ranks whose id ranges overlap its own (its own, with the same number of workers), verifying each
 file it reads as it reads it; ranks agree to fall back to an older checkpoint when any of them
-finds a file damaged. `--from-chains` reads the chains of the ranks that hold the asked ids.
+finds a file damaged. `--from-chains` reads the chains of the ranks that hold the asked ids. The
+chain readers are pipelines/lib/chain_reader.py.
 
 Every file is written under a temporary name and renamed into place (one object on object
 stores); a rank's `shard-*.json` exists only once its files are complete, and a checkpoint is
@@ -45,7 +46,6 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from drc_core.chains import InMemoryChainBuffer
@@ -95,7 +95,7 @@ def _write(location: str, data: bytes) -> str:
     return _sha256(data)
 
 
-def _read(location: str, digest: str | None = None) -> bytes:
+def read_verified(location: str, digest: str | None = None) -> bytes:
     """A checkpoint file's bytes, checked against its sha256 when given."""
     try:
         data = locations.read_bytes(location)
@@ -258,7 +258,7 @@ def _read_json(location: str, keys: tuple[str, ...], data: bytes | None = None) 
     """A checkpoint's JSON record; a truncated or garbled one (an interrupted copy into storage
     leaves empty files) is a CheckpointError naming it."""
     try:
-        data = json.loads(data if data is not None else _read(location))
+        data = json.loads(data if data is not None else read_verified(location))
         if not isinstance(data, dict) or any(k not in data for k in keys):
             raise ValueError(f"missing {[k for k in keys if not isinstance(data, dict) or k not in data]}")
         return data
@@ -285,12 +285,12 @@ def records(folder: str | Path) -> tuple[dict, list[dict]]:
     return meta, out
 
 
-def _file(folder: str, rec: dict, name: str) -> bytes:
+def read_rank_file(folder: str, rec: dict, name: str) -> bytes:
     """A file of `rec`'s rank in the checkpoint folder, verified."""
-    return _read(locations.join(folder, name), rec["files"][name])
+    return read_verified(locations.join(folder, name), rec["files"][name])
 
 
-def _chain_location(folder: str, entry: dict) -> str:
+def chain_location(folder: str, entry: dict) -> str:
     return locations.join(parent(folder) if entry.get("in_run") else folder, entry["file"])
 
 
@@ -299,8 +299,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     model files only — no chain is read."""
     folder = str(folder)
     meta, recs = records(folder)
-    cfg = DRCConfig.from_dict(json.loads(_file(folder, recs[0], "config.json")))
-    state = safe_load(locations.join(folder, "state.pt"), device, data=_file(folder, recs[0], "state.pt"))
+    cfg = DRCConfig.from_dict(json.loads(read_rank_file(folder, recs[0], "config.json")))
+    state = safe_load(locations.join(folder, "state.pt"), device, data=read_rank_file(folder, recs[0], "state.pt"))
     return meta, cfg, state
 
 
@@ -309,7 +309,7 @@ def model_intact(folder: str | Path) -> tuple[dict, list[dict]]:
     checkpoint to start from: chain files are verified by the rank that loads them)."""
     meta, recs = records(folder)
     for name in ("config.json", "state.pt", "meta.json"):
-        _file(str(folder), recs[0], name)
+        read_rank_file(str(folder), recs[0], name)
     return meta, recs
 
 
@@ -320,10 +320,10 @@ def verify(folder: str | Path) -> tuple[dict, list[dict]]:
     meta, recs = records(folder)
     for rec in recs:
         for name in rec["files"]:
-            _file(folder, rec, name)
+            read_rank_file(folder, rec, name)
         for b in BUFFERS:
             for e in (rec.get("chains") or {}).get(b, []):
-                _read(_chain_location(folder, e), e["sha256"])
+                read_verified(chain_location(folder, e), e["sha256"])
     return meta, recs
 
 
@@ -367,97 +367,3 @@ def check_compatible(saved: DRCConfig, now: DRCConfig, where: str) -> None:
 
 def load_state(folder: str | Path, device: str | torch.device = "cpu") -> dict:
     return load_model(folder, device)[2]
-
-
-def _overlaps(rec: dict, lo_key: str, hi_key: str, ids: torch.Tensor) -> bool:
-    if rec[lo_key] is None or not ids.numel():
-        return False
-    return rec[lo_key] <= int(ids[-1]) and rec[hi_key] >= int(ids[0])
-
-
-def read_chains(folder: str, rec: dict, name: str, counter: list | None = None) -> dict:
-    """One saved rank's `name` chains as a state dict: its base with its deltas replayed, each file
-    verified as it is read. `counter` ([bytes]) adds the bytes read."""
-    entries = (rec.get("chains") or {}).get(name)
-    if not entries:
-        raise CheckpointError(f"{folder}: rank {rec['rank']} saved no {name} chains")
-    state = None
-    for e in entries:
-        loc = _chain_location(folder, e)
-        data = _read(loc, e["sha256"])
-        if counter is not None:
-            counter[0] += len(data)
-        part = safe_load(loc, data=data)
-        state = part if state is None else InMemoryChainBuffer.apply(state, part)
-    return state
-
-
-def load_chains(folder: str | Path, recs: list[dict], ids: torch.Tensor, prior_ids: torch.Tensor,
-                dtype: torch.dtype, counter: list | None = None
-                ) -> tuple[InMemoryChainBuffer, InMemoryChainBuffer, dict[int, torch.Tensor]]:
-    """This rank's posterior and prior buffers, read only from the saved ranks whose id ranges
-    overlap its own, and the saved generator states of those ranks."""
-    folder = str(folder)
-    posterior, prior, gens = [], [], {}
-    for rec in recs:
-        want_post = _overlaps(rec, "id_min", "id_max", ids)
-        want_prior = _overlaps(rec, "prior_min", "prior_max", prior_ids)
-        if not (want_post or want_prior):
-            continue
-        if want_post:
-            posterior.append(read_chains(folder, rec, "posterior", counter))
-        if want_prior:
-            prior.append(read_chains(folder, rec, "prior", counter))
-        data = _file(folder, rec, rec["rank_file"])
-        if counter is not None:
-            counter[0] += len(data)
-        gens[rec["rank"]] = safe_load(locations.join(folder, rec["rank_file"]), data=data)["generator"]
-    if not posterior or not prior:
-        raise CheckpointError(f"{folder}: no chain shard covers sample ids [{int(ids[0])}, {int(ids[-1])}]")
-    post = InMemoryChainBuffer.merge(posterior, ids)
-    pri = InMemoryChainBuffer.merge(prior, prior_ids)
-    post.z, pri.z = post.z.to(dtype), pri.z.to(dtype)
-    return post, pri, gens
-
-
-class ChainReader:
-    """The posterior chains of any sample ids from a checkpoint, reading only the chain files of the
-    ranks whose id ranges hold them; the last `cache` ranks' chains stay in memory (callers that go
-    through the data in id order read each rank's once)."""
-
-    def __init__(self, folder: str | Path, cache: int = 2):
-        self.folder = str(folder)
-        _, self.records = records(self.folder)
-        if any(not r.get("chains") for r in self.records):
-            raise CheckpointError(f"{self.folder}: the checkpoint keeps no chains (a tune trial's, or written "
-                                  f"without them)")
-        self.cache, self._shards = cache, {}
-
-    def _shard(self, rec: dict) -> InMemoryChainBuffer:
-        key = rec["rank"]
-        if key not in self._shards:
-            self._shards[key] = InMemoryChainBuffer.from_state_dict(read_chains(self.folder, rec, "posterior"))
-            while len(self._shards) > self.cache:
-                self._shards.pop(next(iter(self._shards)))
-        return self._shards[key]
-
-    def get(self, ids) -> torch.Tensor:
-        """(N, D) fp32 chains for `ids` (any order); KeyError naming the ids that have none."""
-        ids = torch.tensor(np.asarray(ids), dtype=torch.long)
-        out, found = None, torch.zeros(ids.numel(), dtype=torch.bool)
-        for rec in self.records:
-            if rec["id_min"] is None or not ids.numel():
-                continue
-            inside = (ids >= rec["id_min"]) & (ids <= rec["id_max"]) & ~found
-            if not inside.any():
-                continue
-            shard = self._shard(rec)
-            held = torch.isin(ids, shard.ids) & inside
-            if out is None:
-                out = torch.empty(ids.numel(), shard.dim)
-            out[held] = shard.get(ids[held])
-            found |= held
-        if not found.all():
-            raise KeyError(f"{self.folder}: no persistent chain for sample ids {ids[~found][:5].tolist()} "
-                           f"(chains exist for the training split only)")
-        return out

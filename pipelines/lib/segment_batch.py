@@ -48,7 +48,7 @@ class SegmentBatch:
         self.steps, self.seed, self.batch_size = steps, seed, batch_size
         self.chains = None
         if from_chains:
-            from pipelines.lib.checkpoints import ChainReader
+            from pipelines.lib.chain_reader import ChainReader
             self.chains = ChainReader(self.seg.checkpoint)
         self.png = png
         self.max_pixels = max_pixels

@@ -35,6 +35,7 @@ from drc_core.fit import TrainState, rank_seed
 from drc_core.inference import images_to_tensor
 from pipelines.lib import checkpoints as ckpt
 from pipelines.lib import locations, tracking
+from pipelines.lib.chain_reader import load_chains
 from pipelines.lib.errors import os_reason
 from pipelines.lib.train_eval import eval_slice, evaluate_shard
 
@@ -162,7 +163,7 @@ def _load(folder: str, state: TrainState, job: TrainJob, counter: list) -> dict:
     ckpt.check_compatible(cfg, state.cfg, folder)
     chains = None
     if all(r.get("chains") for r in recs):
-        chains = ckpt.load_chains(folder, recs, state.chains.ids, state.prior_chains.ids, state.chains.z.dtype,
+        chains = load_chains(folder, recs, state.chains.ids, state.prior_chains.ids, state.chains.z.dtype,
                                   counter)
     return {"meta": meta, "records": recs, "state": saved, "chains": chains}
 
