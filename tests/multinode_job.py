@@ -51,10 +51,10 @@ def main() -> None:
     write = ray.remote(num_cpus=1)(_write_photos)
     chunk = -(-n // 8)                           # 8 tasks for the two one-CPU nodes
     corpus_nodes = ray.get([write.remote(root, lo, min(n, lo + chunk), n_train) for lo in range(0, n, chunk)])
-    rows = str(max(16, n // 4))                  # 4 parts at least: each node gets some
     seconds["corpus"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     data = f"{root}/data"
+    rows = str(max(16, n // 4))                  # 4 parts at least: each node gets some
     pre = preprocess.main(["--source", "folder", "--input", f"{root}/photos", "--masks", f"{root}/masks",
                            "--resolution", "32", "--crop", "resize", "--rows-per-file", rows, "--out", data,
                            "--quiet"])

@@ -42,7 +42,7 @@ def test_two_shards_restore_into_one_worker_and_into_three(tiny_cfg, tmp_path):
     for rank in range(3):                      # 3 workers: shards 0–2, 3–5, 6–9 (rank 1 reads both files)
         lo, hi = shard_bounds(10, 3, rank)
         part, _, _ = chain_reader.load_chains(tmp_path, records, torch.arange(lo, hi),
-                                      torch.arange(*shard_bounds(16, 3, rank)), torch.float32)
+                                              torch.arange(*shard_bounds(16, 3, rank)), torch.float32)
         assert torch.equal(part.z, whole[lo:hi])
     state = ckpt.load_state(tmp_path)          # weights_only inside
     assert state["iteration"] == 7 and "model" in state and "optimizers" in state
@@ -95,8 +95,8 @@ def test_the_chain_log_writes_what_changed_and_replays_to_the_same_chains(tiny_c
         assert rec["chains"]["posterior"][-1]["rows"] == 10
     assert max(sizes) < first["chains"]["posterior"][0]["bytes"] / 20     # a delta costs what changed
     _, records = ckpt.records(tmp_path / "checkpoint_00000005")
-    post, _, _ = chain_reader.load_chains(tmp_path / "checkpoint_00000005", records, torch.arange(1000), torch.arange(16),
-                                  torch.float32)
+    post, _, _ = chain_reader.load_chains(tmp_path / "checkpoint_00000005", records, torch.arange(1000),
+                                          torch.arange(16), torch.float32)
     assert torch.equal(post.z, state.chains.z) and torch.equal(post.visits, state.chains.visits)
     # once the deltas since the base would outweigh it, a new base replaces them
     state.chains.set(torch.arange(1000), torch.randn(1000, state.chains.dim))

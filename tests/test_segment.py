@@ -507,7 +507,6 @@ def test_distill_keeps_only_pairs_whose_mask_stays_off_the_frame(world, tmp_path
     from drc_core.amortized import chain_pairs, prior_pairs
     from drc_core.metrics import border_fraction
     from drc_core.presets import get_config
-    from pipelines.lib.chain_reader import ChainReader
     from pipelines.lib.models import load
     teacher, train = load(world["ckpt"]), world["train"]
     _, prob = chain_pairs(teacher.net, train["images"], ChainReader(teacher.checkpoint).get(train["sample_id"]))
@@ -564,7 +563,6 @@ def test_distill_refine_grabcut_redraws_the_chain_masks_and_keeps_the_prior_ones
     from types import SimpleNamespace
     from drc_core.amortized import chain_pairs
     from drc_core.presets import get_config
-    from pipelines.lib.chain_reader import ChainReader
     from pipelines.lib.grabcut import grabcut_refine
     from pipelines.lib.models import load
     teacher, train = load(world["ckpt"]), world["train"]

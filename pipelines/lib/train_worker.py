@@ -163,8 +163,7 @@ def _load(folder: str, state: TrainState, job: TrainJob, counter: list) -> dict:
     ckpt.check_compatible(cfg, state.cfg, folder)
     chains = None
     if all(r.get("chains") for r in recs):
-        chains = load_chains(folder, recs, state.chains.ids, state.prior_chains.ids, state.chains.z.dtype,
-                                  counter)
+        chains = load_chains(folder, recs, state.chains.ids, state.prior_chains.ids, state.chains.z.dtype, counter)
     return {"meta": meta, "records": recs, "state": saved, "chains": chains}
 
 
