@@ -1,4 +1,4 @@
-"""Ray Tune studies over DRC's step sizes and regulariser weights, each trial a Ray Train job.
+"""Ray Tune studies over DRC's step sizes and regulariser weights.
 
     python -m pipelines.tune --space tune_spaces/quick.yaml --data data/tmds-32 --trials 8
     python -m pipelines.tune --space tune_spaces/langevin.yaml --data … --trials 64 --workers-per-trial 4 --device cuda
@@ -7,10 +7,12 @@
 
 The study lives under <storage>/<study>/ (a local folder or a URI): Ray Tune's experiment state,
 drc_study.json (what --resume needs), summary.json and trials/<trial>/checkpoint_* (each trial's
-Ray Train run).
+checkpoints).
 
-Each trial builds its trainer with `pipelines.train.build_trainer` (the same worker loop, the
-same checkpoints) and reports every `--report-every` iterations; ASHA stops the weak trials
+Each trial runs pipelines.train's worker loop (the same steps, the same checkpoints): in the
+trial's own process with one worker per trial (the default), as a Ray Train job built by
+`pipelines.train.build_trainer` with `--workers-per-trial` > 1. It reports every `--report-every`
+iterations; ASHA stops the weak trials
 early; Optuna's TPE proposes the next ones (`--search random` for random/grid search). The
 first trial runs the preset's own values (the reference). The metric is the held-out IoU when
 the data has masks and the unsupervised `eval_score` otherwise (pipelines/lib/train_worker.py says
@@ -34,22 +36,32 @@ from pipelines.lib.parquet_store import load_rows, split_ids
 from pipelines.lib.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
 from pipelines.lib.train_eval import LABEL_FREE
-from pipelines.lib.train_worker import TrainJob
+from pipelines.lib.train_worker import TrainJob, TrialSession, train_loop
 
 STUDY_FILE = "drc_study.json"
-# What a trial actor itself reserves. It only starts the trial's Ray Train run and waits for its
-# reports; the Train workers reserve their own CPUs in their own placement group. No CPU, so
-# that N trials with W workers of C CPUs fit on exactly N*W*C CPUs (0.01 CPU per trial left
-# 1.98 of 2 CPUs: two 1-CPU trials could not run at once). Tune needs some non-zero resource
-# in the bundle: a nominal share of memory.
-TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 1024 ** 2}
+# What the actor of a trial with a Ray Train group reserves. It only starts the trial's Ray Train
+# run and waits for its reports; the Train workers reserve their own CPUs in their own placement
+# group. No CPU, so that N trials with W workers of C CPUs fit on exactly N*W*C CPUs (0.01 CPU
+# per trial left 1.98 of 2 CPUs: two 1-CPU trials could not run at once). Tune needs some
+# non-zero resource in the bundle: a nominal share of memory.
+GROUP_TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 1024 ** 2}
+
+
+def trial_resources(study: dict) -> dict:
+    """A one-worker trial trains in its own actor, which reserves the worker's CPUs (and GPU)."""
+    if study["workers"] > 1:
+        return GROUP_TRIAL_RESOURCES
+    return {"cpu": study["cpus_per_worker"], **({"gpu": 1} if study["gpu"] else {})}
 
 
 def make_trainable(study: dict):
-    """The Tune function trainable: one Ray Train job per trial, logged as an MLflow child run."""
+    """The Tune function trainable, logged as an MLflow child run: with one worker per trial the
+    worker loop runs in the trial's own process (two processes fewer per trial than a Ray Train
+    group: its controller and its worker); with several, a Ray Train job per trial."""
+    from ray import tune
+
     def trial(params: dict) -> None:
         from ray import tune
-        from ray.tune.integration.ray_train import TuneReportCallback
         ctx = tune.get_context()
         name = ctx.get_trial_name()
         cfg = apply_overrides(get_config(study["preset"]), {**study["overrides"], **params})
@@ -66,18 +78,23 @@ def make_trainable(study: dict):
                        run_uri=locations.join(study["train_storage"], name),
                        chain_checkpoints=bool(study.get("trial_chains")), train_subset=study.get("train_subset"),
                        subset_seed=study.get("subset_seed", 0))
-        trainer = build_trainer(job, workers=study["workers"], name=name, storage=study["train_storage"],
-                                cpus_per_worker=study["cpus_per_worker"], gpu=study["gpu"], max_failures=0,
-                                keep=1, callbacks=[TuneReportCallback()])
         try:
-            result = trainer.fit()
-            if result.error is not None:
-                raise result.error
+            if study["workers"] == 1:
+                train_loop(job.to_dict(), TrialSession(keep=1))
+            else:
+                from ray.tune.integration.ray_train import TuneReportCallback
+                trainer = build_trainer(job, workers=study["workers"], name=name, storage=study["train_storage"],
+                                        cpus_per_worker=study["cpus_per_worker"], gpu=study["gpu"], max_failures=0,
+                                        keep=1, callbacks=[TuneReportCallback()])
+                result = trainer.fit()
+                if result.error is not None:
+                    raise result.error
         except BaseException as e:
             import ray.exceptions
             c = tracking.client(uri)
-            if isinstance(e, (ray.exceptions.RayActorError, KeyboardInterrupt)):
-                # the scheduler stopped this trial (ASHA) and its Ray Train controller went with it
+            if isinstance(e, (ray.exceptions.RayActorError, KeyboardInterrupt, SystemExit)):
+                # the scheduler stopped this trial (ASHA; Ctrl-C): Tune ends a trial's function with
+                # SystemExit at its next report, and a trial's Ray Train controller goes with its actor
                 c.set_tag(run_id, "stopped_early", "true")
                 tracking.end_run(uri, run_id, "KILLED")
             else:                      # diverged or crashed: the reason goes on the child run
@@ -85,7 +102,7 @@ def make_trainable(study: dict):
                 tracking.end_run(uri, run_id, "FAILED")
             raise
         tracking.end_run(uri, run_id)
-    return trial
+    return tune.with_resources(trial, trial_resources(study))
 
 
 def spearman(a, b) -> float:
@@ -179,7 +196,7 @@ def build_tuner(args, study: dict, params: dict, base, metric: str):
     scheduler = (FIFOScheduler() if args.no_early_stopping else
                  ASHAScheduler(time_attr="training_iteration", max_t=rungs + 1,
                                grace_period=min(args.grace, rungs), reduction_factor=args.reduction_factor))
-    trainable = tune.with_resources(make_trainable(study), TRIAL_RESOURCES)
+    trainable = make_trainable(study)
     return tune.Tuner(
         trainable, param_space=search_space.to_tune(params),
         tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=args.trials, scheduler=scheduler,
@@ -221,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--resume {name}: no study of that name under {storage}")
         study = json.loads(locations.read_text(study_file))
         tracking.client(uri).update_run(study["parent_run_id"], status="RUNNING")
-        tuner = tune.Tuner.restore(study_dir, trainable=tune.with_resources(make_trainable(study), TRIAL_RESOURCES),
+        tuner = tune.Tuner.restore(study_dir, trainable=make_trainable(study),
                                    resume_errored=False, restart_errored=False)
     else:
         if found:

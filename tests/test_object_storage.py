@@ -194,10 +194,12 @@ def test_a_study_keeps_its_state_and_trial_checkpoints_on_s3_and_resumes_from_th
     import mlflow
     from pipelines import tune
     storage = f"{BUCKET}/tune"
+    # two workers per trial: each trial a Ray Train job (test_tune.py's studies run one worker per
+    # trial, in the trial's own process), its checkpoints written to s3:// by Ray Train
     args = ["--space", str(ROOT / "tune_spaces/quick.yaml"), "--data", dataset["uri"], "--storage", storage,
             "--tracking-uri", tracking_uri, "--trials", "1", "--search", "random", "--no-early-stopping",
             "--iterations", "2", "--report-every", "2", "--eval-images", "4", "--eval-steps", "2",
-            "--concurrency", "1", *TINY]
+            "--concurrency", "1", "--workers-per-trial", "2", *TINY]
     out = tune.main(["--name", "s3-study", *args])
     (trial,) = out["trials"]
     assert out["metric"] == "eval_iou" and trial["status"] == "ok" and trial["iterations"] == 2

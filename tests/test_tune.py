@@ -1,5 +1,7 @@
-"""pipelines.tune on a real local Ray instance: ASHA + Optuna over Ray Train trials, MLflow
-parent/child runs, a diverging trial, an interrupted study resumed; and the space schema."""
+"""pipelines.tune on a real local Ray instance: ASHA + Optuna over one-worker trials (each trains in
+its trial's own process), MLflow parent/child runs, a diverging trial, an interrupted study
+resumed; and the space schema. A study of Ray Train trials (several workers each), on S3:
+tests/test_object_storage.py."""
 from __future__ import annotations
 
 import json
@@ -43,9 +45,9 @@ def _children(tracking_uri, parent):
 
 @pytest.mark.integration
 def test_quick_study_with_asha_and_optuna_records_parent_children_and_best(dataset, tracking_uri, tmp_path):
-    # 1 CPU per worker, 2 trials at once on 2 CPUs: every CPU is in a trial's worker group, so a
-    # trial ASHA stopped must give its group back before the next trial can start. The session's
-    # Ray instance runs beside the study's (the case that used to leak: see test_ray_env.py).
+    # 1 CPU per trial, 2 trials at once on 2 CPUs: every CPU is reserved by a trial, so a trial ASHA
+    # stopped must give its CPU back before the next trial can start. The session's Ray instance
+    # runs beside the study's (the case that used to leak: see test_ray_env.py).
     out = _study(dataset, tracking_uri, tmp_path, "--space", str(ROOT / "tune_spaces/quick.yaml"), "--trials", "4",
                  "--cpus-per-worker", "1")
     assert out["metric"] == "eval_iou" and len(out["trials"]) == 4
@@ -119,6 +121,14 @@ def test_an_interrupted_study_resumes_finishes_every_trial_and_a_diverging_one_f
     ok = [by_lr[lr] for lr in (0.0005, 0.001, 0.002)]           # the best is the best of the trials that finished
     assert out["best"]["trial"] == max(ok, key=lambda t: t[out["metric"]])["trial"] != by_lr[1e30]["trial"]
     assert out["resources_after"]["placement_groups_left"] == []
+
+
+def test_a_one_worker_trial_reserves_its_workers_resources_and_a_group_trial_none():
+    from pipelines.tune import GROUP_TRIAL_RESOURCES, trial_resources
+    assert trial_resources({"workers": 1, "cpus_per_worker": 2.0, "gpu": False}) == {"cpu": 2.0}
+    assert trial_resources({"workers": 1, "cpus_per_worker": 4.0, "gpu": True}) == {"cpu": 4.0, "gpu": 1}
+    assert trial_resources({"workers": 4, "cpus_per_worker": 1.0, "gpu": True}) == GROUP_TRIAL_RESOURCES
+    assert GROUP_TRIAL_RESOURCES["cpu"] == 0
 
 
 def test_space_files_are_checked_with_errors_naming_file_and_parameter(tmp_path):

@@ -194,6 +194,13 @@ def subfolders(location: str | Path, prefix: str = "") -> list[str]:
             if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)]
 
 
+def upload(local_dir: str | Path, location: str | Path) -> None:
+    """Copy the local folder `local_dir` to `location` (a folder or a URI)."""
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def download(location: str | Path, local_dir: str | Path) -> Path:
     """Copy the folder at `location` into the local folder `local_dir`; returns it."""
     fs, path = resolve(location)

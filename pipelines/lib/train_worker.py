@@ -191,24 +191,66 @@ def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int
            posterior_digest=ckpt.tensor_digest(state.chains.z))
 
 
-def _registered(job: TrainJob) -> str | None:
-    """The location of the checkpoint Ray Train restores this attempt from, if any."""
-    import ray.train
-    found = ray.train.get_checkpoint()
-    if found is None:
+class TrainSession:
+    """What train_loop needs from what runs it, as Ray Train gives it to each worker of a group:
+    rank and world size, the device, the checkpoint to restore, and where reports go."""
+
+    def __init__(self):
+        import ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, gpu: bool) -> torch.device:
+        import ray.train.torch
+        return ray.train.torch.get_device() if gpu else torch.device("cpu")
+
+    def registered(self, job: TrainJob) -> str | None:
+        """The location of the checkpoint Ray Train restores this attempt from, if any."""
+        import ray.train
+        found = ray.train.get_checkpoint()
+        if found is None:
+            return None
+        return locations.from_fs_path(job.run_uri or "", found.path) if job.run_uri else found.path
+
+    def report(self, job: TrainJob, metrics: dict, folder: str, name: str) -> None:
+        """Ray Train copies `folder` into the run's storage as `name` and keeps the newest few."""
+        import ray.train
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+
+
+class TrialSession:
+    """One worker in the process of a Ray Tune trial (pipelines.tune, one worker per trial): no Ray
+    Train group, so no controller and worker processes to start per trial. Checkpoints go straight
+    to the trial's run folder (the newest `keep` stay), metrics to Tune; a restarted trial resumes
+    from the newest complete checkpoint there."""
+    rank, world = 0, 1
+
+    def __init__(self, keep: int = 1):
+        self.keep = keep
+
+    def device(self, gpu: bool) -> torch.device:
+        return torch.device("cuda") if gpu else torch.device("cpu")   # Ray set CUDA_VISIBLE_DEVICES
+
+    def registered(self, job: TrainJob) -> str | None:
         return None
-    return locations.from_fs_path(job.run_uri or "", found.path) if job.run_uri else found.path
+
+    def report(self, job: TrainJob, metrics: dict, folder: str, name: str) -> None:
+        from ray import tune
+        target = locations.join(job.run_uri, name)
+        locations.upload(folder, target)
+        for old in ckpt.candidates(job.run_uri)[self.keep:]:
+            locations.delete(old)
+        tune.report({**metrics, "checkpoint_path": target})
 
 
 def resume(state: TrainState, job: TrainJob, rank: int, world: int, comms: "Comms",
-           log: ckpt.ChainLog | None = None) -> None:
+           log: ckpt.ChainLog | None = None, registered: str | None = None) -> None:
     """Restore from Ray's last registered checkpoint, else from the newest complete one in the run
     folder (a failure hit before Ray registered one, or `--resume`). Every rank reads and verifies
     what it needs; if any rank finds a file damaged, all of them pass that checkpoint over for the
     next older complete one (a `checkpoint_rejected` event on each rank, with the reason). With a
     checkpoint registered and none left, the worker fails naming the damaged file rather than
     silently starting over."""
-    registered = _registered(job)
     found = [c for c in ckpt.candidates(job.run_uri) if str(c).rstrip("/") != str(registered or "").rstrip("/")]
     todo = ([registered] if registered else []) + found
     reason = None
@@ -280,18 +322,18 @@ def _quiet_report_lines() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train entry point (also runs in-process with world size 1 for unit tests)."""
+def train_loop(config: dict, session: TrainSession | TrialSession | None = None) -> None:
+    """Ray Train's entry point on each worker of the group; pipelines.tune runs it in a trial's own
+    process with a TrialSession."""
     import ray
-    import ray.train
-    import ray.train.torch
-    _quiet_report_lines()
+    if session is None:
+        _quiet_report_lines()
+        session = TrainSession()
     job = TrainJob(**config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     torch.set_num_threads(job.threads)
-    device = ray.train.torch.get_device() if job.gpu else torch.device("cpu")
+    device = session.device(job.gpu)
     cfg = DRCConfig.from_dict(job.config)
 
     rows, n_train = _shard_rows(job, rank, world)
@@ -304,7 +346,7 @@ def train_loop(config: dict) -> None:
     state = TrainState.create(cfg, ids, rank=rank, world_size=world, device=device)
     comms = Comms(world)
     chain_log = ckpt.ChainLog(job.run_uri, rank, world) if job.run_uri and job.chain_checkpoints else None
-    resume(state, job, rank, world, comms, chain_log)
+    resume(state, job, rank, world, comms, chain_log, session.registered(job))
     log = rank == 0 and job.mlflow_run_id is not None and job.tracking_uri is not None
     meta = {"mlflow_run_id": job.mlflow_run_id, "data": job.data, "num_train": int(n_train)}
     _event(job, event="start", rank=rank, world_size=world, iteration=state.iteration, pid=os.getpid(),
@@ -362,9 +404,8 @@ def train_loop(config: dict) -> None:
                            "checkpoint_write_seconds": time.perf_counter() - t1,
                            "checkpoint_chain_bytes": written["bytes"]}
                 try:
-                    ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=f"checkpoint_{it:08d}")
-                except OSError as exc:       # Ray's copy into storage failed (disk full, permissions)
+                    session.report(job, summary, tmp, f"checkpoint_{it:08d}")
+                except OSError as exc:       # the copy into storage failed (disk full, permissions)
                     raise ckpt.CheckpointError(
                         f"cannot save checkpoint_{it:08d} into {job.run_uri or 'the run storage'} ({os_reason(exc)}); "
                         f"earlier checkpoints are unchanged and a partial copy fails verification") from exc
