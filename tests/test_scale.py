@@ -92,9 +92,36 @@ N_PHOTOS = 500
 @pytest.fixture(scope="module")
 def three_nodes(s3_server):
     """A head without CPUs and two worker nodes of one CPU each (separate raylets and object
-    stores), whose every process sees the local S3 server, with the job server."""
-    with LocalCluster(head_cpus=0, workers=[1, 1], dashboard=True, object_store_mb=200) as c:
+    stores), whose every process sees the local S3 server, with the job server. No MLflow
+    variable (an earlier test's mlflow.set_tracking_uri may leave one in this process): a job's
+    entrypoint inherits the cluster's environment, and the defaults are what a user's job gets."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cluster = LocalCluster(head_cpus=0, workers=[1, 1], dashboard=True, object_store_mb=200)
+    with cluster as c:
         yield c
+
+
+def _submit(cluster: LocalCluster, args: list[str], timeout: float = 1200) -> subprocess.CompletedProcess:
+    """`ray job submit ARGS` to the cluster's job server (retried while its job agent starts)."""
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard, *args]
+    for _ in range(6):                        # the job agent may need a few seconds after `ray start`
+        proc = subprocess.run(submit, env=cluster.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(5)
+    return proc
+
+
+def test_a_job_with_its_working_dir_refuses_outputs_inside_rays_copy_of_it(three_nodes, tmp_path):
+    """`ray job submit --working-dir .` (cluster/README.md's form): the job runs in Ray's temporary
+    copy of the checkout, so the default outputs (runs/ray, ./mlflow.db) would be deleted with it;
+    the stage refuses both by name before Ray Train starts."""
+    proc = _submit(three_nodes, ["--working-dir", str(ROOT), "--", sys.executable, "-m", "pipelines.train",
+                                 "--data", str(tmp_path / "data"), "--workers", "2", "--iterations", "3"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "inside Ray job" in out and "working_dir_files" in out, out[-3000:]
+    assert "--storage runs/ray" in out and "--tracking-uri sqlite:///mlflow.db" in out, out[-3000:]
 
 
 def test_a_submitted_job_runs_every_stage_on_both_worker_nodes_with_everything_on_s3(three_nodes, tmp_path):
@@ -104,14 +131,8 @@ def test_a_submitted_job_runs_every_stage_on_both_worker_nodes_with_everything_o
     mlflow_db = tmp_path / "mlflow.db"
     # no --working-dir: the nodes import this checkout (PYTHONPATH) and the job runs in the nodes' own
     # folder, which must stay empty
-    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", three_nodes.dashboard,
-              "--", sys.executable, "-m", "tests.multinode_job", "--root", root,
-              "--images", str(N_PHOTOS), "--tracking-uri", f"sqlite:///{mlflow_db}"]
-    for _ in range(6):                        # the job agent may need a few seconds after `ray start`
-        proc = subprocess.run(submit, env=three_nodes.env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
-        if "No available agent" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(5)
+    proc = _submit(three_nodes, ["--", sys.executable, "-m", "tests.multinode_job", "--root", root,
+                                 "--images", str(N_PHOTOS), "--tracking-uri", f"sqlite:///{mlflow_db}"])
     assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
     result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
     workers = set(result["workers"])
