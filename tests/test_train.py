@@ -142,21 +142,22 @@ def _assert_restored_exactly(summary, iteration: int) -> None:
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("kind", ["raise", "kill"])
-def test_a_failed_worker_resumes_from_the_last_checkpoint_with_every_chain(kind, dataset, tracking_uri, tmp_path,
+def test_a_failed_worker_resumes_from_the_last_checkpoint_with_every_chain(dataset, tracking_uri, tmp_path,
                                                                            record_property):
-    s = train(dataset, tracking_uri, tmp_path / "ray", "--inject-fault", f"{kind}:5:1")
+    # an exception in one worker; a worker process SIGKILLed is the next test's (mid-checkpoint)
+    s = train(dataset, tracking_uri, tmp_path / "ray", "--inject-fault", "raise:5:1")
     assert [e["iteration"] for e in events(s) if e["event"] == "fault"] == [5]
     _assert_restored_exactly(s, 3)
     meta, _ = ckpt.verify(Path(s["checkpoint"]))
     assert meta["iteration"] == 6
-    record_property("outcome", f"completed: rank 1 {kind} at iteration 5, both ranks restored checkpoint 3 "
+    record_property("outcome", "completed: rank 1 raised at iteration 5, both ranks restored checkpoint 3 "
                                "bit for bit, finished at 6")
 
 
 @pytest.mark.faults
 def test_a_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(dataset, tracking_uri, tmp_path,
                                                                                 record_property):
+    # rank 1's process SIGKILLed while it writes checkpoint 6: Ray Train restarts the group
     s = train(dataset, tracking_uri, tmp_path / "ray", "--inject-fault", "kill-in-checkpoint:6:1")
     assert [e["kind"] for e in events(s) if e["event"] == "fault"] == ["kill-in-checkpoint"]
     _assert_restored_exactly(s, 3)               # the half-written checkpoint 6 was never used
