@@ -127,8 +127,8 @@ STARTS_SERVICES = ("ray_local", "s3_server")
 # The longest modules first (`--durations` of the full suite on 2 cores): under `pytest -n 2` (whole
 # modules per worker: `--dist loadfile` in pyproject.toml) the long ones start at once and the many
 # short ones even out the end.
-LONGEST_FIRST = ("test_scale", "test_learning", "test_tune", "test_bench_quality", "test_faults",
-                 "test_train_cluster", "test_segment", "test_train", "test_quickstart", "test_object_storage")
+LONGEST_FIRST = ("test_scale", "test_learning", "test_segment", "test_train", "test_faults", "test_quickstart",
+                 "test_bench_quality", "test_train_cluster", "test_tune", "test_object_storage")
 
 
 def pytest_collection_modifyitems(config, items):
