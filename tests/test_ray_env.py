@@ -30,6 +30,21 @@ def test_a_killed_train_run_frees_its_placement_group_beside_another_ray_instanc
     assert out["api_server"].startswith("http://127.0.0.1:"), out
 
 
+@pytest.mark.integration
+def test_two_local_instances_with_dashboards_started_at_once_both_come_up():
+    # both would find 8265 free and the second dashboard fail to bind it (seen in CI: a study and
+    # the drill above on the two xdist workers) without init_ray's machine-wide port lock
+    code = ("import os\nfrom pipelines.lib.ray_env import init_ray\n"
+            "init_ray(num_cpus=1, include_dashboard=True, log_to_driver=False)\n"
+            "print('API', os.environ['RAY_API_SERVER_ADDRESS'], flush=True)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    urls = [next(x for x in o[0].splitlines() if x.startswith("API ")) for o in outs]
+    assert len(set(urls)) == 2, urls
+
+
 # ---- inside `ray job submit`: nothing may be written into the job's scratch copy ---------------
 
 def _as_job(monkeypatch, cwd):

@@ -1,10 +1,12 @@
 """Starting or joining Ray the same way from every entry point."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,16 +115,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         kwargs.setdefault("include_dashboard", False)
         kwargs.setdefault("dashboard_host", "127.0.0.1")
-        if kwargs["include_dashboard"]:
-            _pin_state_api(kwargs)
-        else:
+        if not kwargs["include_dashboard"]:
             env = dict(kwargs.get("runtime_env") or {})
             env.setdefault("worker_process_setup_hook", "pipelines.lib.ray_env.quiet_state_api_warnings")
             kwargs["runtime_env"] = env
-        # "local": a new instance even where a cluster started with `ray start` runs on this machine
-        # (Ray's default would join that one, which joins_cluster() and the stage's settings don't expect)
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        with _dashboard_port_lock() if kwargs["include_dashboard"] else contextlib.nullcontext():
+            if kwargs["include_dashboard"]:
+                _pin_state_api(kwargs)
+            # "local": a new instance even where a cluster started with `ray start` runs on this machine
+            # (Ray's default would join that one, which joins_cluster() and the stage's settings don't expect)
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return ray
+
+
+@contextlib.contextmanager
+def _dashboard_port_lock():
+    """Held from choosing a dashboard port until ray.init returns (the dashboard is listening by
+    then): two local instances started at once on one machine (two studies; a study beside a test)
+    would otherwise both find 8265 free, and the second dashboard fails to bind it ("Failed to find
+    a valid port for dashboard", seen in CI). A lock file in the temporary folder, machine-wide."""
+    import fcntl
+    with open(Path(tempfile.gettempdir()) / "drc-ray-dashboard-port.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def actor_restarts(address: str | None = None) -> int:
