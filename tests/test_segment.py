@@ -116,23 +116,20 @@ def test_a_folder_with_broken_images_is_segmented_in_both_modes(world, tmp_path)
 
 def test_langevin_masks_are_deterministic_and_independent_of_batching(world, tmp_path, monkeypatch):
     a = _segment(world, tmp_path / "a", "--model", world["ckpt"], "--split", "test", "--steps", "4")
-    # two actors fill both CPUs of the session's instance: the Parquet reads must still run
-    b = _segment(world, tmp_path / "b", "--model", world["ckpt"], "--split", "test", "--steps", "4",
-                 "--batch-size", "24", "--actors", "2")
     c = _segment(world, tmp_path / "c", "--model", world["ckpt"], "--split", "test", "--steps", "4", "--seed", "1")
-    assert a["counts"]["ok"] == 24 and a["steps"] == 4
+    # batches of 8 (a unit per batch), two actors (they fill both CPUs of the session's instance: the
+    # Parquet reads must still run) and a corpus cut into windows of WINDOW_UNITS units, one Ray Data
+    # execution each (the driver keeps per-block stats only for one): three windows of one unit
+    monkeypatch.setattr(segment, "WINDOW_UNITS", 1)
+    b = _segment(world, tmp_path / "b", "--model", world["ckpt"], "--split", "test", "--steps", "4",
+                 "--batch-size", "8", "--actors", "2")
+    assert a["counts"]["ok"] == b["counts"]["ok"] == 24 and a["steps"] == 4
+    assert b["files"] >= 3 > a["files"]
     da, db, dc = _read(tmp_path / "a"), _read(tmp_path / "b"), _read(tmp_path / "c")
-    assert da["sample_id"].tolist() == list(range(48, 72))
-    assert da["mask"].tolist() == db["mask"].tolist()
+    assert da["sample_id"].tolist() == db["sample_id"].tolist() == list(range(48, 72))
+    assert da["mask"].tolist() == db["mask"].tolist()                 # the same masks however it is cut
     np.testing.assert_allclose(da["recon_l1"], db["recon_l1"], rtol=1e-4)
     assert not np.allclose(da["recon_l1"], dc["recon_l1"])          # another seed, other chains
-    # a corpus is segmented in windows of WINDOW_UNITS units, one Ray Data execution each (the
-    # driver keeps per-block stats only for one): three windows of one 8-image unit, the same output
-    monkeypatch.setattr(segment, "WINDOW_UNITS", 1)
-    d = _segment(world, tmp_path / "d", "--model", world["ckpt"], "--split", "test", "--steps", "4")
-    dd = _read(tmp_path / "d")
-    assert d["counts"]["ok"] == 24 and d["files"] >= 3 > a["files"]
-    assert dd["sample_id"].tolist() == da["sample_id"].tolist() and dd["mask"].tolist() == da["mask"].tolist()
 
 
 def test_from_chains_decodes_the_persistent_chains_under_each_threshold_policy(world, tmp_path):
