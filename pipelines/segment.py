@@ -71,11 +71,14 @@ def _segment_window(args, window: np.ndarray, units: Units, output: Output, *, s
     # one block per unit, made on the driver (no read task: a read task waiting for a CPU the
     # actors hold would wait forever); the read tasks reserve no CPU for the same reason
     ds = ray.data.from_items([{"id": i} for i in range(window.size)], override_num_blocks=int(window.size))
+    # no more actors than units (a window of one unit: the quickstart's test split, a small folder):
+    # an actor with nothing to do still starts a process and loads the model
+    actors = min(args.actors, int(window.size))
     # at most two reads per actor at once: a 0-CPU task is otherwise started as often as Ray Data
     # likes, each in a new worker process (a second of CPU each)
     ds = ds.map_batches(read_unit, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"units": units, "pending": window}, num_cpus=0,
-                        compute=ray.data.TaskPoolStrategy(size=2 * args.actors))
+                        compute=ray.data.TaskPoolStrategy(size=min(2 * actors, int(window.size))))
     with warnings.catch_warnings():
         # max_restarts goes through **ray_remote_args, the way Ray Data 2.60 documents to change
         # its actors' restarts (actor_pool_map_operator.py); the same release marks that deprecated
@@ -87,13 +90,13 @@ def _segment_window(args, window: np.ndarray, units: Units, output: Output, *, s
                                        batch_size=args.batch_size, tracking_uri=args.tracking_uri,
                                        max_pixels=args.max_pixels, threshold=policy.name, device=args.device,
                                        crop=args.crop, refine=refine, max_side=args.refine_max_side),
-            compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=1 if gpu else 0,
             max_restarts=actor_restarts(args.address))
     failure = None
     try:
         ds.write_parquet(output.folder, filesystem=output.staging.fs, filename_provider=PartNames(),
                          mode=SaveMode.APPEND, min_rows_per_file=args.rows_per_file,
-                         ray_remote_args={"num_cpus": 0}, concurrency=2, write_page_checksum=True,
+                         ray_remote_args={"num_cpus": 0}, concurrency=min(2, int(window.size)), write_page_checksum=True,
                          row_group_size=256)
     except Exception as exc:
         failure = write_failure(exc, args.output, output.folder)
