@@ -36,7 +36,8 @@ from pipelines.lib.parquet_store import load_rows, split_ids
 from pipelines.lib.ray_env import ScratchPathError, check_job_outputs, init_ray, joins_cluster
 from pipelines.train import build_trainer, check_dataset, run_name
 from pipelines.lib.train_eval import LABEL_FREE
-from pipelines.lib.train_worker import TrainJob, TrialSession, train_loop
+from pipelines.lib.train_session import TrialSession
+from pipelines.lib.train_worker import TrainJob, train_loop
 
 STUDY_FILE = "drc_study.json"
 # What the actor of a trial with a Ray Train group reserves. It only starts the trial's Ray Train

@@ -34,10 +34,11 @@ from drc_core.config import DRCConfig
 from drc_core.fit import TrainState, rank_seed
 from drc_core.inference import images_to_tensor
 from pipelines.lib import checkpoints as ckpt
-from pipelines.lib import locations, tracking
+from pipelines.lib import tracking
 from pipelines.lib.chain_reader import load_chains
 from pipelines.lib.errors import os_reason
 from pipelines.lib.train_eval import eval_slice, evaluate_shard
+from pipelines.lib.train_session import TrainSession, TrialSession
 
 
 @dataclass
@@ -189,58 +190,6 @@ def restore(state: TrainState, folder: str, job: TrainJob, rank: int, world: int
            chains="restored" if loaded["chains"] is not None else "fresh (the checkpoint keeps none)",
            bytes_read=counter[0], seconds=seconds + time.perf_counter() - t0,
            posterior_digest=ckpt.tensor_digest(state.chains.z))
-
-
-class TrainSession:
-    """What train_loop needs from what runs it, as Ray Train gives it to each worker of a group:
-    rank and world size, the device, the checkpoint to restore, and where reports go."""
-
-    def __init__(self):
-        import ray.train
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-
-    def device(self, gpu: bool) -> torch.device:
-        import ray.train.torch
-        return ray.train.torch.get_device() if gpu else torch.device("cpu")
-
-    def registered(self, job: TrainJob) -> str | None:
-        """The location of the checkpoint Ray Train restores this attempt from, if any."""
-        import ray.train
-        found = ray.train.get_checkpoint()
-        if found is None:
-            return None
-        return locations.from_fs_path(job.run_uri or "", found.path) if job.run_uri else found.path
-
-    def report(self, job: TrainJob, metrics: dict, folder: str, name: str) -> None:
-        """Ray Train copies `folder` into the run's storage as `name` and keeps the newest few."""
-        import ray.train
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-
-
-class TrialSession:
-    """One worker in the process of a Ray Tune trial (pipelines.tune, one worker per trial): no Ray
-    Train group, so no controller and worker processes to start per trial. Checkpoints go straight
-    to the trial's run folder (the newest `keep` stay), metrics to Tune; a restarted trial resumes
-    from the newest complete checkpoint there."""
-    rank, world = 0, 1
-
-    def __init__(self, keep: int = 1):
-        self.keep = keep
-
-    def device(self, gpu: bool) -> torch.device:
-        return torch.device("cuda") if gpu else torch.device("cpu")   # Ray set CUDA_VISIBLE_DEVICES
-
-    def registered(self, job: TrainJob) -> str | None:
-        return None
-
-    def report(self, job: TrainJob, metrics: dict, folder: str, name: str) -> None:
-        from ray import tune
-        target = locations.join(job.run_uri, name)
-        locations.upload(folder, target)
-        for old in ckpt.candidates(job.run_uri)[self.keep:]:
-            locations.delete(old)
-        tune.report({**metrics, "checkpoint_path": target})
 
 
 def resume(state: TrainState, job: TrainJob, rank: int, world: int, comms: "Comms",
